@@ -1,0 +1,119 @@
+"""``blendsign <stage>``: the command line. Heavy modules are imported inside each command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from blendsign import __version__
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _config(args: argparse.Namespace):  # noqa: ANN202 - lazy import keeps --help fast
+    from blendsign.config import load_preset
+
+    return load_preset(args.config)
+
+
+def _print_json(obj: object) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default="paper", help="preset: paper, demo or ci (default paper)")
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    common.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    return common
+
+
+def _stage(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:  # noqa: A002
+    """A stage's sub-parser, with the common options (--config, -v, --no-progress)."""
+    return sub.add_parser(name, help=help, description=help, parents=[_common()])
+
+
+# --- synth -------------------------------------------------------------------------------------------
+
+
+def _add_synth(sub: argparse._SubParsersAction) -> None:
+    p = _stage(sub, "synth", help="write the embedded synthetic head-CT cohort (DICOM + annotations)")
+    p.add_argument("out", type=Path, help="output folder")
+    p.add_argument("--scans", type=int, default=None, help="usable scans to generate (preset default)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (same seed, same files)")
+    p.add_argument("--size", type=int, default=None, help="rows = columns of each slice (default 512)")
+    p.set_defaults(func=_run_synth)
+
+
+def _run_synth(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from blendsign.synth import synthesize
+
+    cfg = _config(args).synth
+    changes = {k: v for k, v in {"scans": args.scans, "seed": args.seed, "size": args.size}.items() if v is not None}
+    result = synthesize(args.out, replace(cfg, **changes))
+    print(result.summary())
+    return 0
+
+
+# --- ingest ------------------------------------------------------------------------------------------
+
+
+def _add_ingest(sub: argparse._SubParsersAction) -> None:
+    p = _stage(sub, "ingest", help="DICOM folder → de-identified Parquet slice dataset + flow report")
+    p.add_argument("source", type=Path, help="folder of DICOM files (searched recursively)")
+    p.add_argument("out", type=Path, help="output folder (slices/, ingest_report.json)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default 1)")
+    p.add_argument("--clinical", type=Path, default=None,
+                   help="CSV study_instance_uid,postoperative (default: clinical.csv in or beside SOURCE)")
+    p.set_defaults(func=_run_ingest)
+
+
+def _run_ingest(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from blendsign.ingest import ingest
+
+    cfg = _config(args).ingest
+    if args.workers is not None:
+        cfg = replace(cfg, workers=args.workers)
+    result = ingest(args.source, args.out, cfg, clinical_csv=args.clinical, progress=args.progress)
+    print(result.summary())
+    return 0
+
+
+# --- entry point -------------------------------------------------------------------------------------
+
+_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_synth, _add_ingest]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blendsign", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"blendsign {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
+    for add in _COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.func(args))
+    except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
+        logging.getLogger("blendsign").error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
