@@ -8,13 +8,17 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from blendsign import __version__
+
+if TYPE_CHECKING:
+    from blendsign.config import Config
 
 Command = Callable[[argparse.Namespace], int]
 
 
-def _config(args: argparse.Namespace):  # noqa: ANN202 - lazy import keeps --help fast
+def _config(args: argparse.Namespace) -> Config:
     from blendsign.config import load_preset
 
     return load_preset(args.config)
@@ -32,7 +36,7 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
-def _stage(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:  # noqa: A002
+def _stage(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
     """A stage's sub-parser, with the common options (--config, -v, --no-progress)."""
     return sub.add_parser(name, help=help, description=help, parents=[_common()])
 

@@ -1,0 +1,242 @@
+"""DICOM reading: headers, geometry, series roles, ages and Hounsfield units (pure functions).
+
+Nothing here writes files or keeps identifiers beyond the in-memory ``SliceHeader`` that ingestion
+turns into pseudonyms.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+
+
+class UnusableFileError(Exception):
+    """A file that cannot be used; the message is the reason reported for it (no identifiers)."""
+
+
+@dataclass(frozen=True)
+class SliceHeader:
+    """What ingestion needs from one file's header (identifiers are pseudonymised before any output)."""
+
+    path: str
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    patient_id: str
+    modality: str
+    image_type: tuple[str, ...]
+    orientation: tuple[float, ...] | None  # ImageOrientationPatient: row cosines, column cosines
+    position: tuple[float, float, float] | None  # ImagePositionPatient (mm)
+    pixel_spacing: tuple[float, float] | None  # (row spacing, column spacing) in mm
+    slice_thickness: float | None
+    rows: int
+    cols: int
+    frames: int
+    contrast: bool  # ContrastBolusAgent present and non-empty
+    age_years: float | None
+    series_number: int | None
+    instance_number: int | None
+    transfer_syntax: str
+
+    @property
+    def is_localizer(self) -> bool:
+        return any(t.strip().upper() == "LOCALIZER" for t in self.image_type)
+
+
+def read_header(path: str | Path) -> SliceHeader:
+    """Read one file's header (no pixel data). Raises ``UnusableFileError`` with a reason."""
+    path = str(path)
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except InvalidDicomError:
+        ds = _read_forced(path)
+    except Exception as exc:  # pydicom raises many types on truncated/corrupt input
+        raise UnusableFileError(f"unreadable DICOM header ({type(exc).__name__}: {exc})") from None
+    return header_from_dataset(ds, path)
+
+
+def _read_forced(path: str) -> Dataset:
+    """Files without the 128-byte preamble are still DICOM if a forced read finds an image's UIDs."""
+    if Path(path).stat().st_size == 0:
+        raise UnusableFileError("empty file")
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    except Exception:
+        raise UnusableFileError("not a DICOM file") from None
+    if "SOPInstanceUID" not in ds or "StudyInstanceUID" not in ds:
+        raise UnusableFileError("not a DICOM file")
+    return ds
+
+
+def header_from_dataset(ds: Dataset, path: str) -> SliceHeader:
+    """Extract a ``SliceHeader``; raises ``UnusableFileError`` when required tags are missing."""
+    try:
+        missing = [t for t in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID") if not ds.get(t)]
+        if missing:
+            raise UnusableFileError(f"missing required tag(s) {', '.join(missing)} (truncated or incomplete header?)")
+        ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+        return SliceHeader(
+            path=path,
+            study_uid=str(ds.StudyInstanceUID),
+            series_uid=str(ds.SeriesInstanceUID),
+            sop_uid=str(ds.SOPInstanceUID),
+            patient_id=str(ds.get("PatientID", "") or ""),
+            modality=str(ds.get("Modality", "") or "").upper(),
+            image_type=tuple(str(v) for v in _as_list(ds.get("ImageType"))),
+            orientation=_floats(ds.get("ImageOrientationPatient"), 6),
+            position=_floats(ds.get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
+            pixel_spacing=_floats(ds.get("PixelSpacing"), 2),  # type: ignore[arg-type]
+            slice_thickness=_float_or_none(ds.get("SliceThickness")),
+            rows=int(ds.get("Rows", 0) or 0),
+            cols=int(ds.get("Columns", 0) or 0),
+            frames=int(ds.get("NumberOfFrames", 1) or 1),
+            contrast=bool(str(ds.get("ContrastBolusAgent", "") or "").strip()),
+            age_years=age_in_years(
+                str(ds.get("PatientAge", "") or ""),
+                str(ds.get("PatientBirthDate", "") or ""),
+                str(ds.get("StudyDate", "") or ""),
+            ),
+            series_number=_int_or_none(ds.get("SeriesNumber")),
+            instance_number=_int_or_none(ds.get("InstanceNumber")),
+            transfer_syntax=ts.name if ts is not None else "unknown",
+        )
+    except UnusableFileError:
+        raise
+    except Exception as exc:
+        raise UnusableFileError(f"malformed header ({type(exc).__name__}: {exc})") from None
+
+
+def _as_list(value: object) -> list[object]:
+    if value is None or value == "":
+        return []
+    if isinstance(value, str | bytes | int | float):
+        return [value]
+    return list(value)  # type: ignore[call-overload]
+
+
+def _floats(value: object, n: int) -> tuple[float, ...] | None:
+    items = _as_list(value)
+    if len(items) != n:
+        return None
+    return tuple(float(v) for v in items)  # type: ignore[arg-type]
+
+
+def _float_or_none(value: object) -> float | None:
+    try:
+        return None if value in (None, "") else float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def _int_or_none(value: object) -> int | None:
+    f = _float_or_none(value)
+    return None if f is None else int(f)
+
+
+# --- geometry ----------------------------------------------------------------------------------------
+
+
+def slice_normal(orientation: tuple[float, ...]) -> np.ndarray:
+    """Unit normal of an image plane: row cosines × column cosines, shape ``[3]``."""
+    row, col = np.asarray(orientation[:3], dtype=np.float64), np.asarray(orientation[3:], dtype=np.float64)
+    n = np.cross(row, col)
+    norm = float(np.linalg.norm(n))
+    if norm < 1e-6:
+        raise ValueError("degenerate ImageOrientationPatient")
+    return n / norm
+
+
+def is_axial(orientation: tuple[float, ...] | None, max_tilt_deg: float) -> bool:
+    """True when the slice normal lies within ``max_tilt_deg`` of the patient z axis (gantry tilt)."""
+    if orientation is None:
+        return False
+    try:
+        n = slice_normal(orientation)
+    except ValueError:
+        return False
+    return abs(float(n[2])) >= math.cos(math.radians(max_tilt_deg))
+
+
+def z_position(position: tuple[float, float, float], normal: np.ndarray) -> float:
+    """Position along the slice normal (mm): ``ImagePositionPatient · normal``."""
+    return float(np.dot(np.asarray(position, dtype=np.float64), normal))
+
+
+# --- age ---------------------------------------------------------------------------------------------
+
+_AGE_UNITS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
+
+
+def age_in_years(patient_age: str, birth_date: str, study_date: str) -> float | None:
+    """Age at the study: from PatientAge (``nnnD/W/M/Y``), else birth and study dates, else ``None``."""
+    age = patient_age.strip().upper()
+    if len(age) == 4 and age[:3].isdigit() and age[3] in _AGE_UNITS:
+        return int(age[:3]) * _AGE_UNITS[age[3]]
+    born, seen = _parse_date(birth_date), _parse_date(study_date)
+    if born and seen and seen >= born:
+        return (seen - born).days / 365.25
+    return None
+
+
+def _parse_date(value: str) -> date | None:
+    value = value.strip()
+    if len(value) != 8 or not value.isdigit():
+        return None
+    try:
+        return date(int(value[:4]), int(value[4:6]), int(value[6:]))
+    except ValueError:
+        return None
+
+
+# --- pixels ------------------------------------------------------------------------------------------
+
+
+def to_hu(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    """HU = stored × RescaleSlope + RescaleIntercept, as int16 ``[rows, cols]``.
+
+    Exact for the integer slope/intercept of CT; other values are rounded to the nearest HU.
+    Raises ``UnusableFileError`` when the result does not fit int16.
+    """
+    if float(slope).is_integer() and float(intercept).is_integer():
+        hu = stored.astype(np.int32, copy=False) * int(slope) + int(intercept)
+    else:
+        hu = np.rint(stored.astype(np.float64) * slope + intercept)
+    lo, hi = int(hu.min()), int(hu.max())
+    if lo < -32768 or hi > 32767:
+        raise UnusableFileError(f"HU range [{lo}, {hi}] does not fit int16")
+    return hu.astype(np.int16)
+
+
+def read_hu(path: str | Path) -> np.ndarray:
+    """Decode one single-frame slice and return its HU as int16 ``[rows, cols]``."""
+    try:
+        ds = pydicom.dcmread(str(path))
+    except Exception as exc:
+        raise UnusableFileError(f"unreadable DICOM ({type(exc).__name__}: {exc})") from None
+    return hu_from_dataset(ds)
+
+
+def hu_from_dataset(ds: Dataset) -> np.ndarray:
+    if "PixelData" not in ds:
+        raise UnusableFileError("no pixel data")
+    try:
+        stored = ds.pixel_array
+    except Exception as exc:  # missing decoder, truncated data, ...
+        ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+        syntax = ts.name if ts is not None else "unknown transfer syntax"
+        raise UnusableFileError(f"pixel data cannot be decoded ({syntax}: {type(exc).__name__}: {exc})") from None
+    if stored.ndim != 2:
+        raise UnusableFileError(f"expected one 2-D frame, got pixel array of shape {tuple(stored.shape)}")
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    return to_hu(stored, slope, intercept)

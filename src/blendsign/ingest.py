@@ -1,0 +1,624 @@
+"""DICOM → de-identified Parquet slice dataset, with the paper's exclusions and a flow report.
+
+Paper §Data collection and labeling / Figure 2: studies found → excluded (postoperative, no
+non-contrast axial series, age < 7) → scans used. One scan per study: its non-contrast axial CT series.
+
+Output (``OUT``):
+    slices/<scan_id>.parquet   one file per scan, one row (and row group) per slice, z order
+    manifest.json              per-scan file, slice count and sha256; the dataset fingerprint
+    ingest_report.json         counts, exclusions, quarantined files with reasons (no identifiers)
+    ingest_report.md           the same as a flow chart for people
+
+Two passes: headers of every file (no pixels) to group, select and exclude; then per scan, decode,
+convert to HU, order along the slice normal and write. Re-running skips scans whose Parquet file was
+written from the same source files (same digest) and rewrites the rest, so a killed run completes.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from blendsign.config import IngestConfig
+from blendsign.deid import Pseudonymizer, load_or_create_key
+from blendsign.dicom import SliceHeader, UnusableFileError, is_axial, read_header, read_hu, slice_normal, z_position
+from blendsign.storage import atomic_path, remove_stale_temporaries, write_json_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = "1"
+SLICE_SCHEMA = pa.schema(
+    [
+        pa.field("scan_id", pa.string(), nullable=False),  # pseudonym of StudyInstanceUID
+        pa.field("patient_key", pa.string(), nullable=False),  # pseudonym of PatientID (patient-level folds)
+        pa.field("slice_index", pa.int32(), nullable=False),  # 0-based, z order
+        pa.field("z_mm", pa.float64(), nullable=False),  # ImagePositionPatient · slice normal
+        pa.field("rows", pa.int32(), nullable=False),
+        pa.field("cols", pa.int32(), nullable=False),
+        pa.field("pixel_spacing_mm", pa.list_(pa.float64())),  # [row spacing, column spacing]
+        pa.field("slice_thickness_mm", pa.float64()),
+        pa.field("instance_key", pa.string(), nullable=False),  # pseudonym of SOPInstanceUID
+        pa.field("transfer_syntax", pa.string(), nullable=False),  # of the source file
+        pa.field("hu", pa.binary(), nullable=False),  # little-endian int16, row-major, rows × cols
+    ],
+    metadata={"blendsign.format": FORMAT_VERSION, "blendsign.hu": "int16 little-endian row-major rows x cols"},
+)
+
+# --- results -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SliceSource:
+    path: str
+    instance_key: str
+    z_mm: float
+    instance_number: int
+    rows: int
+    cols: int
+    pixel_spacing: tuple[float, float] | None
+    slice_thickness: float | None
+    transfer_syntax: str
+
+
+@dataclass(frozen=True)
+class ScanTask:
+    """One scan to write: everything a worker needs, identifiers already pseudonymised."""
+
+    scan_id: str
+    patient_key: str
+    slices: tuple[SliceSource, ...]
+    source_digest: str
+    out_path: str
+    compression: str
+    compression_level: int
+    rows_per_row_group: int
+
+
+@dataclass(frozen=True)
+class ScanOutcome:
+    scan_id: str
+    slices: int
+    sha256: str | None
+    reused: bool
+    quarantined: tuple[tuple[str, str], ...]  # (absolute path, reason)
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    out: Path
+    report: dict[str, Any]
+
+    def summary(self) -> str:
+        r = self.report
+        lines = [
+            f"ingested {r['slices_written']} slices of {r['scans_written']} scans into {self.out / 'slices'}",
+            f"  studies found {r['studies_found']}; excluded "
+            + (", ".join(f"{k} {v}" for k, v in r["excluded"].items() if v) or "none"),
+            f"  files found {r['files_found']}; quarantined {len(r['quarantined'])}; "
+            f"duplicates {len(r['duplicates'])}; scans reused from a previous run {r['scans_reused']}",
+            f"  report: {self.out / 'ingest_report.json'} (flow chart: ingest_report.md)",
+        ]
+        return "\n".join(lines)
+
+
+# --- pass 1: headers ---------------------------------------------------------------------------------
+
+
+def find_files(source: Path, skip: Iterable[Path] = ()) -> list[Path]:
+    """Every regular file under ``source`` (any name, with or without ``.dcm``), sorted; ``skip`` excluded."""
+    if not source.is_dir():
+        raise NotADirectoryError(f"DICOM source {source} is not a folder")
+    skip_set = {p.resolve() for p in skip}
+    files: list[Path] = []
+    for root, dirs, names in os.walk(source):
+        root_path = Path(root)
+        dirs[:] = sorted(d for d in dirs if (root_path / d).resolve() not in skip_set)
+        files.extend(root_path / n for n in sorted(names) if (root_path / n).resolve() not in skip_set)
+    return files
+
+
+def read_headers(paths: Sequence[str]) -> tuple[list[SliceHeader], list[tuple[str, str]]]:
+    """Headers of ``paths`` and ``(path, reason)`` for files that are not usable DICOM."""
+    headers, bad = [], []
+    for p in paths:
+        try:
+            headers.append(read_header(p))
+        except UnusableFileError as exc:
+            bad.append((p, str(exc)))
+        except OSError as exc:
+            bad.append((p, f"cannot read file ({exc.strerror})"))
+    return headers, bad
+
+
+# --- selection and exclusions ------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """Pass-1 decisions: scans to write and everything not used, with reasons."""
+
+    tasks: list[ScanTask] = field(default_factory=list)
+    studies_found: int = 0
+    excluded: dict[str, list[str]] = field(default_factory=dict)  # reason -> scan ids
+    quarantined: list[tuple[str, str]] = field(default_factory=list)
+    duplicates: list[tuple[str, str]] = field(default_factory=list)  # (file, file kept)
+    series_skipped: Counter[str] = field(default_factory=Counter)
+    images_skipped: Counter[str] = field(default_factory=Counter)
+    age_unknown: int = 0
+    patient_id_missing: int = 0
+
+
+def age_reason(cfg: IngestConfig) -> str:
+    return f"age_lt_{cfg.min_age_years:g}"
+
+
+def series_role(series: list[SliceHeader], cfg: IngestConfig) -> str:
+    """Why a CT series is not a candidate scan (``localizer``, ``contrast``, ``non_axial``) or ``axial``."""
+    images = [h for h in series if not h.is_localizer]
+    if not images:
+        return "localizer"
+    if cfg.require_non_contrast and any(h.contrast for h in images):
+        return "contrast"
+    if not is_axial(images[0].orientation, cfg.max_axial_tilt_deg):
+        return "non_axial"
+    return "axial"
+
+
+def _usable_images(series: list[SliceHeader], plan: Plan) -> list[SliceHeader]:
+    """Images of an axial series that can be stacked: consistent geometry, one frame, not a localizer."""
+    images = []
+    for h in series:
+        if h.is_localizer:
+            plan.images_skipped["localizer_in_axial_series"] += 1
+        elif h.frames != 1:
+            plan.quarantined.append((h.path, f"multi-frame image ({h.frames} frames) is not supported"))
+        elif h.position is None or h.orientation is None:
+            plan.quarantined.append((h.path, "no ImagePositionPatient/ImageOrientationPatient"))
+        elif h.rows <= 0 or h.cols <= 0:
+            plan.quarantined.append((h.path, "no Rows/Columns"))
+        else:
+            images.append(h)
+    if not images:
+        return images
+    shape = Counter((h.rows, h.cols) for h in images).most_common(1)[0][0]
+    ref = np.asarray(images[0].orientation)
+    kept = []
+    for h in images:
+        if (h.rows, h.cols) != shape:
+            plan.quarantined.append((h.path, f"size {h.rows}x{h.cols} differs from its series ({shape[0]}x{shape[1]})"))
+        elif not np.allclose(h.orientation, ref, atol=1e-3):  # type: ignore[arg-type]
+            plan.quarantined.append((h.path, "orientation differs from the rest of its series"))
+        else:
+            kept.append(h)
+    return kept
+
+
+def plan_ingest(
+    headers: list[SliceHeader],
+    postoperative: set[str],
+    cfg: IngestConfig,
+    pseudo: Pseudonymizer,
+    slices_dir: Path,
+    source: Path,
+) -> Plan:
+    """Group headers by study/series, pick each study's scan, apply exclusions (paper Figure 2)."""
+    plan = Plan()
+    unique: list[SliceHeader] = []
+    seen: dict[str, str] = {}
+    for h in sorted(headers, key=lambda h: h.path):
+        if h.sop_uid in seen:
+            plan.duplicates.append((h.path, seen[h.sop_uid]))
+            continue
+        seen[h.sop_uid] = h.path
+        if h.modality != "CT":
+            plan.quarantined.append((h.path, f"modality {h.modality or 'missing'} is not CT"))
+            continue
+        unique.append(h)
+
+    studies: dict[str, dict[str, list[SliceHeader]]] = defaultdict(lambda: defaultdict(list))
+    for h in unique:
+        studies[h.study_uid][h.series_uid].append(h)
+    plan.studies_found = len(studies)
+    plan.excluded = {r: [] for r in ("postoperative", "no_noncontrast_axial_series", age_reason(cfg))}
+
+    for study_uid in sorted(studies):
+        series_map = studies[study_uid]
+        scan_id = pseudo.scan(study_uid)
+        candidates: list[list[SliceHeader]] = []
+        for series_uid in sorted(series_map):
+            series = series_map[series_uid]
+            role = series_role(series, cfg)
+            if role != "axial":
+                plan.series_skipped[role] += 1
+                continue
+            images = _usable_images(series, plan)
+            if images:
+                candidates.append(images)
+        # the scan: most slices, then lowest SeriesNumber
+        candidates.sort(key=lambda s: (-len(s), s[0].series_number or 0, s[0].series_uid))
+        if len(candidates) > 1:
+            plan.series_skipped["extra_axial_series"] += len(candidates) - 1
+
+        all_headers = [h for s in series_map.values() for h in s]
+        age = next((h.age_years for h in all_headers if h.age_years is not None), None)
+        if study_uid in postoperative:
+            reason = "postoperative"
+        elif not candidates:
+            reason = "no_noncontrast_axial_series"
+        elif age is not None and age < cfg.min_age_years:
+            reason = age_reason(cfg)
+        else:
+            reason = None
+        if reason:
+            plan.excluded[reason].append(scan_id)
+            continue
+        if age is None:
+            plan.age_unknown += 1
+        chosen = candidates[0]
+        patient_id = chosen[0].patient_id
+        if not patient_id:
+            plan.patient_id_missing += 1
+        patient_key = pseudo.patient(patient_id) if patient_id else pseudo.patient(f"study:{study_uid}")
+        plan.tasks.append(_scan_task(scan_id, patient_key, chosen, cfg, pseudo, slices_dir, source))
+    return plan
+
+
+def _scan_task(
+    scan_id: str,
+    patient_key: str,
+    images: list[SliceHeader],
+    cfg: IngestConfig,
+    pseudo: Pseudonymizer,
+    slices_dir: Path,
+    source: Path,
+) -> ScanTask:
+    normal = slice_normal(images[0].orientation)  # type: ignore[arg-type]
+    slices = sorted(
+        (
+            SliceSource(
+                path=h.path,
+                instance_key=pseudo.instance(h.sop_uid),
+                z_mm=z_position(h.position, normal),  # type: ignore[arg-type]
+                instance_number=h.instance_number or 0,
+                rows=h.rows,
+                cols=h.cols,
+                pixel_spacing=h.pixel_spacing,  # type: ignore[arg-type]
+                slice_thickness=h.slice_thickness,
+                transfer_syntax=h.transfer_syntax,
+            )
+            for h in images
+        ),
+        key=lambda s: (s.z_mm, s.instance_number, s.instance_key),
+    )
+    digest = hashlib.sha256()
+    digest.update(f"{FORMAT_VERSION}|{pseudo.fingerprint}|{cfg.compression}|{cfg.compression_level}|".encode())
+    digest.update(f"{cfg.rows_per_row_group}|{patient_key}".encode())
+    for s in slices:
+        st = os.stat(s.path)
+        digest.update(f"|{Path(s.path).relative_to(source)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return ScanTask(
+        scan_id=scan_id,
+        patient_key=patient_key,
+        slices=tuple(slices),
+        source_digest=digest.hexdigest(),
+        out_path=str(slices_dir / f"{scan_id}.parquet"),
+        compression=cfg.compression,
+        compression_level=cfg.compression_level,
+        rows_per_row_group=cfg.rows_per_row_group,
+    )
+
+
+def read_clinical(path: Path) -> set[str]:
+    """StudyInstanceUIDs marked postoperative in ``study_instance_uid,postoperative`` CSV."""
+    truthy, falsy = {"1", "true", "yes", "y", "t"}, {"0", "false", "no", "n", "f", ""}
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"study_instance_uid", "postoperative"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{path.name}: missing column(s) {sorted(missing)}")
+        out = set()
+        for line, row in enumerate(reader, start=2):
+            value = (row["postoperative"] or "").strip().lower()
+            if value in truthy:
+                out.add(row["study_instance_uid"].strip())
+            elif value not in falsy:
+                raise ValueError(f"{path.name} line {line}: postoperative must be true/false, got {value!r}")
+    return out
+
+
+# --- pass 2: pixels ----------------------------------------------------------------------------------
+
+
+def _existing_digest(path: str) -> str | None:
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except Exception:  # missing or unreadable: rewrite
+        return None
+    return meta.get(b"blendsign.source_digest", b"").decode() or None
+
+
+def _sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_scan(task: ScanTask) -> ScanOutcome:
+    """Decode a scan's slices to HU and write its Parquet file atomically (skipped if up to date)."""
+    if _existing_digest(task.out_path) == task.source_digest:
+        n = pq.read_metadata(task.out_path).num_rows
+        return ScanOutcome(task.scan_id, n, _sha256(task.out_path), True, ())
+    quarantined: list[tuple[str, str]] = []
+    kept: list[tuple[SliceSource, bytes]] = []
+    for s in task.slices:
+        try:
+            hu = read_hu(s.path)
+            if hu.shape != (s.rows, s.cols):
+                raise UnusableFileError(f"pixel array {hu.shape} does not match Rows/Columns {(s.rows, s.cols)}")
+        except UnusableFileError as exc:
+            quarantined.append((s.path, str(exc)))
+            continue
+        except OSError as exc:
+            quarantined.append((s.path, f"cannot read file ({exc.strerror})"))
+            continue
+        kept.append((s, hu.astype("<i2", copy=False).tobytes()))
+    if not kept:
+        Path(task.out_path).unlink(missing_ok=True)
+        return ScanOutcome(task.scan_id, 0, None, False, tuple(quarantined))
+    n = len(kept)
+    table = pa.table(
+        {
+            "scan_id": pa.array([task.scan_id] * n, pa.string()),
+            "patient_key": pa.array([task.patient_key] * n, pa.string()),
+            "slice_index": pa.array(range(n), pa.int32()),
+            "z_mm": pa.array([s.z_mm for s, _ in kept], pa.float64()),
+            "rows": pa.array([s.rows for s, _ in kept], pa.int32()),
+            "cols": pa.array([s.cols for s, _ in kept], pa.int32()),
+            "pixel_spacing_mm": pa.array([list(s.pixel_spacing) if s.pixel_spacing else None for s, _ in kept],
+                                         pa.list_(pa.float64())),
+            "slice_thickness_mm": pa.array([s.slice_thickness for s, _ in kept], pa.float64()),
+            "instance_key": pa.array([s.instance_key for s, _ in kept], pa.string()),
+            "transfer_syntax": pa.array([s.transfer_syntax for s, _ in kept], pa.string()),
+            "hu": pa.array([b for _, b in kept], pa.binary()),
+        },
+        schema=SLICE_SCHEMA.with_metadata(
+            {**SLICE_SCHEMA.metadata, b"blendsign.source_digest": task.source_digest.encode()}
+        ),
+    )
+    with atomic_path(task.out_path) as tmp:
+        pq.write_table(
+            table,
+            tmp,
+            compression=task.compression,
+            compression_level=task.compression_level,
+            row_group_size=task.rows_per_row_group,
+            use_dictionary=["scan_id", "patient_key", "transfer_syntax"],
+            write_statistics=[f for f in SLICE_SCHEMA.names if f != "hu"],
+        )
+        sha = _sha256(tmp)
+    return ScanOutcome(task.scan_id, n, sha, False, tuple(quarantined))
+
+
+# --- orchestration -----------------------------------------------------------------------------------
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _run_parallel(
+    fn: Callable[[T], R], items: Sequence[T], workers: int, desc: str, progress: bool, unit: str
+) -> Iterator[tuple[T, R | BaseException]]:
+    """Apply ``fn`` to each item (in a process pool when ``workers`` > 1); errors are yielded, not raised."""
+    bar = tqdm(total=len(items), desc=desc, unit=unit, disable=not progress, dynamic_ncols=True)
+    try:
+        if workers <= 1:
+            for item in items:
+                try:
+                    result: R | BaseException = fn(item)
+                except Exception as exc:
+                    result = exc
+                bar.update()
+                yield item, result
+            return
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            futures: dict[Future[R], T] = {pool.submit(fn, item): item for item in items}
+            for fut in as_completed(futures):
+                exc = fut.exception()
+                bar.update()
+                yield futures[fut], (exc if exc is not None else fut.result())
+    finally:
+        bar.close()
+
+
+def _chunks(items: Sequence[str], n: int) -> list[list[str]]:
+    return [list(items[i : i + n]) for i in range(0, len(items), n)]
+
+
+def _find_clinical(source: Path) -> Path | None:
+    for candidate in (source / "clinical.csv", source.parent / "clinical.csv"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def ingest(
+    source: str | Path,
+    out: str | Path,
+    cfg: IngestConfig,
+    *,
+    clinical_csv: str | Path | None = None,
+    progress: bool = True,
+) -> IngestResult:
+    """Ingest every DICOM file under ``source`` into ``out`` (see module docstring). Idempotent."""
+    source, out = Path(source).resolve(), Path(out).resolve()
+    slices_dir = out / "slices"
+    slices_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(slices_dir)
+    pseudo = load_or_create_key(out)
+
+    clinical = Path(clinical_csv) if clinical_csv else _find_clinical(source)
+    postoperative = read_clinical(clinical) if clinical else set()
+    if clinical:
+        log.info("clinical list: %s (%d postoperative studies)", clinical.name, len(postoperative))
+    else:
+        log.warning("no clinical.csv given or found beside %s: postoperative exclusion not applied", source)
+
+    files = find_files(source, skip=[out, *([clinical] if clinical else [])])
+    log.info("found %d files under %s", len(files), source.name)
+    headers: list[SliceHeader] = []
+    quarantined: list[tuple[str, str]] = []
+    chunks = _chunks([str(p) for p in files], 64)
+    for chunk, res in _run_parallel(read_headers, chunks, cfg.workers, "headers", progress, "chunk"):
+        if isinstance(res, BaseException):
+            quarantined.extend((p, f"header reader failed ({type(res).__name__}: {res})") for p in chunk)
+        else:
+            headers.extend(res[0])
+            quarantined.extend(res[1])
+
+    plan = plan_ingest(headers, postoperative, cfg, pseudo, slices_dir, source)
+    quarantined.extend(plan.quarantined)
+    outcomes: list[ScanOutcome] = []
+    failed: list[dict[str, str]] = []
+    for task, res in _run_parallel(write_scan, plan.tasks, cfg.workers, "scans", progress, "scan"):
+        if isinstance(res, BaseException):
+            log.error("scan %s failed: %s", task.scan_id, res)
+            failed.append({"scan_id": task.scan_id, "reason": f"{type(res).__name__}: {res}"})
+            continue
+        quarantined.extend(res.quarantined)
+        if res.slices == 0:
+            failed.append({"scan_id": task.scan_id, "reason": "no slice of the scan could be decoded"})
+        else:
+            outcomes.append(res)
+
+    written = {o.scan_id for o in outcomes}
+    stale = [p for p in slices_dir.glob("*.parquet") if p.stem not in written]
+    for p in stale:  # a scan written by an earlier run that this source no longer yields
+        p.unlink()
+    report = _report(source, plan, outcomes, failed, quarantined, len(files), len(stale), pseudo, cfg)
+    manifest = _manifest(outcomes)
+    report["dataset_fingerprint"] = manifest["dataset_fingerprint"]
+    write_json_atomic(out / "manifest.json", manifest)
+    write_json_atomic(out / "ingest_report.json", report)
+    write_text_atomic(out / "ingest_report.md", flow_markdown(report))
+    for q in report["quarantined"]:
+        log.warning("quarantined %s: %s", q["file"], q["reason"])
+    return IngestResult(out, report)
+
+
+def _relative(path: str, source: Path) -> str:
+    try:
+        return str(Path(path).relative_to(source))
+    except ValueError:
+        return Path(path).name
+
+
+def _scrub(reason: str, source: Path) -> str:
+    return reason.replace(str(source) + os.sep, "").replace(str(source), "")
+
+
+def _report(
+    source: Path,
+    plan: Plan,
+    outcomes: list[ScanOutcome],
+    failed: list[dict[str, str]],
+    quarantined: list[tuple[str, str]],
+    files_found: int,
+    stale_removed: int,
+    pseudo: Pseudonymizer,
+    cfg: IngestConfig,
+) -> dict[str, Any]:
+    q = sorted({(_relative(p, source), _scrub(r, source)) for p, r in quarantined})
+    return {
+        "format": FORMAT_VERSION,
+        "files_found": files_found,
+        "studies_found": plan.studies_found,
+        "excluded": {reason: len(ids) for reason, ids in plan.excluded.items()},
+        "excluded_scans": sorted(
+            ({"scan_id": sid, "reason": reason} for reason, ids in plan.excluded.items() for sid in ids),
+            key=lambda d: (d["reason"], d["scan_id"]),
+        ),
+        "scans_written": len(outcomes),
+        "slices_written": sum(o.slices for o in outcomes),
+        "scans_reused": sum(o.reused for o in outcomes),
+        "scans_failed": sorted(failed, key=lambda d: d["scan_id"]),
+        "quarantined": [{"file": f, "reason": r} for f, r in q],
+        "duplicates": [
+            {"file": _relative(a, source), "duplicate_of": _relative(b, source)} for a, b in sorted(plan.duplicates)
+        ],
+        "series_skipped": dict(sorted(plan.series_skipped.items())),
+        "images_skipped": dict(sorted(plan.images_skipped.items())),
+        "age_unknown_scans": plan.age_unknown,
+        "patient_id_missing_scans": plan.patient_id_missing,
+        "stale_scans_removed": stale_removed,
+        "key_fingerprint": pseudo.fingerprint,
+        "config": asdict(cfg),
+    }
+
+
+def _manifest(outcomes: list[ScanOutcome]) -> dict[str, Any]:
+    scans = sorted(({"scan_id": o.scan_id, "file": f"slices/{o.scan_id}.parquet", "slices": o.slices,
+                     "sha256": o.sha256} for o in outcomes), key=lambda d: d["scan_id"])
+    fingerprint = hashlib.sha256(json.dumps(scans, sort_keys=True).encode()).hexdigest()
+    return {"format": FORMAT_VERSION, "scans": scans, "dataset_fingerprint": fingerprint}
+
+
+_REASON_TEXT = {
+    "postoperative": "postoperative patient",
+    "no_noncontrast_axial_series": "no non-contrast axial series",
+}
+
+
+def flow_markdown(report: dict[str, Any]) -> str:
+    """The selection flow (paper Figure 2) as Markdown."""
+    excluded = report["excluded"]
+    total_excl = sum(excluded.values())
+    lines = [
+        "# Ingestion flow",
+        "",
+        "```",
+        f"{report['studies_found']:>6} studies found ({report['files_found']} files)",
+        f"{total_excl:>6} excluded",
+    ]
+    for reason, n in excluded.items():
+        text = _REASON_TEXT.get(reason, reason.replace("age_lt_", "patient younger than "))
+        lines.append(f"         ├─ {n:>4}  {text}")
+    lines += [
+        f"{report['scans_written']:>6} scans written, {report['slices_written']} slices",
+        "```",
+        "",
+        "| not used | count |",
+        "|---|---:|",
+    ]
+    for reason, n in report["series_skipped"].items():
+        lines.append(f"| series skipped: {reason} | {n} |")
+    for reason, n in report["images_skipped"].items():
+        lines.append(f"| images skipped: {reason} | {n} |")
+    lines += [
+        f"| duplicate files (same SOPInstanceUID) | {len(report['duplicates'])} |",
+        f"| quarantined files | {len(report['quarantined'])} |",
+        f"| scans that failed | {len(report['scans_failed'])} |",
+        "",
+    ]
+    if report["quarantined"]:
+        lines += ["## Quarantined files", "", "| file | reason |", "|---|---|"]
+        lines += [f"| `{q['file']}` | {q['reason']} |" for q in report["quarantined"]]
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,102 @@
+"""Shared fixtures: a tiny CT DICOM writer for precisely controlled cases, and real pydicom files."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+# Identifying values written into every file made by ``write_ct``; de-identification tests look for them.
+IDENTIFIERS = {
+    "PatientName": "Testperson^Hildegard",
+    "PatientBirthDate": "19581103",
+    "InstitutionName": "Sankt Testus Klinikum",
+    "AccessionNumber": "ACC99887766",
+    "ReferringPhysicianName": "Doktor^Beispiel",
+}
+
+
+def real_file(name: str) -> Path:
+    """A file from pydicom's (or pydicom-data's) bundled test data, by exact name (never a glob)."""
+    path = get_testdata_file(name)
+    if path is None:
+        pytest.skip(f"pydicom test file {name} not available")
+    return Path(str(path))
+
+
+def write_ct(
+    path: Path,
+    hu: np.ndarray,
+    *,
+    study: str,
+    series: str,
+    sop: str | None = None,
+    patient_id: str = "PID-0001",
+    z: float = 0.0,
+    instance: int = 1,
+    orientation: tuple[float, ...] = (1, 0, 0, 0, 1, 0),
+    unsigned12: bool = False,
+    image_type: tuple[str, ...] = ("ORIGINAL", "PRIMARY", "AXIAL"),
+    contrast: str | None = None,
+    age: str = "054Y",
+    modality: str = "CT",
+    **extra: Any,
+) -> str:
+    """Write one single-frame CT slice holding ``hu`` exactly; returns its SOPInstanceUID."""
+    sop = sop or generate_uid(entropy_srcs=[str(path)])
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = sop
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+    ds.Modality = modality
+    ds.PatientID, ds.PatientAge = patient_id, age
+    for tag, value in IDENTIFIERS.items():
+        setattr(ds, tag, value)
+    ds.StudyDate = "20200314"
+    ds.ImageType = list(image_type)
+    ds.ImageOrientationPatient = list(orientation)
+    ds.ImagePositionPatient = [-100.0, -100.0, z]
+    ds.PixelSpacing = [0.45, 0.45]
+    ds.SliceThickness = 5.0
+    ds.InstanceNumber = instance
+    ds.SeriesNumber = 2
+    if contrast:
+        ds.ContrastBolusAgent = contrast
+    ds.Rows, ds.Columns = hu.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.RescaleSlope = 1
+    if unsigned12:
+        ds.BitsStored, ds.HighBit, ds.PixelRepresentation, ds.RescaleIntercept = 12, 11, 0, -1024
+        stored = (hu.astype(np.int32) + 1024).astype(np.uint16)
+    else:
+        ds.BitsStored, ds.HighBit, ds.PixelRepresentation, ds.RescaleIntercept = 16, 15, 1, 0
+        stored = hu.astype(np.int16)
+    ds.PixelData = stored.tobytes()
+    for k, v in extra.items():
+        setattr(ds, k, v)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    return sop
+
+
+@pytest.fixture
+def ct_writer() -> Callable[..., str]:
+    return write_ct
+
+
+@pytest.fixture(autouse=True)
+def _no_env_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests choose their pseudonym key explicitly."""
+    monkeypatch.delenv("BLENDSIGN_PSEUDONYM_KEY", raising=False)

@@ -1,0 +1,87 @@
+"""blendsign.dicom: HU conversion, geometry, ages, header reading."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from blendsign.dicom import UnusableFileError, age_in_years, is_axial, read_header, slice_normal, to_hu, z_position
+from tests.conftest import real_file
+
+
+def test_to_hu_unsigned_12_bit_with_intercept() -> None:
+    stored = np.array([[0, 24, 1024], [1064, 2524, 4095]], dtype=np.uint16)
+    np.testing.assert_array_equal(to_hu(stored, 1.0, -1024.0), [[-1024, -1000, 0], [40, 1500, 3071]])
+    assert to_hu(stored, 1.0, -1024.0).dtype == np.int16
+
+
+def test_to_hu_signed_and_slope() -> None:
+    stored = np.array([[-1000, 0, 45]], dtype=np.int16)
+    np.testing.assert_array_equal(to_hu(stored, 1, 0), stored)
+    np.testing.assert_array_equal(to_hu(stored, 2, -10), [[-2010, -10, 80]])
+    np.testing.assert_array_equal(to_hu(np.array([[3, 5]], np.uint16), 0.5, 0.25), [[2, 3]])  # 1.75, 2.75
+
+
+def test_to_hu_refuses_int16_overflow() -> None:
+    with pytest.raises(UnusableFileError, match="does not fit int16"):
+        to_hu(np.array([[40000]], dtype=np.uint16), 1, 0)
+
+
+@pytest.mark.parametrize(
+    ("age", "birth", "study", "expected"),
+    [
+        ("005Y", "", "", 5.0),
+        ("018M", "", "", 1.5),
+        ("014D", "", "", 14 / 365.25),
+        ("", "20100101", "20170101", 2557 / 365.25),
+        ("", "", "20170101", None),
+        ("abc", "bad", "20170101", None),
+    ],
+)
+def test_age_in_years(age: str, birth: str, study: str, expected: float | None) -> None:
+    got = age_in_years(age, birth, study)
+    assert got == expected if expected is None else math.isclose(got, expected)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("orientation", "axial"),
+    [
+        ((1, 0, 0, 0, 1, 0), True),
+        ((1, 0, 0, 0, 0.9272, -0.3746), True),  # 22° gantry tilt (J2K_pixelrep_mismatch.dcm)
+        ((1, 0, 0, 0, math.cos(math.radians(40)), -math.sin(math.radians(40))), False),
+        ((1, 0, 0, 0, 0, -1), False),  # coronal
+        ((0, 1, 0, 0, 0, -1), False),  # sagittal
+        (None, False),
+        ((1, 0, 0, 1, 0, 0), False),  # degenerate
+    ],
+)
+def test_is_axial(orientation: tuple[float, ...] | None, axial: bool) -> None:
+    assert is_axial(orientation, 30.0) is axial
+
+
+def test_z_position_projects_on_normal() -> None:
+    n = slice_normal((1, 0, 0, 0, 1, 0))
+    np.testing.assert_allclose(n, [0, 0, 1])
+    assert z_position((-100.0, 20.0, 37.5), n) == 37.5
+    tilted = slice_normal((1, 0, 0, 0, 0.8, -0.6))  # normal (0, 0.6, 0.8)
+    assert math.isclose(z_position((0.0, 10.0, 10.0), tilted), 14.0)
+
+
+def test_read_header_of_real_ct() -> None:
+    h = read_header(real_file("CT_small.dcm"))
+    assert (h.modality, h.rows, h.cols, h.frames) == ("CT", 128, 128, 1)
+    assert h.contrast  # CT_small.dcm carries ContrastBolusAgent ISOVUE300/100
+    assert h.age_years == 0.0
+    assert h.pixel_spacing == (0.661468, 0.661468)
+    assert not h.is_localizer
+
+
+def test_read_header_reasons(tmp_path) -> None:
+    (tmp_path / "empty").write_bytes(b"")
+    (tmp_path / "text.dcm").write_text("not dicom at all\n")
+    with pytest.raises(UnusableFileError, match="empty file"):
+        read_header(tmp_path / "empty")
+    with pytest.raises(UnusableFileError, match="not a DICOM file"):
+        read_header(tmp_path / "text.dcm")

@@ -1,0 +1,276 @@
+"""blendsign.ingest: real DICOM files, series selection, ordering, exclusions, de-identification, idempotency."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pydicom
+import pytest
+from pydicom.pixels import apply_rescale
+
+from blendsign.config import IngestConfig
+from blendsign.deid import KEY_ENV, key_path_for
+from blendsign.ingest import SLICE_SCHEMA, ingest
+from tests.conftest import IDENTIFIERS, real_file
+
+CFG = IngestConfig()
+RELAXED = replace(CFG, min_age_years=0.0, require_non_contrast=False)  # CT_small.dcm: age 000Y, contrast
+
+
+def read_slices(out: Path) -> list[dict]:
+    rows = pq.read_table(out / "slices").to_pylist()
+    return sorted(rows, key=lambda r: (r["scan_id"], r["slice_index"]))
+
+
+def hu_of(row: dict) -> np.ndarray:
+    return np.frombuffer(row["hu"], dtype="<i2").reshape(row["rows"], row["cols"])
+
+
+def phantom(seed: int, shape: tuple[int, int] = (16, 20)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(-1000, 1500, size=shape).astype(np.int16)
+
+
+# --- real files nobody here wrote --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name", ["CT_small.dcm", "J2K_pixelrep_mismatch.dcm", "693_J2KI.dcm", "693_UNCI.dcm", "693_UNCR.dcm"]
+)
+def test_real_ct_ingests_with_pydicoms_hu(tmp_path: Path, name: str) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(real_file(name), src / "slice")  # no .dcm extension on purpose
+    result = ingest(src, tmp_path / "out", RELAXED, progress=False)
+    assert result.report["slices_written"] == 1 and not result.report["quarantined"]
+    ds = pydicom.dcmread(real_file(name))
+    expected = apply_rescale(ds.pixel_array, ds)
+    (row,) = read_slices(tmp_path / "out")
+    np.testing.assert_array_equal(hu_of(row), expected)
+    assert (row["rows"], row["cols"]) == (ds.Rows, ds.Columns)
+    assert row["pixel_spacing_mm"] == [float(v) for v in ds.PixelSpacing]
+
+
+def test_real_ct_small_is_excluded_under_paper_rules(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(real_file("CT_small.dcm"), src)
+    report = ingest(src, tmp_path / "out", CFG, progress=False).report
+    # its only series has ContrastBolusAgent → no non-contrast axial series (checked before age 000Y)
+    assert report["excluded"] == {"postoperative": 0, "no_noncontrast_axial_series": 1, "age_lt_7": 0}
+    assert report["scans_written"] == 0 and report["series_skipped"] == {"contrast": 1}
+
+
+def test_bad_files_are_quarantined_with_reasons(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    good = real_file("J2K_pixelrep_mismatch.dcm")
+    shutil.copy(good, src / "good.dcm")
+    shutil.copy(real_file("MR_small.dcm"), src / "mr.dcm")
+    (src / "empty.dcm").write_bytes(b"")
+    (src / "readme.txt").write_text("export notes\n")
+    data = good.read_bytes()
+    (src / "head_cut.dcm").write_bytes(data[:1500])
+    # same header, pixel data cut short: readable header, undecodable pixels
+    ds = pydicom.dcmread(real_file("693_UNCI.dcm"))
+    raw = (tmp_path / "unci.dcm")
+    ds.save_as(raw)
+    (src / "pixels_cut.dcm").write_bytes(raw.read_bytes()[: len(raw.read_bytes()) // 2])
+    report = ingest(src, tmp_path / "out", CFG, progress=False).report
+    reasons = {q["file"]: q["reason"] for q in report["quarantined"]}
+    assert set(reasons) == {"mr.dcm", "empty.dcm", "readme.txt", "head_cut.dcm", "pixels_cut.dcm"}
+    assert reasons["mr.dcm"] == "modality MR is not CT"
+    assert reasons["empty.dcm"] == "empty file"
+    assert reasons["readme.txt"] == "not a DICOM file"
+    assert "truncated" in reasons["head_cut.dcm"]
+    assert "cannot be decoded" in reasons["pixels_cut.dcm"] or "unreadable" in reasons["pixels_cut.dcm"]
+    assert report["scans_written"] == 1 and report["slices_written"] == 1
+    assert report["scans_failed"] == [{"scan_id": report["scans_failed"][0]["scan_id"],
+                                       "reason": "no slice of the scan could be decoded"}]
+    md = (tmp_path / "out" / "ingest_report.md").read_text()
+    assert "pixels_cut.dcm" in md and "Quarantined files" in md
+
+
+# --- selection, ordering, storage --------------------------------------------------------------------
+
+
+def make_study(root: Path, write: Callable[..., str], *, study: str = "1.2.3.1", unsigned12: bool = False,
+               descending: bool = False, age: str = "054Y", patient_id: str = "PID-0001") -> dict[str, np.ndarray]:
+    """A study with a localizer, a contrast series, a coronal reformat and a 5-slice axial series whose
+    InstanceNumbers run against z. Returns the axial slices' HU by SOPInstanceUID, in true z order."""
+    write(root / "loc" / "a", phantom(99), study=study, series=f"{study}.1", patient_id=patient_id, age=age,
+          image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), orientation=(0, 1, 0, 0, 0, -1))
+    write(root / "cta" / "a", phantom(98), study=study, series=f"{study}.3", patient_id=patient_id, age=age,
+          contrast="IOPAMIDOL", z=0.0)
+    write(root / "cor" / "a", phantom(97), study=study, series=f"{study}.4", patient_id=patient_id, age=age,
+          orientation=(1, 0, 0, 0, 0, -1))
+    ordered: dict[str, np.ndarray] = {}
+    zs = [10.0, 15.0, 20.0, 25.0, 30.0]
+    for i, z in enumerate(zs):
+        hu = phantom(i)
+        zz = -z if descending else z
+        sop = write(root / "ax" / f"im{(7 * i) % 5}", hu, study=study, series=f"{study}.2", z=zz,
+                    instance=5 - i, patient_id=patient_id, age=age, unsigned12=unsigned12,
+                    sop=f"{study}.2.{i}")
+        ordered[sop] = hu
+    if descending:
+        ordered = dict(reversed(list(ordered.items())))
+    return ordered
+
+
+@pytest.mark.parametrize(("unsigned12", "descending"), [(False, False), (True, False), (True, True)])
+def test_selects_axial_series_orders_by_position_and_keeps_hu_exact(
+    tmp_path: Path, ct_writer: Callable[..., str], unsigned12: bool, descending: bool
+) -> None:
+    truth = make_study(tmp_path / "src", ct_writer, unsigned12=unsigned12, descending=descending)
+    report = ingest(tmp_path / "src", tmp_path / "out", CFG, progress=False).report
+    assert report["series_skipped"] == {"contrast": 1, "localizer": 1, "non_axial": 1}
+    rows = read_slices(tmp_path / "out")
+    assert [r["slice_index"] for r in rows] == list(range(5))
+    assert [r["z_mm"] for r in rows] == sorted(r["z_mm"] for r in rows)
+    for row, hu in zip(rows, truth.values(), strict=True):
+        np.testing.assert_array_equal(hu_of(row), hu)
+
+
+def test_schema_and_storage_layout(tmp_path: Path, ct_writer: Callable[..., str]) -> None:
+    make_study(tmp_path / "src", ct_writer)
+    ingest(tmp_path / "src", tmp_path / "out", CFG, progress=False)
+    (path,) = (tmp_path / "out" / "slices").glob("*.parquet")
+    pf = pq.ParquetFile(path)
+    assert pf.schema_arrow.remove_metadata() == SLICE_SCHEMA.remove_metadata()
+    assert pf.metadata.num_row_groups == 5  # one slice per row group
+    assert pf.metadata.row_group(0).column(10).compression == "ZSTD"
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert [s["slices"] for s in manifest["scans"]] == [5]
+
+
+def test_duplicates_are_written_once(tmp_path: Path, ct_writer: Callable[..., str]) -> None:
+    make_study(tmp_path / "src", ct_writer)
+    shutil.copytree(tmp_path / "src" / "ax", tmp_path / "src" / "zz_copy_of_ax")
+    report = ingest(tmp_path / "src", tmp_path / "out", CFG, progress=False).report
+    assert report["slices_written"] == 5 and len(report["duplicates"]) == 5
+    assert all(d["duplicate_of"].startswith("ax/") for d in report["duplicates"])
+
+
+# --- exclusions (paper Figure 2) ---------------------------------------------------------------------
+
+
+def test_exclusions_follow_the_paper(tmp_path: Path, ct_writer: Callable[..., str]) -> None:
+    src = tmp_path / "src"
+    make_study(src / "keep", ct_writer, study="1.2.3.1", patient_id="P1")
+    make_study(src / "child", ct_writer, study="1.2.3.2", patient_id="P2", age="005Y")
+    make_study(src / "postop", ct_writer, study="1.2.3.3", patient_id="P3")
+    ct_writer(src / "cta_only" / "a", phantom(1), study="1.2.3.4", series="1.2.3.4.1", contrast="IOHEXOL")
+    (tmp_path / "clinical.csv").write_text(
+        "study_instance_uid,postoperative\n1.2.3.1,false\n1.2.3.2,no\n1.2.3.3,TRUE\n1.2.3.4,0\n"
+    )
+    report = ingest(src, tmp_path / "out", CFG, clinical_csv=tmp_path / "clinical.csv", progress=False).report
+    assert report["studies_found"] == 4
+    assert report["excluded"] == {"postoperative": 1, "no_noncontrast_axial_series": 1, "age_lt_7": 1}
+    assert report["scans_written"] == 1 and report["slices_written"] == 5
+    assert len({e["scan_id"] for e in report["excluded_scans"]}) == 3
+    flow = (tmp_path / "out" / "ingest_report.md").read_text()
+    assert "4 studies found" in flow and "1  patient younger than 7" in flow
+
+
+def test_clinical_csv_errors_name_the_line(tmp_path: Path, ct_writer: Callable[..., str]) -> None:
+    make_study(tmp_path / "src", ct_writer)
+    bad = tmp_path / "clinical.csv"
+    bad.write_text("study_instance_uid,postoperative\n1.2.3.1,maybe\n")
+    with pytest.raises(ValueError, match=r"line 2: postoperative must be true/false"):
+        ingest(tmp_path / "src", tmp_path / "out", CFG, clinical_csv=bad, progress=False)
+    bad.write_text("study,postop\n")
+    with pytest.raises(ValueError, match="missing column"):
+        ingest(tmp_path / "src", tmp_path / "out", CFG, clinical_csv=bad, progress=False)
+
+
+# --- de-identification -------------------------------------------------------------------------------
+
+
+def test_no_identifier_reaches_any_output(tmp_path: Path, ct_writer: Callable[..., str]) -> None:
+    truth = make_study(tmp_path / "src", ct_writer, study="1.2.840.99.7", patient_id="MRN-55501")
+    shutil.copy(real_file("J2K_pixelrep_mismatch.dcm"), tmp_path / "src" / "real.dcm")
+    out = tmp_path / "out"
+    ingest(tmp_path / "src", out, CFG, progress=False)
+    real = pydicom.dcmread(real_file("J2K_pixelrep_mismatch.dcm"), stop_before_pixels=True)
+    secrets = [*IDENTIFIERS.values(), "MRN-55501", "1.2.840.99.7", *truth,
+               str(real.PatientID), str(real.StudyInstanceUID), str(real.SOPInstanceUID)]
+    texts = []
+    for f in out.rglob("*"):
+        if f.suffix == ".parquet":
+            t = pq.read_table(f)
+            texts.append(str(t.drop(["hu"]).to_pylist()) + str(t.schema.metadata))
+        elif f.is_file():
+            texts.append(f.read_text())
+    blob = "\n".join(texts)
+    leaked = [s for s in secrets if s in blob]
+    assert not leaked
+    assert not (out / key_path_for(out).name).exists() and key_path_for(out).exists()
+    assert key_path_for(out).read_text() not in blob
+
+
+def test_pseudonyms_are_keyed(tmp_path: Path, ct_writer: Callable[..., str], monkeypatch: pytest.MonkeyPatch) -> None:
+    make_study(tmp_path / "src", ct_writer)
+    monkeypatch.setenv(KEY_ENV, "a" * 32)
+    a = read_slices(ingest(tmp_path / "src", tmp_path / "a", CFG, progress=False).out)
+    b = read_slices(ingest(tmp_path / "src", tmp_path / "b", CFG, progress=False).out)
+    monkeypatch.setenv(KEY_ENV, "b" * 32)
+    c = read_slices(ingest(tmp_path / "src", tmp_path / "c", CFG, progress=False).out)
+    assert [r["instance_key"] for r in a] == [r["instance_key"] for r in b]
+    assert {r["scan_id"] for r in a}.isdisjoint({r["scan_id"] for r in c})
+    assert not key_path_for(tmp_path / "a").exists()  # env key: no key file written
+
+
+# --- idempotency and interruption --------------------------------------------------------------------
+
+
+def test_rerun_is_idempotent_and_completes_a_killed_run(tmp_path: Path, ct_writer: Callable[..., str]) -> None:
+    make_study(tmp_path / "src" / "s1", ct_writer, study="1.2.3.1", patient_id="P1")
+    make_study(tmp_path / "src" / "s2", ct_writer, study="1.2.3.2", patient_id="P2")
+    out = tmp_path / "out"
+    first = ingest(tmp_path / "src", out, CFG, progress=False).report
+    files = sorted((out / "slices").glob("*.parquet"))
+    before = {p.name: p.read_bytes() for p in files}
+    second = ingest(tmp_path / "src", out, CFG, progress=False).report
+    assert second["scans_reused"] == 2 and second["slices_written"] == first["slices_written"] == 10
+    assert {p.name: p.read_bytes() for p in sorted((out / "slices").glob("*.parquet"))} == before
+    # a killed run: one scan never written, a half-written temporary left behind
+    files[0].unlink()
+    (out / "slices" / f".{files[0].name}.4242.tmp").write_bytes(b"PAR1 half")
+    third = ingest(tmp_path / "src", out, CFG, progress=False).report
+    assert third["scans_reused"] == 1 and third["slices_written"] == 10
+    assert {p.name: p.read_bytes() for p in sorted((out / "slices").glob("*.parquet"))} == before
+    assert not list((out / "slices").glob(".*"))
+    assert third["dataset_fingerprint"] == first["dataset_fingerprint"]
+
+
+def test_two_workers_give_the_same_dataset(tmp_path: Path, ct_writer: Callable[..., str]) -> None:
+    make_study(tmp_path / "src" / "s1", ct_writer, study="1.2.3.1", patient_id="P1")
+    make_study(tmp_path / "src" / "s2", ct_writer, study="1.2.3.2", patient_id="P2")
+    one = ingest(tmp_path / "src", tmp_path / "one", CFG, progress=False)
+    shutil.copy(key_path_for(tmp_path / "one"), key_path_for(tmp_path / "two"))
+    two = ingest(tmp_path / "src", tmp_path / "two", replace(CFG, workers=2), progress=False)
+    assert one.report["dataset_fingerprint"] == two.report["dataset_fingerprint"]
+
+
+# --- CLI ---------------------------------------------------------------------------------------------
+
+
+def test_cli_ingest_and_lazy_imports(tmp_path: Path, ct_writer: Callable[..., str]) -> None:
+    from blendsign.cli import main
+
+    make_study(tmp_path / "src", ct_writer)
+    assert main(["ingest", str(tmp_path / "src"), str(tmp_path / "out"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "out" / "ingest_report.json").read_text())["slices_written"] == 5
+    assert main(["ingest", str(tmp_path / "nowhere"), str(tmp_path / "out2"), "--no-progress"]) == 2
+    heavy = "('torch', 'mlflow', 'kfp', 'pyarrow')"
+    code = f"import sys, blendsign.cli; print(sorted(m for m in {heavy} if m in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
