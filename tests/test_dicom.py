@@ -85,3 +85,43 @@ def test_read_header_reasons(tmp_path) -> None:
         read_header(tmp_path / "empty")
     with pytest.raises(UnusableFileError, match="not a DICOM file"):
         read_header(tmp_path / "text.dcm")
+
+
+# --- the direct read of uncompressed pixels must equal pydicom's decode ------------------------------
+
+
+def _pydicom_hu(path) -> np.ndarray:
+    import pydicom
+    from pydicom.pixels import apply_rescale
+
+    ds = pydicom.dcmread(path)
+    return apply_rescale(ds.pixel_array, ds)
+
+
+@pytest.mark.parametrize(("name", "direct"), [("CT_small.dcm", True), ("693_UNCI.dcm", True),
+                                              ("693_UNCR.dcm", True), ("J2K_pixelrep_mismatch.dcm", False),
+                                              ("693_J2KI.dcm", False)])
+def test_read_hu_matches_pydicom_on_real_files(name: str, direct: bool) -> None:
+    from blendsign.dicom import read_hu
+
+    path = real_file(name)
+    fmt = read_header(path).pixels
+    assert fmt.direct is direct
+    np.testing.assert_array_equal(read_hu(path, fmt), _pydicom_hu(path))
+
+
+@pytest.mark.parametrize(("pixel_representation", "bits_stored", "intercept"), [(0, 12, -1024), (1, 12, 0), (1, 16, 0)])
+def test_read_hu_handles_unused_high_bits_like_pydicom(tmp_path, pixel_representation, bits_stored, intercept) -> None:
+    """Garbage above BitsStored: pydicom masks (unsigned) or sign-extends (signed); so must we."""
+    from blendsign.dicom import read_hu
+    from tests.conftest import write_ct
+
+    rng = np.random.default_rng(1)
+    raw = rng.integers(0, 65536, size=(8, 6)).astype(np.uint16)  # every bit pattern, high bits included
+    path = tmp_path / "x.dcm"
+    write_ct(path, np.zeros((8, 6), np.int16), study="1.2", series="1.2.1", BitsStored=bits_stored,
+             HighBit=bits_stored - 1, PixelRepresentation=pixel_representation, RescaleIntercept=intercept,
+             PixelData=raw.tobytes())
+    fmt = read_header(path).pixels
+    assert fmt.direct
+    np.testing.assert_array_equal(read_hu(path, fmt), _pydicom_hu(path))

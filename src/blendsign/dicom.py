@@ -10,11 +10,13 @@ import math
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
@@ -22,6 +24,44 @@ ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 
 class UnusableFileError(Exception):
     """A file that cannot be used; the message is the reason reported for it (no identifiers)."""
+
+
+HEADER_TAGS = [
+    "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "PatientID", "Modality", "ImageType",
+    "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "SliceThickness", "Rows", "Columns",
+    "NumberOfFrames", "ContrastBolusAgent", "PatientAge", "PatientBirthDate", "StudyDate", "SeriesNumber",
+    "InstanceNumber", "BitsAllocated", "BitsStored", "PixelRepresentation", "SamplesPerPixel",
+    "RescaleSlope", "RescaleIntercept",
+]  # fmt: skip
+PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
+NATIVE_LITTLE_ENDIAN = {ExplicitVRLittleEndian: 12, ImplicitVRLittleEndian: 8}  # element header bytes
+
+
+@dataclass(frozen=True)
+class PixelFormat:
+    """How a slice's pixels are stored, and where (``offset`` of the Pixel Data element, if known)."""
+
+    transfer_syntax_uid: str
+    rows: int
+    cols: int
+    bits_allocated: int
+    bits_stored: int
+    pixel_representation: int
+    samples: int
+    slope: float
+    intercept: float
+    offset: int | None
+
+    @property
+    def direct(self) -> bool:
+        """Uncompressed 16-bit grey little-endian data at a known offset: read without pydicom."""
+        return (
+            self.offset is not None
+            and self.transfer_syntax_uid in NATIVE_LITTLE_ENDIAN
+            and self.bits_allocated == 16
+            and 1 <= self.bits_stored <= 16
+            and self.samples == 1
+        )
 
 
 @dataclass(frozen=True)
@@ -47,6 +87,7 @@ class SliceHeader:
     series_number: int | None
     instance_number: int | None
     transfer_syntax: str
+    pixels: PixelFormat
 
     @property
     def is_localizer(self) -> bool:
@@ -54,23 +95,34 @@ class SliceHeader:
 
 
 def read_header(path: str | Path) -> SliceHeader:
-    """Read one file's header (no pixel data). Raises ``UnusableFileError`` with a reason."""
+    """Read one file's header (no pixel data) and where its pixel data starts.
+
+    Raises ``UnusableFileError`` with a reason.
+    """
     path = str(path)
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-    except InvalidDicomError:
-        ds = _read_forced(path)
+        with open(path, "rb") as fp:
+            try:
+                ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=HEADER_TAGS)
+            except InvalidDicomError:
+                fp.seek(0)
+                ds = _read_forced(fp, path)
+            offset = fp.tell() if fp.read(4) == PIXEL_DATA_TAG else None
+    except UnusableFileError:
+        raise
+    except OSError as exc:
+        raise UnusableFileError(f"cannot read file ({exc.strerror})") from None
     except Exception as exc:  # pydicom raises many types on truncated/corrupt input
         raise UnusableFileError(f"unreadable DICOM header ({type(exc).__name__}: {exc})") from None
-    return header_from_dataset(ds, path)
+    return header_from_dataset(ds, path, None if offset is None else offset - 4)
 
 
-def _read_forced(path: str) -> Dataset:
+def _read_forced(fp: BinaryIO, path: str) -> Dataset:
     """Files without the 128-byte preamble are still DICOM if a forced read finds an image's UIDs."""
     if Path(path).stat().st_size == 0:
         raise UnusableFileError("empty file")
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True, specific_tags=HEADER_TAGS)
     except Exception:
         raise UnusableFileError("not a DICOM file") from None
     if "SOPInstanceUID" not in ds or "StudyInstanceUID" not in ds:
@@ -78,13 +130,14 @@ def _read_forced(path: str) -> Dataset:
     return ds
 
 
-def header_from_dataset(ds: Dataset, path: str) -> SliceHeader:
+def header_from_dataset(ds: Dataset, path: str, pixel_offset: int | None = None) -> SliceHeader:
     """Extract a ``SliceHeader``; raises ``UnusableFileError`` when required tags are missing."""
     try:
         missing = [t for t in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID") if not ds.get(t)]
         if missing:
             raise UnusableFileError(f"missing required tag(s) {', '.join(missing)} (truncated or incomplete header?)")
         ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
         return SliceHeader(
             path=path,
             study_uid=str(ds.StudyInstanceUID),
@@ -97,8 +150,8 @@ def header_from_dataset(ds: Dataset, path: str) -> SliceHeader:
             position=_floats(ds.get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
             pixel_spacing=_floats(ds.get("PixelSpacing"), 2),  # type: ignore[arg-type]
             slice_thickness=_float_or_none(ds.get("SliceThickness")),
-            rows=int(ds.get("Rows", 0) or 0),
-            cols=int(ds.get("Columns", 0) or 0),
+            rows=rows,
+            cols=cols,
             frames=int(ds.get("NumberOfFrames", 1) or 1),
             contrast=bool(str(ds.get("ContrastBolusAgent", "") or "").strip()),
             age_years=age_in_years(
@@ -109,6 +162,18 @@ def header_from_dataset(ds: Dataset, path: str) -> SliceHeader:
             series_number=_int_or_none(ds.get("SeriesNumber")),
             instance_number=_int_or_none(ds.get("InstanceNumber")),
             transfer_syntax=ts.name if ts is not None else "unknown",
+            pixels=PixelFormat(
+                transfer_syntax_uid=str(ts or ""),
+                rows=rows,
+                cols=cols,
+                bits_allocated=int(ds.get("BitsAllocated", 0) or 0),
+                bits_stored=int(ds.get("BitsStored", 0) or 0),
+                pixel_representation=int(ds.get("PixelRepresentation", 0) or 0),
+                samples=int(ds.get("SamplesPerPixel", 1) or 1),
+                slope=float(ds.get("RescaleSlope", 1) or 1),
+                intercept=float(ds.get("RescaleIntercept", 0) or 0),
+                offset=pixel_offset,
+            ),
         )
     except UnusableFileError:
         raise
@@ -207,23 +272,56 @@ def to_hu(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:
     Exact for the integer slope/intercept of CT; other values are rounded to the nearest HU.
     Raises ``UnusableFileError`` when the result does not fit int16.
     """
-    if float(slope).is_integer() and float(intercept).is_integer():
-        hu = stored.astype(np.int32, copy=False) * int(slope) + int(intercept)
+    lo, hi = int(stored.min()), int(stored.max())
+    if float(slope) == 1.0 and float(intercept).is_integer():
+        b = int(intercept)
+        lo, hi = lo + b, hi + b
+        fits = lo >= -32768 and hi <= 32767
+        if fits and (stored.dtype == np.int16 or (stored.dtype == np.uint16 and hi - b < 32768)):
+            base = stored.view(np.int16)  # exact: every stored value is < 2^15
+            return base + np.int16(b) if b else base.copy()
+        hu = stored.astype(np.int32) + b
     else:
         hu = np.rint(stored.astype(np.float64) * slope + intercept)
-    lo, hi = int(hu.min()), int(hu.max())
+        lo, hi = int(hu.min()), int(hu.max())
     if lo < -32768 or hi > 32767:
         raise UnusableFileError(f"HU range [{lo}, {hi}] does not fit int16")
     return hu.astype(np.int16)
 
 
-def read_hu(path: str | Path) -> np.ndarray:
-    """Decode one single-frame slice and return its HU as int16 ``[rows, cols]``."""
+def read_hu(path: str | Path, fmt: PixelFormat | None = None) -> np.ndarray:
+    """Decode one single-frame slice and return its HU as int16 ``[rows, cols]``.
+
+    Uncompressed little-endian data (``fmt.direct``) is read straight from its offset, with pydicom's
+    unused-bit correction; everything else goes through pydicom's decoders.
+    """
+    if fmt is not None and fmt.direct:
+        return to_hu(_read_native(str(path), fmt), fmt.slope, fmt.intercept)
     try:
         ds = pydicom.dcmread(str(path))
     except Exception as exc:
         raise UnusableFileError(f"unreadable DICOM ({type(exc).__name__}: {exc})") from None
     return hu_from_dataset(ds)
+
+
+def _read_native(path: str, fmt: PixelFormat) -> np.ndarray:
+    """Stored values ``[rows, cols]`` of an uncompressed 16-bit slice, as pydicom's ``pixel_array`` gives them."""
+    head_len = NATIVE_LITTLE_ENDIAN[fmt.transfer_syntax_uid]
+    expected = fmt.rows * fmt.cols * 2
+    with open(path, "rb") as f:
+        f.seek(fmt.offset)  # type: ignore[arg-type]
+        head = f.read(head_len)
+        length = int.from_bytes(head[-4:], "little") if len(head) == head_len else 0
+        if head[:4] != PIXEL_DATA_TAG or length == 0xFFFFFFFF or length < expected:
+            raise UnusableFileError(f"pixel data cannot be decoded (element of {length} bytes, need {expected})")
+        buf = f.read(expected)
+    if len(buf) < expected:
+        raise UnusableFileError(f"pixel data cannot be decoded (truncated: {len(buf)} of {expected} bytes)")
+    arr = np.frombuffer(buf, dtype="<i2" if fmt.pixel_representation else "<u2").reshape(fmt.rows, fmt.cols)
+    shift = 16 - fmt.bits_stored
+    if shift:  # pydicom's correct_unused_bits: mask (unsigned) or sign-extend (signed) above BitsStored
+        arr = np.right_shift(np.left_shift(arr, shift), shift)
+    return arr
 
 
 def hu_from_dataset(ds: Dataset) -> np.ndarray:

@@ -5,7 +5,7 @@ non-contrast axial series, age < 7) → scans used. One scan per study: its non-
 
 Output (``OUT``):
     slices/<scan_id>.parquet   one file per scan, one row (and row group) per slice, z order
-    manifest.json              per-scan file, slice count and sha256; the dataset fingerprint
+    manifest.json              per-scan file, slice count and source digest; the dataset fingerprint
     ingest_report.json         counts, exclusions, quarantined files with reasons (no identifiers)
     ingest_report.md           the same as a flow chart for people
 
@@ -36,7 +36,16 @@ from tqdm import tqdm
 
 from blendsign.config import IngestConfig
 from blendsign.deid import Pseudonymizer, load_or_create_key
-from blendsign.dicom import SliceHeader, UnusableFileError, is_axial, read_header, read_hu, slice_normal, z_position
+from blendsign.dicom import (
+    PixelFormat,
+    SliceHeader,
+    UnusableFileError,
+    is_axial,
+    read_header,
+    read_hu,
+    slice_normal,
+    z_position,
+)
 from blendsign.storage import atomic_path, remove_stale_temporaries, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -73,6 +82,7 @@ class SliceSource:
     pixel_spacing: tuple[float, float] | None
     slice_thickness: float | None
     transfer_syntax: str
+    pixels: PixelFormat
 
 
 @dataclass(frozen=True)
@@ -93,7 +103,7 @@ class ScanTask:
 class ScanOutcome:
     scan_id: str
     slices: int
-    sha256: str | None
+    digest: str  # the scan's source digest: same source files, key and settings ⇒ same Parquet file
     reused: bool
     quarantined: tuple[tuple[str, str], ...]  # (absolute path, reason)
 
@@ -300,6 +310,7 @@ def _scan_task(
                 pixel_spacing=h.pixel_spacing,  # type: ignore[arg-type]
                 slice_thickness=h.slice_thickness,
                 transfer_syntax=h.transfer_syntax,
+                pixels=h.pixels,
             )
             for h in images
         ),
@@ -352,24 +363,16 @@ def _existing_digest(path: str) -> str | None:
     return meta.get(b"blendsign.source_digest", b"").decode() or None
 
 
-def _sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_scan(task: ScanTask) -> ScanOutcome:
     """Decode a scan's slices to HU and write its Parquet file atomically (skipped if up to date)."""
     if _existing_digest(task.out_path) == task.source_digest:
         n = pq.read_metadata(task.out_path).num_rows
-        return ScanOutcome(task.scan_id, n, _sha256(task.out_path), True, ())
+        return ScanOutcome(task.scan_id, n, task.source_digest, True, ())
     quarantined: list[tuple[str, str]] = []
     kept: list[tuple[SliceSource, bytes]] = []
     for s in task.slices:
         try:
-            hu = read_hu(s.path)
+            hu = read_hu(s.path, s.pixels)
             if hu.shape != (s.rows, s.cols):
                 raise UnusableFileError(f"pixel array {hu.shape} does not match Rows/Columns {(s.rows, s.cols)}")
         except UnusableFileError as exc:
@@ -381,7 +384,7 @@ def write_scan(task: ScanTask) -> ScanOutcome:
         kept.append((s, hu.astype("<i2", copy=False).tobytes()))
     if not kept:
         Path(task.out_path).unlink(missing_ok=True)
-        return ScanOutcome(task.scan_id, 0, None, False, tuple(quarantined))
+        return ScanOutcome(task.scan_id, 0, task.source_digest, False, tuple(quarantined))
     n = len(kept)
     table = pa.table(
         {
@@ -412,8 +415,7 @@ def write_scan(task: ScanTask) -> ScanOutcome:
             use_dictionary=["scan_id", "patient_key", "transfer_syntax"],
             write_statistics=[f for f in SLICE_SCHEMA.names if f != "hu"],
         )
-        sha = _sha256(tmp)
-    return ScanOutcome(task.scan_id, n, sha, False, tuple(quarantined))
+    return ScanOutcome(task.scan_id, n, task.source_digest, False, tuple(quarantined))
 
 
 # --- orchestration -----------------------------------------------------------------------------------
@@ -575,7 +577,7 @@ def _report(
 
 def _manifest(outcomes: list[ScanOutcome]) -> dict[str, Any]:
     scans = sorted(({"scan_id": o.scan_id, "file": f"slices/{o.scan_id}.parquet", "slices": o.slices,
-                     "sha256": o.sha256} for o in outcomes), key=lambda d: d["scan_id"])
+                     "source_digest": o.digest} for o in outcomes), key=lambda d: d["scan_id"])
     fingerprint = hashlib.sha256(json.dumps(scans, sort_keys=True).encode()).hexdigest()
     return {"format": FORMAT_VERSION, "scans": scans, "dataset_fingerprint": fingerprint}
 

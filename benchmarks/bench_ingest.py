@@ -1,0 +1,98 @@
+"""Ingest throughput against a decode-only loop over the same files, 1 and 2 workers, in one run.
+
+    python benchmarks/bench_ingest.py [--scans 30] [--size 512] [--repeats 2]
+
+Decode-only = ``pydicom.dcmread`` + ``pixel_array`` of every slice that ingestion writes, nothing else.
+Ingest = the whole stage (header pass over every file in the source, series selection, exclusions, HU,
+ordering, pseudonyms, Parquet writes, reports) into a fresh folder. Both see a warm page cache.
+Rates are slices written per second; the last line is ``ratio=<ingest / decode-only, 1 worker>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import pydicom
+
+from blendsign.config import IngestConfig, SynthConfig
+from blendsign.deid import Pseudonymizer
+from blendsign.ingest import ingest, plan_ingest, read_clinical, read_headers
+from blendsign.synth import synthesize
+
+
+def decode(paths: list[str]) -> int:
+    for p in paths:
+        _ = pydicom.dcmread(p).pixel_array
+    return len(paths)
+
+
+def decode_only(paths: list[str], workers: int) -> float:
+    t0 = time.perf_counter()
+    if workers == 1:
+        decode(paths)
+    else:
+        chunks = [paths[i::workers] for i in range(workers)]
+        with ProcessPoolExecutor(workers) as pool:
+            sum(pool.map(decode, chunks))
+    return time.perf_counter() - t0
+
+
+def run_ingest(source: Path, clinical: Path, work: Path, workers: int) -> tuple[float, int]:
+    out = work / f"ingest-{workers}"
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    report = ingest(source, out, replace(IngestConfig(), workers=workers), clinical_csv=clinical, progress=False).report
+    return time.perf_counter() - t0, report["slices_written"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scans", type=int, default=30)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=2, help="best of N for every measurement")
+    args = ap.parse_args()
+    os.environ.setdefault("BLENDSIGN_PSEUDONYM_KEY", "benchmark-key-not-secret-0123456789")
+
+    with tempfile.TemporaryDirectory(prefix="bench_ingest_") as tmp:
+        work = Path(tmp)
+        t0 = time.perf_counter()
+        synthesize(work / "cohort", replace(SynthConfig(), scans=args.scans, size=args.size), progress=False)
+        source, clinical = work / "cohort" / "dicom", work / "cohort" / "clinical.csv"
+        files = sorted(str(p) for p in source.rglob("*") if p.is_file())
+        print(f"cohort: {args.scans} scans at {args.size}x{args.size}, {len(files)} files "
+              f"(synthesised in {time.perf_counter() - t0:.1f} s)")
+        for f in files:  # warm the page cache for both contestants
+            Path(f).read_bytes()
+        # the slices ingestion writes, found the way ingestion finds them (not timed)
+        headers, _ = read_headers(files)
+        plan = plan_ingest(headers, read_clinical(clinical), IngestConfig(),
+                           Pseudonymizer(os.environ["BLENDSIGN_PSEUDONYM_KEY"].encode()), work / "x", source)
+        slices = [s.path for t in plan.tasks for s in t.slices]
+
+        rates: dict[tuple[str, int], float] = {}
+        for workers in (1, 2):
+            best_dec = min(decode_only(slices, workers) for _ in range(args.repeats))
+            runs = [run_ingest(source, clinical, work, workers) for _ in range(args.repeats)]
+            best_ing, written = min(runs)
+            assert written == len(slices), (written, len(slices))
+            rates["decode", workers] = len(slices) / best_dec
+            rates["ingest", workers] = written / best_ing
+
+        print(f"{'':14}{'1 worker':>12}{'2 workers':>12}{'scaling':>10}")
+        for name in ("decode", "ingest"):
+            r1, r2 = rates[name, 1], rates[name, 2]
+            print(f"{name + ' slices/s':14}{r1:12.1f}{r2:12.1f}{r2 / r1:9.2f}x")
+        print(f"ingest/decode ratio: 1 worker {rates['ingest', 1] / rates['decode', 1]:.3f}, "
+              f"2 workers {rates['ingest', 2] / rates['decode', 2]:.3f}")
+        print(f"ratio={rates['ingest', 1] / rates['decode', 1]:.3f}")
+
+
+if __name__ == "__main__":
+    main()
