@@ -8,7 +8,9 @@ object is logged to MLflow and stored in checkpoints (``to_dict`` / ``from_dict`
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
 from typing import Any
 
 
@@ -16,13 +18,36 @@ from typing import Any
 class SynthConfig:
     """Synthetic head-CT cohort (``blendsign synth``)."""
 
-    scans: int = 40  # studies to generate (a few extra are made to be excluded)
+    scans: int = 40  # usable scans to generate; the excluded_* studies below come on top
     size: int = 512  # rows = cols of each slice (paper §Data pre-processing: 512×512 model input)
     slices_per_scan: tuple[int, int] = (8, 12)  # paper: 13,276 slices / 1,614 scans ≈ 8.2 per scan
     slice_thickness_mm: float = 5.0  # routine head CT reconstruction
     class_ratio: tuple[float, float, float] = (22.0, 9.0, 1.0)  # non_ich:normal_ich:blend_sign (paper: ≈22:9:1)
     rle_share: float = 0.15  # share of series written RLE Lossless compressed
     seed: int = 0
+    # Hemorrhage planning (engineering choices; the per-scan probabilities are derived from class_ratio).
+    ich_span_share: float = 0.6  # mean share of a hemorrhage scan's slices that show blood
+    blend_core_share: float = 0.5  # mean share of a blend hematoma's slices showing the sign (rest: its edges)
+    second_lesion_share: float = 0.35  # share of hemorrhage scans with a second hemorrhage type
+    mimic_share: float = 0.2  # share of non-blend IPH drawn heterogeneous without a sharp margin (mimic)
+    noise_hu: float = 4.0  # image noise SD in soft tissue (routine head CT: 3–5 HU)
+    # Cohort structure.
+    followup_share: float = 0.15  # share of patients with a second (follow-up) study
+    contrast_share: float = 0.2  # share of studies that also have a contrast-enhanced axial series
+    reformat_share: float = 0.3  # share of studies that also have a coronal reformat
+    excluded_age: int = 1  # extra studies of a patient younger than 7 (paper §Data collection: excluded)
+    excluded_contrast_only: int = 1  # extra studies with only a contrast-enhanced series (excluded)
+    excluded_postoperative: int = 1  # extra studies of postoperative patients (excluded via clinical.csv)
+    # Scanner variation per series.
+    unsigned_share: float = 0.5  # share of series stored unsigned 12-bit, intercept −1024 (rest: signed 16-bit)
+    descending_share: float = 0.5  # share of series acquired top-down (ImagePositionPatient z descending)
+    shuffled_share: float = 0.3  # share of series whose InstanceNumber is not in z order
+    no_extension_share: float = 0.2  # share of series whose files have no .dcm extension
+    # Simulated readers (paper §Data collection: three radiologists label every slice).
+    reader_years: tuple[int, int, int] = (6, 11, 15)  # experience; error rate ∝ 1/years
+    reader_kappa: tuple[float, float] = (0.90, 0.80)  # target Fleiss κ for non-ICH, blend sign (paper Table 2)
+    reader_box_jitter: float = 0.05  # SD of each box edge as a share of the box side (average reader)
+    reader_miss_area_mm2: float = 60.0  # regions of about this area or smaller are sometimes not boxed
 
 
 @dataclass(frozen=True)
@@ -118,7 +143,25 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 
 
 def load_preset(name: str) -> Config:
-    """The ``paper`` defaults with the named preset's overrides applied."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return replace(override(Config(), **PRESETS[name]), preset=name)
+    """The ``paper`` defaults with the named preset's overrides applied.
+
+    ``name`` is a preset (``paper``, ``demo``, ``ci``) or the path of a TOML file holding
+    ``preset = "<base preset>"`` and ``[section]`` tables of overrides (see ``configs/``).
+    """
+    if name in PRESETS:
+        return replace(override(Config(), **PRESETS[name]), preset=name)
+    path = Path(name)
+    if path.suffix != ".toml":
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)} or a .toml file")
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found")
+    data = tomllib.loads(path.read_text())
+    base = data.pop("preset", "paper")
+    if base not in PRESETS:
+        raise ValueError(f"{path}: preset must be one of {sorted(PRESETS)}, got {base!r}")
+    merged = load_preset(base).to_dict()
+    for section, values in data.items():
+        if not isinstance(values, dict) or not isinstance(merged.get(section), dict):
+            raise ValueError(f"{path}: [{section}] is not a config section")
+        merged[section] = {**merged[section], **values}
+    return replace(Config.from_dict(merged), preset=f"{base}+{path.stem}")
