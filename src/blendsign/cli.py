@@ -91,9 +91,71 @@ def _run_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- import-annotations / fuse / folds ---------------------------------------------------------------
+
+
+def _add_import_annotations(sub: argparse._SubParsersAction) -> None:
+    p = _stage(sub, "import-annotations", help="convert RSNA ICH or BHX labels to the native annotation CSV")
+    p.add_argument("--format", dest="fmt", required=True, choices=["rsna", "bhx"],
+                   help="rsna: stage_2_train.csv (ID,Label); bhx: bounding-box CSV")
+    p.add_argument("src", type=Path, help="the dataset's label CSV")
+    p.add_argument("out_csv", type=Path, help="native annotation CSV to write")
+    p.set_defaults(func=_run_import_annotations)
+
+
+def _run_import_annotations(args: argparse.Namespace) -> int:
+    from blendsign.labels import import_annotations
+
+    print(import_annotations(args.fmt, args.src, args.out_csv).summary())
+    return 0
+
+
+def _add_fuse(sub: argparse._SubParsersAction) -> None:
+    p = _stage(sub, "fuse", help="readers' annotations + ingest → gold labels, fused boxes, Fleiss' κ")
+    p.add_argument("annotations", type=Path, help="native annotation CSV (one row per reader, slice, box)")
+    p.add_argument("ingest_dir", type=Path, help="output folder of `blendsign ingest`")
+    p.add_argument("out", type=Path, help="output folder (labels.parquet, agreement.json, agreement.md)")
+    p.add_argument("--box-match-iou", type=float, default=None, help="IoU for readers' boxes to match (0.5)")
+    p.set_defaults(func=_run_fuse)
+
+
+def _run_fuse(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from blendsign.labels import fuse
+
+    cfg = _config(args).labels
+    if args.box_match_iou is not None:
+        cfg = replace(cfg, box_match_iou=args.box_match_iou)
+    print(fuse(args.annotations, args.ingest_dir, args.out, cfg).summary())
+    return 0
+
+
+def _add_folds(sub: argparse._SubParsersAction) -> None:
+    p = _stage(sub, "folds", help="patient-level stratified cross-validation folds")
+    p.add_argument("labels_dir", type=Path, help="output folder of `blendsign fuse` (labels.parquet)")
+    p.add_argument("out", type=Path, help="output folder (folds.parquet, folds.json, folds.md)")
+    p.add_argument("--k", type=int, default=None, help="number of folds (default 5)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (same seed, same folds)")
+    p.set_defaults(func=_run_folds)
+
+
+def _run_folds(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from blendsign.folds import make_folds
+
+    cfg = _config(args).folds
+    changes = {k: v for k, v in {"k": args.k, "seed": args.seed}.items() if v is not None}
+    print(make_folds(args.labels_dir, args.out, replace(cfg, **changes)).summary())
+    return 0
+
+
 # --- entry point -------------------------------------------------------------------------------------
 
-_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_synth, _add_ingest]
+_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_synth, _add_ingest, _add_import_annotations, _add_fuse, _add_folds,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
