@@ -79,6 +79,64 @@ class FoldConfig:
 
 
 @dataclass(frozen=True)
+class DataConfig:
+    """Slices → model input (one definition for training, evaluation and serving)."""
+
+    size: int = 512  # paper §Data pre-processing: every slice resized to 512×512
+    # (WL, WW) per channel, paper §Data pre-processing: tissue → R, brain → G, blood → B
+    windows: tuple[tuple[float, float], ...] = ((40.0, 40.0), (50.0, 100.0), (60.0, 40.0))
+    augment: bool = True  # paper §Data augmentation: random flip, shift, rotation, scaling per slice
+    hflip_p: float = 0.5  # left-right flip probability (paper gives none: an even coin)
+    max_rotation_deg: float = 10.0  # paper §Data augmentation: rotations up to 10°
+    max_shift: float = 0.1  # LR/UD shift as a fraction of the size (paper gives no value)
+    scale_range: tuple[float, float] = (0.9, 1.1)  # paper §Data augmentation: scaling 0.9–1.1
+    workers: int = 2  # data-loader worker processes (persistent)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Backbone + classification branch + detection branch (paper §Overview, Figure 4)."""
+
+    backbone: str = "resnet50"  # paper Table 3 (ResNet-50); Table 4 also vgg16, inception_v3; resnet18 for quick runs
+    weights: str = "imagenet"  # "imagenet" (torch cache or file), "none" (random init), or a state-dict path
+    num_classes: int = 3  # non_ich, normal_ich, blend_sign
+    det_channels: int = 256  # width of the detection branch's first conv (paper: "two convolutional layers")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Total = L_cls + λ1·L_det + λ2·L_kd (paper §Optimization; our reading of its missing formula)."""
+
+    class_weights: tuple[float, float, float] = (1.0, 2.0, 20.0)  # paper §Classification branch: w = 1, 2, 20
+    use_cls: bool = True  # the weighted cross-entropy term (WCE)
+    use_det: bool = True  # the auxiliary detection task (AT); off for the WCE-only ablation
+    lambda_det: float = 1.0  # λ1, paper §Optimization
+    lambda_kd: float = 10.0  # λ2, paper §Optimization (distillation rounds only)
+    kd_temperature: float = 1.0  # softmax temperature of teacher and student in L_kd (T² scaling when ≠ 1)
+    focal_alpha: float = 2.0  # CenterNet focal exponent on the center heatmap (Duan et al. 2019)
+    focal_beta: float = 4.0  # CenterNet penalty reduction near Gaussian-rendered centers
+    gaussian_min_overlap: float = 0.7  # CenterNet radius: IoU a box shifted by the radius keeps
+    box_loss_weight: float = 1.0  # weight of the smooth-L1 box term inside L_det
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation (paper §Training details)."""
+
+    epochs: int = 50  # paper: 50 epochs
+    batch_size: int = 16  # paper: mini-batch 16
+    lr: float = 0.01  # paper: base learning rate 0.01
+    momentum: float = 0.9  # paper: SGD momentum 0.9
+    weight_decay: float = 5e-4  # paper: weight decay 0.0005
+    poly_power: float = 0.9  # paper: "poly" decay lr·(1 − iter/max_iter)^0.9, per iteration
+    amp: bool = True  # mixed precision (CUDA only)
+    channels_last: bool = True  # memory format (CUDA only)
+    seed: int = 0
+    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:N"
+    select_metric: str = "auc_blend_sign"  # validation metric that picks the best epoch's checkpoint
+
+
+@dataclass(frozen=True)
 class Config:
     """Top-level configuration: one section per stage."""
 
@@ -87,6 +145,10 @@ class Config:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     labels: LabelConfig = field(default_factory=LabelConfig)
     folds: FoldConfig = field(default_factory=FoldConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -116,11 +178,16 @@ def _build(cls: Any, data: dict[str, Any]) -> Any:
         default = getattr(cls(), name)
         if is_dataclass(default) and isinstance(value, dict):
             kwargs[name] = _build(type(default), value)
-        elif isinstance(default, tuple) and isinstance(value, list):
-            kwargs[name] = tuple(value)
+        elif isinstance(default, tuple) and isinstance(value, list | tuple):
+            kwargs[name] = _tuples(value)
         else:
             kwargs[name] = value
     return cls(**kwargs)
+
+
+def _tuples(value: Any) -> Any:
+    """JSON/TOML lists back to the (nested) tuples the dataclasses hold."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list | tuple) else value
 
 
 def override(cfg: Config, **sections: dict[str, Any]) -> Config:
@@ -135,10 +202,20 @@ def override(cfg: Config, **sections: dict[str, Any]) -> Config:
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # The paper's values: every default above.
     "paper": {},
-    # Minutes on a 2-core CPU: smaller images and cohort.
-    "demo": {"synth": {"scans": 24, "size": 128}},
+    # Minutes on a 2-core CPU: smaller images, cohort and network, random init, few epochs.
+    "demo": {
+        "synth": {"scans": 24, "size": 128},
+        "data": {"size": 128},
+        "model": {"backbone": "resnet18", "weights": "none"},
+        "train": {"epochs": 4},
+    },
     # Seconds: the test suite.
-    "ci": {"synth": {"scans": 10, "size": 64, "slices_per_scan": (6, 8)}},
+    "ci": {
+        "synth": {"scans": 10, "size": 64, "slices_per_scan": (6, 8)},
+        "data": {"size": 64, "workers": 0},
+        "model": {"backbone": "resnet18", "weights": "none", "det_channels": 32},
+        "train": {"epochs": 2, "batch_size": 8},
+    },
 }
 
 
