@@ -1,0 +1,132 @@
+"""The only module that talks to MLflow: an explicit client, no global experiment or active run.
+
+``MLFLOW_TRACKING_URI`` is respected; without it the store is SQLite in ``.blendsign/mlflow.db`` with
+artifacts in ``.blendsign/mlartifacts``, both inside the working directory, created on first use.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+LOCAL_DIR = Path(".blendsign")
+
+
+def tracking_uri() -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    LOCAL_DIR.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(LOCAL_DIR / 'mlflow.db').resolve()}"
+
+
+def git_commit() -> str:
+    """The source tree's commit (``unknown`` outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@dataclass
+class Run:
+    """One MLflow run, written through an explicit client."""
+
+    client: Any  # mlflow.MlflowClient
+    run_id: str
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 500])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status)
+
+
+@dataclass
+class Tracker:
+    """An MLflow store and experiment; runs are opened explicitly with ``run``."""
+
+    client: Any
+    experiment_id: str
+    uri: str
+
+    @classmethod
+    def open(cls, experiment: str = "blendsign", uri: str | None = None) -> Tracker:
+        from mlflow import MlflowClient
+
+        uri = uri or tracking_uri()
+        client = MlflowClient(tracking_uri=uri)
+        exp = client.get_experiment_by_name(experiment)
+        if exp is not None:
+            exp_id = exp.experiment_id
+        else:
+            location = None
+            if uri.startswith("sqlite:") and not os.environ.get("MLFLOW_ARTIFACT_ROOT"):
+                root = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts"
+                location = root.resolve().as_uri()
+            exp_id = client.create_experiment(experiment, artifact_location=location)
+        log.info("MLflow: %s, experiment %r", uri, experiment)
+        return cls(client, exp_id, uri)
+
+    @contextmanager
+    def run(
+        self,
+        name: str,
+        *,
+        tags: Mapping[str, Any] | None = None,
+        parent_run_id: str | None = None,
+        run_id: str | None = None,
+    ) -> Iterator[Run]:
+        """Open (or, with ``run_id``, resume) a run; it ends FINISHED, or FAILED on an exception."""
+        all_tags = {"git_commit": git_commit(), **(tags or {})}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        if run_id is None:
+            created = self.client.create_run(self.experiment_id, run_name=name,
+                                             tags={k: str(v) for k, v in all_tags.items()})
+            run = Run(self.client, created.info.run_id)
+        else:
+            run = Run(self.client, run_id)
+            self.client.update_run(run_id, status="RUNNING")
+        try:
+            yield run
+        except BaseException:
+            run.end("FAILED")
+            raise
+        run.end("FINISHED")
+
+
+def finite(metrics: Mapping[str, float]) -> dict[str, float]:
+    """Drop NaN/inf values (e.g. AUC of a class absent from a fold) before logging."""
+    return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}

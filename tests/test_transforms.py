@@ -1,0 +1,58 @@
+"""blendsign.transforms: windows against closed-form values, resize, augmentations keep boxes on the lesion."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from blendsign.config import DataConfig
+from blendsign.transforms import Augment, preprocess, scale_boxes, window
+
+PAPER = DataConfig()
+
+
+def test_paper_windows_closed_form() -> None:
+    hu = torch.tensor([[-1000, 20, 40, 60], [70, 80, 100, 2000]], dtype=torch.int16)
+    x = window(hu, PAPER.windows)
+    assert x.shape == (3, 2, 4) and x.dtype == torch.float32
+    # tissue 40/40 → [20, 60]; brain 50/100 → [0, 100]; blood 60/40 → [40, 80]
+    torch.testing.assert_close(x[0], torch.tensor([[0, 0, 0.5, 1], [1, 1, 1, 1.0]]))
+    torch.testing.assert_close(x[1], torch.tensor([[0, 0.2, 0.4, 0.6], [0.7, 0.8, 1, 1.0]]))
+    torch.testing.assert_close(x[2], torch.tensor([[0, 0, 0, 0.5], [0.75, 1, 1, 1.0]]))
+
+
+def test_preprocess_resizes_and_stays_in_unit_range() -> None:
+    hu = torch.randint(-1000, 1500, (96, 80), dtype=torch.int16)
+    x = preprocess(hu, replace(PAPER, size=64))
+    assert x.shape == (3, 64, 64) and float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+    same = preprocess(hu[:64, :64], replace(PAPER, size=64))
+    torch.testing.assert_close(same, window(hu[:64, :64], PAPER.windows))  # native size: no resampling
+
+
+def test_scale_boxes() -> None:
+    boxes = torch.tensor([[10.0, 20.0, 30.0, 60.0]])
+    torch.testing.assert_close(scale_boxes(boxes, rows=200, cols=100, size=50),
+                               torch.tensor([[5.0, 5.0, 15.0, 15.0]]))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_augment_moves_boxes_with_the_image(seed: int) -> None:
+    """A bright square and its box: after any augmentation the box still frames the bright pixels."""
+    img = torch.zeros(3, 64, 64)
+    img[:, 20:30, 36:48] = 1.0  # rows 20-29, cols 36-47 → box x 36..48, y 20..30
+    box = torch.tensor([[36.0, 20.0, 48.0, 30.0]])
+    torch.manual_seed(seed)
+    out, out_box = Augment(PAPER)(img, box)
+    assert out.shape == img.shape and out_box.shape == (1, 4)
+    ys, xs = torch.nonzero(out[0] > 0.5, as_tuple=True)
+    x0, y0, x1, y1 = out_box[0].tolist()
+    assert x0 - 2 <= xs.min() and xs.max() + 1 <= x1 + 2 and y0 - 2 <= ys.min() and ys.max() + 1 <= y1 + 2
+
+
+def test_augment_drops_boxes_pushed_out_of_the_image() -> None:
+    cfg = replace(PAPER, hflip_p=0.0, max_rotation_deg=0.0, max_shift=0.0, scale_range=(1.0, 1.0))
+    img, box = torch.zeros(3, 32, 32), torch.tensor([[40.0, 40.0, 50.0, 50.0]])  # outside the canvas
+    _, out_box = Augment(cfg)(img, box)
+    assert out_box.shape == (0, 4)
