@@ -100,3 +100,26 @@ def ct_writer() -> Callable[..., str]:
 def _no_env_key(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests choose their pseudonym key explicitly."""
     monkeypatch.delenv("BLENDSIGN_PSEUDONYM_KEY", raising=False)
+
+
+@pytest.fixture(scope="session")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A small synthetic cohort taken through synth → ingest → fuse → folds (k=3), once per session.
+
+    64 px slices; extra blend sign (class ratio 6:3:1) so that every training split holds all three classes.
+    """
+    from dataclasses import replace
+
+    from blendsign.config import load_preset
+    from blendsign.folds import make_folds
+    from blendsign.ingest import ingest
+    from blendsign.labels import fuse
+    from blendsign.synth import synthesize
+
+    root = tmp_path_factory.mktemp("cohort")
+    cfg = load_preset("ci")
+    synthesize(root / "src", replace(cfg.synth, scans=18, class_ratio=(6.0, 3.0, 1.0), seed=3), progress=False)
+    ingest(root / "src" / "dicom", root / "ingest", cfg.ingest, progress=False)
+    fuse(root / "src" / "annotations.csv", root / "ingest", root / "labels", cfg.labels)
+    make_folds(root / "labels", root / "folds", replace(cfg.folds, k=3))
+    return {"root": root, "ingest": root / "ingest", "labels": root / "labels", "folds": root / "folds"}

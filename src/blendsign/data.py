@@ -1,0 +1,248 @@
+"""A torch ``Dataset`` over the ingested Parquet slices joined with fused labels and folds.
+
+Only what a slice needs is read: the index comes from ``labels.parquet``, ``folds.parquet`` and the
+``instance_key`` column of each scan file; a sample reads one row group's ``hu`` column. Randomness is a
+pure function of (seed, epoch, index), so augmentations do not depend on worker count or on a resume.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from blendsign import CLASSES
+from blendsign.config import DataConfig
+from blendsign.targets import encode_targets
+from blendsign.transforms import Augment, preprocess, scale_boxes
+
+CLASS_INDEX = {name: i for i, name in enumerate(CLASSES)}
+
+
+@dataclass(frozen=True)
+class SliceIndex:
+    """Where each slice lives and what it is: columns of equal length ``n``."""
+
+    file: tuple[str, ...]  # scan Parquet file
+    row_group: np.ndarray  # [n] int
+    offset: np.ndarray  # [n] row within the row group
+    label: np.ndarray  # [n] int64 class index
+    boxes: tuple[np.ndarray, ...]  # [K, 4] x_min, y_min, x_max, y_max in native pixels
+    rows: np.ndarray  # [n] native size
+    cols: np.ndarray
+    scan_id: tuple[str, ...]
+    slice_index: np.ndarray
+    instance_key: tuple[str, ...]
+    fold: np.ndarray  # [n] (−1 without folds)
+
+    def __len__(self) -> int:
+        return len(self.file)
+
+    def class_counts(self) -> np.ndarray:
+        return np.bincount(self.label, minlength=len(CLASSES))
+
+
+def load_index(
+    ingest_dir: str | Path,
+    labels_dir: str | Path,
+    folds_dir: str | Path | None = None,
+    *,
+    folds: Collection[int] | None = None,
+) -> SliceIndex:
+    """Index the labelled slices of the given folds (all folds when ``folds`` is None)."""
+    ingest_dir, labels_dir = Path(ingest_dir), Path(labels_dir)
+    labels = pq.read_table(labels_dir / "labels.parquet").to_pylist()
+    fold_of: dict[str, int] = {}
+    if folds_dir is not None:
+        for row in pq.read_table(Path(folds_dir) / "folds.parquet", columns=["scan_id", "fold"]).to_pylist():
+            fold_of[row["scan_id"]] = int(row["fold"])
+        if folds is not None:
+            labels = [r for r in labels if fold_of.get(r["scan_id"]) in set(folds)]
+    locate: dict[str, dict[str, tuple[int, int]]] = {}
+    cols: dict[str, list[Any]] = {k: [] for k in SliceIndex.__dataclass_fields__}
+    for r in labels:
+        scan = r["scan_id"]
+        if scan not in locate:
+            locate[scan] = _locate_rows(ingest_dir / "slices" / f"{scan}.parquet")
+        where = locate[scan].get(r["instance_key"])
+        if where is None:
+            raise ValueError(f"labels refer to slice {r['instance_key']} of scan {scan}, absent from {ingest_dir}")
+        boxes = np.array([[b["x_min"], b["y_min"], b["x_max"], b["y_max"]] for b in r["boxes"] or []],
+                         dtype=np.float32).reshape(-1, 4)
+        for key, value in (
+            ("file", str(ingest_dir / "slices" / f"{scan}.parquet")),
+            ("row_group", where[0]),
+            ("offset", where[1]),
+            ("label", CLASS_INDEX[r["label"]]),
+            ("boxes", boxes),
+            ("rows", r["rows"]),
+            ("cols", r["cols"]),
+            ("scan_id", scan),
+            ("slice_index", r["slice_index"]),
+            ("instance_key", r["instance_key"]),
+            ("fold", fold_of.get(scan, -1)),
+        ):
+            cols[key].append(value)
+    return SliceIndex(
+        file=tuple(cols["file"]),
+        row_group=np.asarray(cols["row_group"], dtype=np.int64),
+        offset=np.asarray(cols["offset"], dtype=np.int64),
+        label=np.asarray(cols["label"], dtype=np.int64),
+        boxes=tuple(cols["boxes"]),
+        rows=np.asarray(cols["rows"], dtype=np.int64),
+        cols=np.asarray(cols["cols"], dtype=np.int64),
+        scan_id=tuple(cols["scan_id"]),
+        slice_index=np.asarray(cols["slice_index"], dtype=np.int64),
+        instance_key=tuple(cols["instance_key"]),
+        fold=np.asarray(cols["fold"], dtype=np.int64),
+    )
+
+
+def _locate_rows(path: Path) -> dict[str, tuple[int, int]]:
+    """``instance_key → (row group, row within it)`` from the metadata and one small column."""
+    if not path.is_file():
+        raise FileNotFoundError(f"scan file {path} is missing: was the ingest folder moved or re-run elsewhere?")
+    pf = pq.ParquetFile(path)
+    keys = pf.read(columns=["instance_key"]).column(0).to_pylist()
+    out, start = {}, 0
+    for rg in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(rg).num_rows
+        for j in range(n):
+            out[keys[start + j]] = (rg, j)
+        start += n
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _parquet(path: str) -> pq.ParquetFile:
+    return pq.ParquetFile(path)  # one open handle per file per process
+
+
+def read_slice_hu(path: str, row_group: int, offset: int, rows: int, cols: int) -> np.ndarray:
+    """One slice's HU ``[rows, cols]`` int16, reading a single row group's ``hu`` column."""
+    col = _parquet(path).read_row_group(row_group, columns=["hu"]).column(0)
+    return np.frombuffer(col[offset].as_py(), dtype="<i2").reshape(rows, cols)
+
+
+class SliceDataset(Dataset):
+    """Samples ``{"image" [3,S,S], "label", "boxes" [K,4], "heatmap" [1,h,w], "reg" [4,h,w], "reg_mask" [h,w],
+    "index", ("teacher" [3])}``; keys are ``(epoch, i)`` from ``EpochSampler`` or a plain ``i``.
+
+    Args:
+        index: the slices.
+        cfg: preprocessing (the same for training, evaluation and serving).
+        stride: input pixels per detection-map cell of the model.
+        min_overlap: CenterNet Gaussian radius parameter.
+        augment: apply the paper's random augmentations.
+        seed: makes augmentation a pure function of (seed, epoch, i).
+        teacher: ``[n, 3]`` soft labels for distillation, or None.
+    """
+
+    def __init__(
+        self,
+        index: SliceIndex,
+        cfg: DataConfig,
+        *,
+        stride: int,
+        min_overlap: float,
+        augment: bool,
+        seed: int = 0,
+        teacher: np.ndarray | None = None,
+    ) -> None:
+        if teacher is not None and teacher.shape != (len(index), len(CLASSES)):
+            raise ValueError(f"teacher soft labels of shape {teacher.shape}, expected {(len(index), len(CLASSES))}")
+        self.index, self.cfg, self.stride, self.min_overlap = index, cfg, stride, min_overlap
+        self.augment = Augment(cfg) if augment and cfg.augment else None
+        self.seed, self.teacher = seed, teacher
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, i = key if isinstance(key, tuple) else (0, key)
+        ix = self.index
+        hu = read_slice_hu(ix.file[i], int(ix.row_group[i]), int(ix.offset[i]), int(ix.rows[i]), int(ix.cols[i]))
+        image = preprocess(torch.from_numpy(hu.copy()), self.cfg)  # [3, S, S]
+        boxes = scale_boxes(torch.from_numpy(ix.boxes[i]), int(ix.rows[i]), int(ix.cols[i]), self.cfg.size)
+        if self.augment is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed((self.seed * 1_000_003 + epoch * 100_003 + i) % (2**63))
+                image, boxes = self.augment(image, boxes)
+        sample = {"image": image, "label": int(ix.label[i]), "boxes": boxes, "index": i}
+        sample.update(encode_targets(boxes, input_size=self.cfg.size, stride=self.stride, min_overlap=self.min_overlap))
+        if self.teacher is not None:
+            sample["teacher"] = torch.from_numpy(self.teacher[i].astype(np.float32))
+        return sample
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack tensors; keep the variable-length ``boxes`` as a list."""
+    out: dict[str, Any] = {"boxes": [s["boxes"] for s in samples]}
+    for key in samples[0]:
+        if key == "boxes":
+            continue
+        values = [s[key] for s in samples]
+        out[key] = torch.stack(values) if isinstance(values[0], Tensor) else torch.tensor(values)
+    return out
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """Yields ``(epoch, i)``: a permutation drawn from (seed, epoch), sharded by rank for DDP.
+
+    Like ``DistributedSampler``, pads to a multiple of ``world`` so every rank sees as many samples.
+    """
+
+    def __init__(self, n: int, *, shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1) -> None:
+        self.n, self.shuffle, self.seed, self.rank, self.world = n, shuffle, seed, rank, world
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        if self.world > 1:
+            order += order[: (-len(order)) % self.world]
+            order = order[self.rank :: self.world]
+        return iter((self.epoch, i) for i in order)
+
+    def __len__(self) -> int:
+        return -(-self.n // self.world) if self.world > 1 else self.n
+
+
+def make_loader(
+    dataset: SliceDataset,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    workers: int,
+    seed: int = 0,
+    rank: int = 0,
+    world: int = 1,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A loader with a persistent worker pool; call ``loader.sampler.set_epoch(e)`` each epoch."""
+    sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world=world)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=pin_memory,
+        collate_fn=collate,
+        drop_last=False,
+        prefetch_factor=4 if workers > 0 else None,
+    )
