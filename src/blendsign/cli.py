@@ -60,7 +60,7 @@ def _run_synth(args: argparse.Namespace) -> int:
 
     cfg = _config(args).synth
     changes = {k: v for k, v in {"scans": args.scans, "seed": args.seed, "size": args.size}.items() if v is not None}
-    result = synthesize(args.out, replace(cfg, **changes))
+    result = synthesize(args.out, replace(cfg, **changes), progress=args.progress)
     print(result.summary())
     return 0
 
@@ -153,8 +153,49 @@ def _run_folds(args: argparse.Namespace) -> int:
 
 # --- entry point -------------------------------------------------------------------------------------
 
+# --- train -------------------------------------------------------------------------------------------
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = _stage(sub, "train", "train the teacher network on one cross-validation fold (or --fold all)")
+    p.add_argument("--ingest", type=Path, required=True, help="ingest output folder (slices/)")
+    p.add_argument("--labels", type=Path, required=True, help="fuse output folder (labels.parquet)")
+    p.add_argument("--folds", type=Path, default=None, help="folds output folder (folds.parquet)")
+    p.add_argument("--fold", default="0", help="held-out fold for validation, or 'all' to train on everything")
+    p.add_argument("--out", type=Path, required=True, help="checkpoint folder")
+    p.add_argument("--resume", action="store_true", help="continue an unfinished run in --out")
+    p.add_argument("--stop-after-epochs", type=int, default=None, help="train at most N epochs in this call")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the config's)")
+    p.add_argument("--backbone", default=None, help="resnet50, resnet18, vgg16 or inception_v3")
+    p.add_argument("--weights", default=None, help="imagenet, none, or a state-dict file")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--experiment", default="blendsign", help="MLflow experiment")
+    p.add_argument("--no-mlflow", dest="mlflow", action="store_false", help="do not log to MLflow")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from blendsign.config import override
+    from blendsign.tracking import Tracker
+    from blendsign.train import train
+
+    cfg = _config(args)
+    model = {k: v for k, v in {"backbone": args.backbone, "weights": args.weights}.items() if v is not None}
+    training = {k: v for k, v in {"device": args.device, "epochs": args.epochs}.items() if v is not None}
+    cfg = override(cfg, model=model, train=training)
+    fold = None if args.fold == "all" else int(args.fold)
+    if fold is not None and args.folds is None:
+        raise ValueError("--folds is required unless --fold all")
+    tracker = Tracker.open(args.experiment) if args.mlflow else None
+    result = train(cfg, ingest_dir=args.ingest, labels_dir=args.labels, folds_dir=args.folds, fold=fold,
+                   out_dir=args.out, resume=args.resume, stop_after_epochs=args.stop_after_epochs,
+                   tracker=tracker, progress=args.progress)
+    print(result.summary())
+    return 0
+
+
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_synth, _add_ingest, _add_import_annotations, _add_fuse, _add_folds,
+    _add_synth, _add_ingest, _add_import_annotations, _add_fuse, _add_folds, _add_train,
 ]
 
 

@@ -1,0 +1,108 @@
+"""One training epoch and batched inference: no MLflow, no argparse, device passed in."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from blendsign.config import LossConfig
+from blendsign.losses import total_loss
+
+TARGET_KEYS = ("label", "heatmap", "reg", "reg_mask")
+
+
+def _inputs(batch: dict[str, Any], device: torch.device, channels_last: bool) -> torch.Tensor:
+    images = batch["image"].to(device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    *,
+    loss_cfg: LossConfig,
+    device: torch.device,
+    amp: bool,
+    channels_last: bool,
+    desc: str = "train",
+    progress: bool = True,
+) -> dict[str, float]:
+    """Train over ``loader`` once; the LR scheduler steps per iteration (poly decay).
+
+    Returns the sample-weighted mean of each loss term (``loss_<term>``), the last ``lr`` and
+    ``images_per_s``.
+    """
+    model.train()
+    sums: dict[str, torch.Tensor] = {}
+    seen, start = 0, time.perf_counter()
+    bar = tqdm(loader, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True, leave=False)
+    for batch in bar:
+        images = _inputs(batch, device, channels_last)
+        targets = {k: batch[k].to(device, non_blocking=True) for k in TARGET_KEYS}
+        teacher = batch["teacher"].to(device, non_blocking=True) if "teacher" in batch else None
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            out = model(images)
+        out = {k: v.float() for k, v in out.items()}  # losses in float32
+        terms = total_loss(out, targets, loss_cfg, teacher_probs=teacher)
+        if not torch.isfinite(terms["total"]):
+            raise FloatingPointError(f"{desc}: non-finite loss {terms['total'].item()} at batch {seen // len(images)}")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(terms["total"]).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        n = images.shape[0]
+        seen += n
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + v.detach() * n
+        if progress:
+            bar.set_postfix(loss=f"{terms['total'].item():.3f}", img_s=f"{seen / (time.perf_counter() - start):.1f}")
+    elapsed = time.perf_counter() - start
+    out_metrics = {f"loss_{k}": float(v) / max(seen, 1) for k, v in sums.items()}
+    out_metrics["lr"] = float(optimizer.param_groups[0]["lr"])
+    out_metrics["images_per_s"] = seen / elapsed if elapsed > 0 else math.nan
+    return out_metrics
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    loader: DataLoader,
+    *,
+    device: torch.device,
+    amp: bool = False,
+    channels_last: bool = False,
+    desc: str = "predict",
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
+    """Logits ``[n, 3]``, labels ``[n]`` and dataset indices ``[n]`` over ``loader`` (eval mode)."""
+    model.eval()
+    logits, labels, index = [], [], []
+    for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True, leave=False):
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            out = model(_inputs(batch, device, channels_last))
+        logits.append(out["logits"].float().cpu())
+        labels.append(batch["label"])
+        index.append(batch["index"])
+    return {
+        "logits": torch.cat(logits).numpy() if logits else np.zeros((0, 3), np.float32),
+        "labels": torch.cat(labels).numpy() if labels else np.zeros(0, np.int64),
+        "index": torch.cat(index).numpy() if index else np.zeros(0, np.int64),
+    }
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = logits / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)

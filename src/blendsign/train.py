@@ -1,0 +1,258 @@
+"""Train one model on one cross-validation fold (or on all data): checkpoints, resume, best epoch, MLflow.
+
+Paper §Training details: SGD (momentum 0.9, weight decay 5e-4), base LR 0.01 with poly decay (power 0.9)
+per iteration, batch 16, 50 epochs. The same entry point runs under ``torchrun`` with
+DistributedDataParallel (``batch_size`` is the global batch, split over the processes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from blendsign import CLASSES
+from blendsign.config import Config
+from blendsign.data import SliceDataset, SliceIndex, load_index, make_loader
+from blendsign.engine import predict, softmax, train_one_epoch
+from blendsign.metrics import per_class_metrics
+from blendsign.model import build_model
+from blendsign.storage import atomic_path, write_json_atomic
+from blendsign.tracking import Tracker, finite
+
+log = logging.getLogger(__name__)
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    out_dir: Path
+    fold: int | None
+    best_epoch: int
+    best_metric: float
+    run_id: str | None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.out_dir / "best.pt"
+
+    def summary(self) -> str:
+        where = "all data" if self.fold is None else f"fold {self.fold}"
+        return (f"trained on {where}: best epoch {self.best_epoch} ({self.best_metric:.4f}); "
+                f"checkpoint {self.best_checkpoint}" + (f"; MLflow run {self.run_id}" if self.run_id else ""))
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` → CUDA when present, else CPU; a CUDA request without CUDA is a clear error."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {spec!r} requested but no CUDA device is usable here; use --device cpu or auto")
+    return device
+
+
+def _distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def check_data(train: SliceIndex, val: SliceIndex | None, fold: int | None) -> None:
+    """Refuse a fold that cannot train or validate, with a message that says why."""
+    where = "the training data" if fold is None else f"the training folds of fold {fold}"
+    if len(train) == 0:
+        raise ValueError(f"{where} hold no labelled slice")
+    missing = [CLASSES[c] for c, n in enumerate(train.class_counts()) if n == 0]
+    if missing:
+        raise ValueError(f"class(es) {', '.join(missing)} have no slice in {where}: the weighted loss and the "
+                         "per-class metrics need every class; use more scans or fewer folds")
+    if val is not None and len(val) == 0:
+        raise ValueError(f"fold {fold} is empty: no labelled slice to validate on")
+
+
+def _poly(total_iters: int, power: float) -> Any:
+    return lambda it: max(0.0, 1.0 - it / max(1, total_iters)) ** power
+
+
+def _score(metrics: dict[str, float], name: str) -> float:
+    value = metrics.get(name, math.nan)
+    return -math.inf if value is None or math.isnan(value) else value
+
+
+def train(
+    cfg: Config,
+    *,
+    ingest_dir: str | Path,
+    labels_dir: str | Path,
+    folds_dir: str | Path | None,
+    fold: int | None,
+    out_dir: str | Path,
+    resume: bool = False,
+    stop_after_epochs: int | None = None,
+    tracker: Tracker | None = None,
+    teacher: np.ndarray | None = None,
+    run_name: str | None = None,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train on every fold but ``fold`` and validate on ``fold`` (``fold=None``: train on all, no validation).
+
+    Writes ``out_dir/last.pt`` every epoch and ``best.pt`` at the best validation ``select_metric``, plus
+    ``config.json`` and ``history.json``. Re-running a finished run returns it; an unfinished one continues
+    with ``resume=True``. ``teacher``: ``[n_train, 3]`` soft labels for self-knowledge distillation.
+    """
+    out_dir = Path(out_dir)
+    rank, world, local_rank = _distributed()
+    device = resolve_device(cfg.train.device)
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if cfg.train.batch_size % world:
+        raise ValueError(f"batch_size {cfg.train.batch_size} does not split over {world} processes")
+    cuda = device.type == "cuda"
+
+    state = _load_existing(out_dir, cfg, resume)
+    if state is not None and state["epoch"] >= cfg.train.epochs:
+        log.info("%s already holds a finished run with this config: nothing to do", out_dir)
+        return TrainResult(out_dir, fold, state["best_epoch"], state["best_metric"], state["run_id"],
+                           state["history"])
+
+    folds_all = None
+    if folds_dir is not None and fold is not None:
+        folds_all = set(load_index(ingest_dir, labels_dir, folds_dir).fold.tolist())
+        if fold not in folds_all:
+            raise ValueError(f"fold {fold} does not exist (folds: {sorted(folds_all)})")
+    train_index = load_index(ingest_dir, labels_dir, folds_dir,
+                             folds=None if folds_all is None else folds_all - {fold})
+    val_index = None if fold is None else load_index(ingest_dir, labels_dir, folds_dir, folds=[fold])
+    check_data(train_index, val_index, fold)
+
+    torch.manual_seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    model = build_model(cfg.model).to(device)
+    if cuda and cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    stride = model.stride
+    train_ds = SliceDataset(train_index, cfg.data, stride=stride, min_overlap=cfg.loss.gaussian_min_overlap,
+                            augment=True, seed=cfg.train.seed, teacher=teacher)
+    train_loader = make_loader(train_ds, batch_size=cfg.train.batch_size // world, shuffle=True,
+                               workers=cfg.data.workers, seed=cfg.train.seed, rank=rank, world=world,
+                               pin_memory=cuda)
+    val_loader = None
+    if val_index is not None:
+        val_ds = SliceDataset(val_index, cfg.data, stride=stride, min_overlap=cfg.loss.gaussian_min_overlap,
+                              augment=False)
+        val_loader = make_loader(val_ds, batch_size=cfg.train.batch_size, shuffle=False,
+                                 workers=cfg.data.workers, pin_memory=cuda)
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
+                                weight_decay=cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _poly(cfg.train.epochs * len(train_loader), cfg.train.poly_power))
+    amp = cfg.train.amp and cuda
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    start_epoch, best_metric, best_epoch, history, run_id = 0, -math.inf, -1, [], None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, best_metric, best_epoch = state["epoch"], state["best_metric"], state["best_epoch"]
+        history, run_id = state["history"], state["run_id"]
+        log.info("resuming %s at epoch %d of %d", out_dir, start_epoch + 1, cfg.train.epochs)
+    net = DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if world > 1 else model
+
+    is_main = rank == 0
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out_dir / "config.json", cfg.to_dict())
+    name = run_name or ("refit" if fold is None else f"fold{fold}") + f"-{cfg.model.backbone}"
+    run_tags = {"fold": "all" if fold is None else fold, "backbone": cfg.model.backbone, "preset": cfg.preset,
+                "stage": "distill" if teacher is not None else "train", **(tags or {})}
+    tracking = tracker is not None and is_main
+    with tracker.run(name, tags=run_tags, parent_run_id=parent_run_id, run_id=run_id) if tracking \
+            else nullcontext() as run:  # type: ignore[union-attr]
+        if run is not None and run_id is None:
+            run.log_params({**cfg.flat(), "fold": "all" if fold is None else fold,
+                            "train_slices": len(train_index), "val_slices": len(val_index or []),
+                            "world_size": world, "device": device.type})
+        run_id = run.run_id if run is not None else run_id
+        last_epoch = cfg.train.epochs if stop_after_epochs is None else min(cfg.train.epochs,
+                                                                           start_epoch + stop_after_epochs)
+        for epoch in range(start_epoch, last_epoch):
+            train_loader.sampler.set_epoch(epoch)
+            metrics = train_one_epoch(net, train_loader, optimizer, scheduler, scaler, loss_cfg=cfg.loss,
+                                      device=device, amp=amp, channels_last=cuda and cfg.train.channels_last,
+                                      desc=f"{name} epoch {epoch + 1}/{cfg.train.epochs}",
+                                      progress=progress and is_main)
+            if val_loader is not None and is_main:
+                pred = predict(model, val_loader, device=device, amp=amp, progress=False)
+                metrics.update({f"val_{k}": v for k, v in
+                                per_class_metrics(softmax(pred["logits"]), pred["labels"]).items()})
+            metrics["epoch"] = epoch + 1
+            history.append(metrics)
+            if is_main:
+                score = _score(metrics, f"val_{cfg.train.select_metric}") if val_loader is not None else epoch
+                improved = score > best_metric or best_epoch < 0
+                if improved:
+                    best_metric, best_epoch = score, epoch + 1
+                ckpt = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
+                        "best_metric": best_metric, "best_epoch": best_epoch, "history": history,
+                        "config": cfg.to_dict(), "run_id": run_id, "fold": fold}
+                _save(ckpt, out_dir / "last.pt")
+                if improved:
+                    _save({**ckpt, "optimizer": None, "scheduler": None, "scaler": None}, out_dir / "best.pt")
+                write_json_atomic(out_dir / "history.json", history)
+                log.info("%s epoch %d/%d: %s", name, epoch + 1, cfg.train.epochs, _brief(metrics, cfg))
+                if run is not None:
+                    run.log_metrics(finite(metrics), step=epoch + 1)
+            if world > 1:
+                dist.barrier()
+        if run is not None and last_epoch == cfg.train.epochs:
+            run.log_metrics(finite({"best_epoch": best_epoch, f"best_val_{cfg.train.select_metric}": best_metric}))
+            run.log_artifact(out_dir / "best.pt", "checkpoint")
+            run.log_artifact(out_dir / "config.json")
+            run.log_artifact(out_dir / "history.json")
+    return TrainResult(out_dir, fold, best_epoch, best_metric, run_id, history)
+
+
+def _brief(m: dict[str, float], cfg: Config) -> str:
+    keys = ["loss_total", "lr", "images_per_s", f"val_{cfg.train.select_metric}"]
+    return ", ".join(f"{k}={m[k]:.4g}" for k in keys if k in m)
+
+
+def _save(obj: dict[str, Any], path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def _load_existing(out_dir: Path, cfg: Config, resume: bool) -> dict[str, Any] | None:
+    """The checkpoint to continue from, or None to start fresh; refuses to mix configs."""
+    last = out_dir / "last.pt"
+    if not last.exists():
+        if resume:
+            log.info("--resume: no checkpoint in %s yet, starting fresh", out_dir)
+        return None
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    if state.get("config") != json.loads(json.dumps(cfg.to_dict())) and state.get("config") != cfg.to_dict():
+        raise ValueError(f"{out_dir} holds a run with a different configuration; choose another output folder")
+    if state["epoch"] < cfg.train.epochs and not resume:
+        raise ValueError(f"{out_dir} holds an unfinished run (epoch {state['epoch']} of {cfg.train.epochs}); "
+                         "pass --resume to continue it")
+    return state

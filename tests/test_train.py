@@ -1,0 +1,92 @@
+"""blendsign.train: a tiny real run (loss falls, MLflow records it), resume equivalence, refusals, DDP on gloo."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from blendsign.config import load_preset, override
+from blendsign.data import load_index
+from blendsign.tracking import Tracker
+from blendsign.train import check_data, resolve_device, train
+
+CFG = load_preset("ci")
+
+
+def _dirs(cohort: dict[str, Path]) -> dict[str, Path]:
+    return {"ingest_dir": cohort["ingest"], "labels_dir": cohort["labels"], "folds_dir": cohort["folds"]}
+
+
+def test_loss_falls_and_mlflow_records_the_run(cohort: dict[str, Path], tmp_path: Path) -> None:
+    tracker = Tracker.open("test-train", uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cfg = override(CFG, train={"epochs": 4})
+    result = train(cfg, **_dirs(cohort), fold=0, out_dir=tmp_path / "run", tracker=tracker, progress=False)
+    losses = [h["loss_total"] for h in result.history]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert result.best_checkpoint.exists() and 1 <= result.best_epoch <= 4
+    run = tracker.client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.lr"] == "0.01" and run.data.params["loss.class_weights"] == "(1.0, 2.0, 20.0)"
+    assert {"loss_cls", "loss_center", "loss_box", "lr", "images_per_s", "val_auc_non_ich",
+            "val_sensitivity_blend_sign", "val_f1_normal_ich"} <= set(run.data.metrics)
+    assert len(tracker.client.get_metric_history(result.run_id, "loss_total")) == 4
+    artifacts = {a.path for a in tracker.client.list_artifacts(result.run_id)}
+    assert {"checkpoint", "config.json", "history.json"} <= artifacts
+    ckpt = torch.load(result.best_checkpoint, map_location="cpu", weights_only=False)
+    assert ckpt["config"] == cfg.to_dict() and ckpt["epoch"] == result.best_epoch
+
+
+def test_resume_gives_the_uninterrupted_result(cohort: dict[str, Path], tmp_path: Path) -> None:
+    full = train(CFG, **_dirs(cohort), fold=1, out_dir=tmp_path / "full", progress=False)
+    # a run cut short after one of its two epochs
+    train(CFG, **_dirs(cohort), fold=1, out_dir=tmp_path / "cut", stop_after_epochs=1, progress=False)
+    with pytest.raises(ValueError, match="pass --resume"):
+        train(CFG, **_dirs(cohort), fold=1, out_dir=tmp_path / "cut", progress=False)
+    resumed = train(CFG, **_dirs(cohort), fold=1, out_dir=tmp_path / "cut", resume=True, progress=False)
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert [h["loss_total"] for h in full.history] == [h["loss_total"] for h in resumed.history]
+    # re-running a finished run is a no-op; another configuration is refused
+    again = train(CFG, **_dirs(cohort), fold=1, out_dir=tmp_path / "full", progress=False)
+    assert again.history == full.history
+    with pytest.raises(ValueError, match="different configuration"):
+        train(override(CFG, train={"lr": 0.02}), **_dirs(cohort), fold=1, out_dir=tmp_path / "full", progress=False)
+
+
+def test_refusals_say_why(cohort: dict[str, Path]) -> None:
+    index = load_index(cohort["ingest"], cohort["labels"], cohort["folds"])
+    no_blend = dataclasses.replace(index, label=np.minimum(index.label, 1))
+    with pytest.raises(ValueError, match="blend_sign have no slice in the training folds of fold 2"):
+        check_data(no_blend, index, 2)
+    empty = dataclasses.replace(index, file=())
+    with pytest.raises(ValueError, match="fold 0 is empty"):
+        check_data(index, empty, 0)
+    with pytest.raises(ValueError, match="fold 7 does not exist"):
+        train(CFG, **_dirs(cohort), fold=7, out_dir=Path("unused"), progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_device("cuda")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.slow
+def test_ddp_on_gloo_with_two_processes(cohort: dict[str, Path], tmp_path: Path) -> None:
+    """The same CLI entry point under torchrun: two CPU processes, gloo backend."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "blendsign.cli", "train", "--config", "ci", "--epochs", "1", "--no-mlflow", "--no-progress",
+           "--ingest", str(cohort["ingest"]), "--labels", str(cohort["labels"]), "--folds", str(cohort["folds"]),
+           "--fold", "0", "--out", str(tmp_path / "ddp")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "ddp" / "last.pt", weights_only=False)
+    assert ckpt["epoch"] == 1 and "module." not in next(iter(ckpt["model"]))
