@@ -18,9 +18,15 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/blendsign synth $(DEMO)/source --config $(PRESET)
 	$(BIN)/blendsign ingest $(DEMO)/source/dicom $(DEMO)/ingest --config $(PRESET) --workers 2
+	$(BIN)/blendsign fuse $(DEMO)/source/annotations.csv $(DEMO)/ingest $(DEMO)/labels --config $(PRESET)
+	$(BIN)/blendsign folds $(DEMO)/labels $(DEMO)/folds --config $(PRESET)
+	$(BIN)/blendsign train --config $(PRESET) --ingest $(DEMO)/ingest --labels $(DEMO)/labels \
+		--folds $(DEMO)/folds --fold 0 --out $(DEMO)/train/fold0
 	@echo
-	@echo "Demo output under $(DEMO)/: source/ (synthetic DICOM + annotations), ingest/ (Parquet slices + report)"
-	@cat $(DEMO)/ingest/ingest_report.md
+	@echo "Demo output under $(DEMO)/: source/ (synthetic DICOM + annotations), ingest/ (Parquet slices),"
+	@echo "labels/ (gold labels, reader agreement), folds/, train/fold0/ (teacher checkpoints)."
+	@echo "MLflow: .blendsign/mlflow.db — browse with: $(BIN)/mlflow ui --backend-store-uri sqlite:///.blendsign/mlflow.db"
+	@cat $(DEMO)/ingest/ingest_report.md $(DEMO)/labels/agreement.md $(DEMO)/folds/folds.md
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
@@ -30,6 +36,7 @@ test: $(STAMP) lint
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_ingest.py
+	$(BIN)/python benchmarks/bench_train.py
 
 clean-demo:
-	rm -rf $(DEMO) $(DEMO).pseudonym-key data/demo/*.pseudonym-key
+	rm -rf $(DEMO) data/demo*.pseudonym-key
