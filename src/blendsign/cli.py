@@ -194,8 +194,108 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- distill, evaluate, cv, ablation -----------------------------------------------------------------
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ingest", type=Path, required=True, help="ingest output folder (slices/)")
+    p.add_argument("--labels", type=Path, required=True, help="fuse output folder (labels.parquet)")
+    p.add_argument("--folds", type=Path, required=True, help="folds output folder (folds.parquet)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--experiment", default="blendsign", help="MLflow experiment")
+    p.add_argument("--no-mlflow", dest="mlflow", action="store_false", help="do not log to MLflow")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the config's)")
+
+
+def _setup(args: argparse.Namespace, **sections: dict[str, object]) -> tuple[Config, object]:
+    from blendsign.config import override
+    from blendsign.tracking import Tracker
+
+    cfg = _config(args)
+    train = {"device": args.device} if args.device else {}
+    cfg = override(cfg, train={**train, **sections.pop("train", {})}, **sections)
+    return cfg, (Tracker.open(args.experiment) if args.mlflow else None)
+
+
+def _dirs(args: argparse.Namespace) -> dict[str, Path]:
+    return {"ingest_dir": args.ingest, "labels_dir": args.labels, "folds_dir": args.folds}
+
+
+def _add_distill(sub: argparse._SubParsersAction) -> None:
+    p = _stage(sub, "distill", "teacher + repeated self-knowledge distillation on one fold")
+    _data_args(p)
+    p.add_argument("--fold", required=True, help="held-out fold, or 'all' (refit on everything)")
+    p.add_argument("--rounds", type=int, default=None, help="student rounds (default: the config's, 2)")
+    p.set_defaults(func=_run_distill)
+
+
+def _run_distill(args: argparse.Namespace) -> int:
+    from blendsign.distill import distill
+
+    cfg, tracker = _setup(args)
+    fold = None if args.fold == "all" else int(args.fold)
+    result = distill(cfg, **_dirs(args), fold=fold, out_dir=args.out, rounds=args.rounds, tracker=tracker,
+                     progress=args.progress)
+    print(result.summary())
+    return 0
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = _stage(sub, "evaluate", "evaluate each fold's final model on its held-out fold: metrics, CIs, figures")
+    _data_args(p)
+    p.add_argument("--models", type=Path, required=True, help="folder holding fold<k>/ distillation outputs")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from blendsign.evaluate import evaluate
+
+    cfg, tracker = _setup(args)
+    run_id = None
+    if tracker is not None:
+        with tracker.run("evaluate", tags={"stage": "evaluate", "preset": cfg.preset}) as run:
+            run_id = run.run_id
+    result = evaluate(cfg, **_dirs(args), models_dir=args.models, out_dir=args.out, tracker=tracker,
+                      run_id=run_id, progress=args.progress)
+    print(result.summary())
+    return 0
+
+
+def _add_cv(sub: argparse._SubParsersAction) -> None:
+    p = _stage(sub, "cv", "K-fold cross-validation of the whole method: every fold distilled, then evaluated")
+    _data_args(p)
+    p.add_argument("--rounds", type=int, default=None, help="student rounds (default: the config's)")
+    p.set_defaults(func=_run_cv)
+
+
+def _run_cv(args: argparse.Namespace) -> int:
+    from blendsign.cv import cross_validate
+
+    cfg, tracker = _setup(args, **({"distill": {"rounds": args.rounds}} if args.rounds is not None else {}))
+    print(cross_validate(cfg, **_dirs(args), out_dir=args.out, tracker=tracker, progress=args.progress).summary())
+    return 0
+
+
+def _add_ablation(sub: argparse._SubParsersAction) -> None:
+    p = _stage(sub, "ablation", "the paper's ablation: WCE, WCE + AT, WCE + AT + SKD over the same folds")
+    _data_args(p)
+    p.add_argument("--label-noise", type=float, default=None,
+                   help="share of training blend-sign slices relabelled normal ICH (default 0)")
+    p.set_defaults(func=_run_ablation)
+
+
+def _run_ablation(args: argparse.Namespace) -> int:
+    from blendsign.cv import ablation
+
+    noise = {"train": {"label_noise": args.label_noise}} if args.label_noise is not None else {}
+    cfg, tracker = _setup(args, **noise)
+    print(ablation(cfg, **_dirs(args), out_dir=args.out, tracker=tracker, progress=args.progress).summary())
+    return 0
+
+
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_synth, _add_ingest, _add_import_annotations, _add_fuse, _add_folds, _add_train,
+    _add_distill, _add_evaluate, _add_cv, _add_ablation,
 ]
 
 

@@ -134,6 +134,24 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:N"
     select_metric: str = "auc_blend_sign"  # validation metric that picks the best epoch's checkpoint
+    label_noise: float = 0.0  # ablation: share of training blend-sign slices relabelled normal ICH
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Repeated self-knowledge distillation (paper §Self-knowledge distillation, Figure 5)."""
+
+    rounds: int = 2  # students trained after the teacher; each student teaches the next round
+    review_top: int = 25  # training slices per round where the teacher most disagrees with the label
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Cross-validated evaluation (paper §Evaluation metric and protocol)."""
+
+    bootstrap: int = 1000  # resamples of scans for the 95% confidence intervals
+    calibration_bins: int = 10  # equal-width bins of the reliability diagram and ECE
+    gradcam_per_class: int = 2  # Grad-CAM examples per class, for correct and for wrong predictions
 
 
 @dataclass(frozen=True)
@@ -149,6 +167,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -215,6 +235,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "data": {"size": 64, "workers": 0},
         "model": {"backbone": "resnet18", "weights": "none", "det_channels": 32},
         "train": {"epochs": 2, "batch_size": 8},
+        "distill": {"rounds": 1},
+        "eval": {"bootstrap": 100},
     },
 }
 

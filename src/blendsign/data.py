@@ -42,6 +42,7 @@ class SliceIndex:
     slice_index: np.ndarray
     instance_key: tuple[str, ...]
     fold: np.ndarray  # [n] (−1 without folds)
+    noisy: np.ndarray | None = None  # [n] bool: label flipped by injected noise (ablation), else None
 
     def __len__(self) -> int:
         return len(self.file)

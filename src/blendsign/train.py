@@ -7,6 +7,7 @@ DistributedDataParallel (``batch_size`` is the global batch, split over the proc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -82,6 +83,35 @@ def check_data(train: SliceIndex, val: SliceIndex | None, fold: int | None) -> N
         raise ValueError(f"fold {fold} is empty: no labelled slice to validate on")
 
 
+def split_index(
+    ingest_dir: str | Path, labels_dir: str | Path, folds_dir: str | Path | None, fold: int | None
+) -> tuple[SliceIndex, SliceIndex | None]:
+    """(training slices, held-out slices) for ``fold``; ``fold=None``: every slice, no held-out part."""
+    if fold is None:
+        return load_index(ingest_dir, labels_dir, folds_dir), None
+    if folds_dir is None:
+        raise ValueError("a fold needs the folds folder (folds.parquet)")
+    folds_all = set(load_index(ingest_dir, labels_dir, folds_dir).fold.tolist())
+    if fold not in folds_all:
+        raise ValueError(f"fold {fold} does not exist (folds: {sorted(folds_all)})")
+    return (load_index(ingest_dir, labels_dir, folds_dir, folds=folds_all - {fold}),
+            load_index(ingest_dir, labels_dir, folds_dir, folds=[fold]))
+
+
+def inject_label_noise(index: SliceIndex, share: float, *, seed: int) -> SliceIndex:
+    """Relabel a random ``share`` of the blend-sign slices as normal ICH (the ablation's reader noise).
+
+    The flipped positions are recorded in ``index.noisy``.
+    """
+    rng = np.random.default_rng(seed + 7919)
+    blend = np.flatnonzero(index.label == CLASSES.index("blend_sign"))
+    flip = rng.choice(blend, size=round(share * len(blend)), replace=False) if len(blend) else blend
+    label, noisy = index.label.copy(), np.zeros(len(index), dtype=bool)
+    label[flip] = CLASSES.index("normal_ich")
+    noisy[flip] = True
+    return dataclasses.replace(index, label=label, noisy=noisy)
+
+
 def _poly(total_iters: int, power: float) -> Any:
     return lambda it: max(0.0, 1.0 - it / max(1, total_iters)) ** power
 
@@ -132,14 +162,9 @@ def train(
         return TrainResult(out_dir, fold, state["best_epoch"], state["best_metric"], state["run_id"],
                            state["history"])
 
-    folds_all = None
-    if folds_dir is not None and fold is not None:
-        folds_all = set(load_index(ingest_dir, labels_dir, folds_dir).fold.tolist())
-        if fold not in folds_all:
-            raise ValueError(f"fold {fold} does not exist (folds: {sorted(folds_all)})")
-    train_index = load_index(ingest_dir, labels_dir, folds_dir,
-                             folds=None if folds_all is None else folds_all - {fold})
-    val_index = None if fold is None else load_index(ingest_dir, labels_dir, folds_dir, folds=[fold])
+    train_index, val_index = split_index(ingest_dir, labels_dir, folds_dir, fold)
+    if cfg.train.label_noise > 0:
+        train_index = inject_label_noise(train_index, cfg.train.label_noise, seed=cfg.train.seed)
     check_data(train_index, val_index, fold)
 
     torch.manual_seed(cfg.train.seed)
@@ -242,6 +267,13 @@ def _save(obj: dict[str, Any], path: Path) -> None:
         torch.save(obj, tmp)
 
 
+TRAINING_SECTIONS = ("data", "model", "loss", "train")  # what a trained model depends on
+
+
+def _training_part(config: dict[str, Any]) -> str:
+    return json.dumps({k: config.get(k) for k in TRAINING_SECTIONS}, sort_keys=True, default=list)
+
+
 def _load_existing(out_dir: Path, cfg: Config, resume: bool) -> dict[str, Any] | None:
     """The checkpoint to continue from, or None to start fresh; refuses to mix configs."""
     last = out_dir / "last.pt"
@@ -250,7 +282,7 @@ def _load_existing(out_dir: Path, cfg: Config, resume: bool) -> dict[str, Any] |
             log.info("--resume: no checkpoint in %s yet, starting fresh", out_dir)
         return None
     state = torch.load(last, map_location="cpu", weights_only=False)
-    if state.get("config") != json.loads(json.dumps(cfg.to_dict())) and state.get("config") != cfg.to_dict():
+    if _training_part(state.get("config", {})) != _training_part(cfg.to_dict()):
         raise ValueError(f"{out_dir} holds a run with a different configuration; choose another output folder")
     if state["epoch"] < cfg.train.epochs and not resume:
         raise ValueError(f"{out_dir} holds an unfinished run (epoch {state['epoch']} of {cfg.train.epochs}); "

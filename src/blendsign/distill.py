@@ -1,0 +1,170 @@
+"""Repeated self-knowledge distillation on one fold (paper §Self-knowledge distillation, Figure 5).
+
+Round 0 trains the teacher. In round r ≥ 1 the previous round's best model predicts soft labels
+(softmax at temperature T) for every training slice with evaluation preprocessing, and a student is
+trained on L_cls + λ1·L_det + λ2·KL(teacher ‖ student); the student teaches the next round.
+
+Layout: ``OUT/fold<k>/round<r>/`` (a ``train`` output folder each), ``round<r>/soft_labels.parquet`` and
+``round<r>/review.md|csv`` (slices where the teacher most disagrees with the training label: what a
+radiologist would re-read), ``OUT/fold<k>/distill.json`` naming the final checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from blendsign import CLASSES
+from blendsign.config import Config
+from blendsign.data import SliceDataset, SliceIndex, make_loader
+from blendsign.engine import predict, softmax
+from blendsign.model import build_model
+from blendsign.storage import atomic_path, write_json_atomic, write_text_atomic
+from blendsign.tracking import Tracker
+from blendsign.train import TrainResult, inject_label_noise, resolve_device, split_index, train
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistillResult:
+    fold: int | None
+    rounds: tuple[TrainResult, ...]
+    fold_run_id: str | None
+
+    @property
+    def final(self) -> TrainResult:
+        return self.rounds[-1]
+
+    def summary(self) -> str:
+        steps = ", ".join(f"round {i}: best epoch {r.best_epoch} ({r.best_metric:.3f})"
+                          for i, r in enumerate(self.rounds))
+        return f"fold {self.fold}: {steps}; final model {self.final.best_checkpoint}"
+
+
+def load_model(checkpoint: str | Path, device: torch.device) -> tuple[torch.nn.Module, Config]:
+    """A trained model and its config from a ``train`` checkpoint, in eval mode on ``device``."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    cfg = Config.from_dict(state["config"])
+    model = build_model(dataclasses.replace(cfg.model, weights="none"))
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), cfg
+
+
+def soft_labels(checkpoint: str | Path, index: SliceIndex, cfg: Config, device: torch.device,
+                *, progress: bool = True) -> np.ndarray:
+    """The teacher's ``[n, 3]`` class probabilities at temperature T for ``index`` (evaluation preprocessing)."""
+    model, _ = load_model(checkpoint, device)
+    ds = SliceDataset(index, cfg.data, stride=model.stride, min_overlap=cfg.loss.gaussian_min_overlap, augment=False)
+    loader = make_loader(ds, batch_size=cfg.train.batch_size, shuffle=False, workers=cfg.data.workers)
+    pred = predict(model, loader, device=device, desc="teacher", progress=progress)
+    out = np.zeros((len(index), len(CLASSES)), dtype=np.float32)
+    out[pred["index"]] = softmax(pred["logits"], cfg.loss.kd_temperature)
+    return out
+
+
+def review_table(index: SliceIndex, soft: np.ndarray, top: int) -> list[dict[str, Any]]:
+    """The ``top`` training slices whose label the teacher believes least (lowest p(label))."""
+    p_label = soft[np.arange(len(index)), index.label]
+    order = np.argsort(p_label, kind="stable")[:top]
+    return [
+        {
+            "scan_id": index.scan_id[i],
+            "slice_index": int(index.slice_index[i]),
+            "instance_key": index.instance_key[i],
+            "label": CLASSES[index.label[i]],
+            "teacher_says": CLASSES[int(soft[i].argmax())],
+            "p_label": round(float(p_label[i]), 4),
+            **{f"p_{c}": round(float(soft[i, k]), 4) for k, c in enumerate(CLASSES)},
+            "noise_injected": bool(index.noisy[i]) if index.noisy is not None else False,
+        }
+        for i in order
+    ]
+
+
+def _write_round_inputs(folder: Path, index: SliceIndex, soft: np.ndarray, review: list[dict[str, Any]]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    table = pa.table({
+        "scan_id": list(index.scan_id), "slice_index": index.slice_index.astype(np.int32),
+        "instance_key": list(index.instance_key), "label": [CLASSES[c] for c in index.label],
+        **{f"p_{c}": soft[:, k] for k, c in enumerate(CLASSES)},
+    })
+    with atomic_path(folder / "soft_labels.parquet") as tmp:
+        pq.write_table(table, tmp)
+    header = list(review[0]) if review else ["scan_id"]
+    csv_lines = [",".join(header)] + [",".join(str(r[h]) for h in header) for r in review]
+    write_text_atomic(folder / "review.csv", "\n".join(csv_lines) + "\n")
+    md = ["# Slices to re-read", "", "Training slices whose label the teacher believes least (lowest p(label)).", "",
+          "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(str(r[h]) for h in header) + " |" for r in review]
+    write_text_atomic(folder / "review.md", "\n".join(md) + "\n")
+
+
+def distill(
+    cfg: Config,
+    *,
+    ingest_dir: str | Path,
+    labels_dir: str | Path,
+    folds_dir: str | Path | None,
+    fold: int | None,
+    out_dir: str | Path,
+    rounds: int | None = None,
+    tracker: Tracker | None = None,
+    parent_run_id: str | None = None,
+    progress: bool = True,
+) -> DistillResult:
+    """Teacher plus ``rounds`` students on ``fold`` (``None``: all data, no validation). Idempotent."""
+    rounds = cfg.distill.rounds if rounds is None else rounds
+    fold_dir = Path(out_dir) / ("all" if fold is None else f"fold{fold}")
+    device = resolve_device(cfg.train.device)
+    name = "refit" if fold is None else f"fold{fold}"
+    state_file = fold_dir / "distill.json"
+    fold_run_id = None
+    if tracker is not None:
+        previous = json.loads(state_file.read_text()) if state_file.exists() else {}
+        with tracker.run(name, tags={"fold": "all" if fold is None else fold, "stage": "fold", "preset": cfg.preset},
+                         parent_run_id=parent_run_id, run_id=previous.get("fold_run_id")) as run:
+            fold_run_id = run.run_id
+    results: list[TrainResult] = []
+    train_index, _ = split_index(ingest_dir, labels_dir, folds_dir, fold)
+    if cfg.train.label_noise > 0:
+        train_index = inject_label_noise(train_index, cfg.train.label_noise, seed=cfg.train.seed)
+    for r in range(rounds + 1):
+        folder = fold_dir / f"round{r}"
+        teacher = None
+        if r > 0:
+            teacher = soft_labels(results[-1].best_checkpoint, train_index, cfg, device, progress=progress)
+            review = review_table(train_index, teacher, cfg.distill.review_top)
+            _write_round_inputs(folder, train_index, teacher, review)
+            flipped = sum(r_["noise_injected"] for r_ in review)
+            log.info("%s round %d: teacher disagrees most with %d slices (%d of them injected noise); see %s",
+                     name, r, len(review), flipped, folder / "review.md")
+        result = train(cfg, ingest_dir=ingest_dir, labels_dir=labels_dir, folds_dir=folds_dir, fold=fold,
+                       out_dir=folder, tracker=tracker, teacher=teacher, run_name=f"{name}-round{r}",
+                       parent_run_id=fold_run_id, tags={"round": str(r)}, progress=progress)
+        if tracker is not None and r > 0 and result.run_id:
+            for artifact in ("soft_labels.parquet", "review.md", "review.csv"):
+                tracker.client.log_artifact(result.run_id, str(folder / artifact), "distillation")
+        results.append(result)
+    write_json_atomic(state_file, {"fold": fold, "rounds": rounds, "fold_run_id": fold_run_id,
+                                   "final_checkpoint": str(results[-1].best_checkpoint.relative_to(fold_dir)),
+                                   "round_run_ids": [r.run_id for r in results]})
+    return DistillResult(fold, tuple(results), fold_run_id)
+
+
+def final_checkpoint(fold_dir: str | Path) -> Path:
+    """The final model of a distilled fold (its last round's best checkpoint)."""
+    fold_dir = Path(fold_dir)
+    state = fold_dir / "distill.json"
+    if not state.exists():
+        raise FileNotFoundError(f"{fold_dir} holds no finished distillation (distill.json missing)")
+    return fold_dir / json.loads(state.read_text())["final_checkpoint"]

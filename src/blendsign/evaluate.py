@@ -1,0 +1,189 @@
+"""Cross-validated evaluation of each fold's final model on its held-out fold (paper §Evaluation protocol).
+
+Per class (one-vs-rest, decision rule: argmax): sensitivity, specificity, F1, ROC AUC per fold, then mean
+and standard deviation over the K folds; 95% CIs by bootstrap over scans of the pooled out-of-fold
+predictions; scan-level triage AUC; calibration; figures (ROC, confusion matrix as the paper's Figure 6,
+reliability diagram, Grad-CAM with the detection branch's boxes as its Figure 7).
+
+Output (``OUT``): ``predictions.parquet`` (out-of-fold), ``metrics.json``, ``report.md`` and the PNGs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from blendsign import CLASSES
+from blendsign.config import Config
+from blendsign.data import SliceDataset, load_index, make_loader
+from blendsign.distill import final_checkpoint, load_model
+from blendsign.engine import predict, softmax
+from blendsign.explain import grad_cam
+from blendsign.metrics import bootstrap_ci, calibration, per_class_metrics, scan_auc
+from blendsign.storage import atomic_path, write_json_atomic, write_text_atomic
+from blendsign.targets import decode_boxes
+from blendsign.tracking import Tracker, finite
+from blendsign.train import resolve_device, split_index
+
+log = logging.getLogger(__name__)
+METRICS = ("sensitivity", "specificity", "f1", "auc")
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    out_dir: Path
+    per_fold: dict[int, dict[str, float]]
+    cv: dict[str, tuple[float, float]]  # "<metric>_<class>" -> (mean, sd) over folds
+    ci: dict[str, tuple[float, float]]  # pooled out-of-fold, bootstrap over scans
+    scan: dict[str, float]
+    figures: tuple[Path, ...] = field(default_factory=tuple)
+
+    def table(self) -> str:
+        """Markdown: rows = classes, columns = metrics as mean ± sd over folds [pooled 95% CI]."""
+        lines = ["| class | " + " | ".join(METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
+        for c in CLASSES:
+            cells = []
+            for m in METRICS:
+                mean, sd = self.cv[f"{m}_{c}"]
+                lo, hi = self.ci.get(f"{m}_{c}", (math.nan, math.nan))
+                cells.append(f"{mean:.3f} ± {sd:.3f} [{lo:.3f}, {hi:.3f}]")
+            lines.append(f"| {c} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        return (f"{len(self.per_fold)}-fold cross-validation (mean ± sd over folds [95% CI, bootstrap over scans]):\n"
+                f"{self.table()}\nscan level: "
+                + ", ".join(f"{k} {v:.3f}" for k, v in self.scan.items()) + f"\nreport: {self.out_dir / 'report.md'}")
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray([v for v in values if not math.isnan(v)], dtype=np.float64)
+    if len(arr) == 0:
+        return math.nan, math.nan
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
+def _cam_candidates(probs: np.ndarray, labels: np.ndarray, per_class: int) -> list[tuple[int, bool]]:
+    """Per class, the most confident correct and the most confident wrong predictions: (row, correct)."""
+    pred = probs.argmax(1)
+    picks: list[tuple[int, bool]] = []
+    for c in range(len(CLASSES)):
+        for correct in (True, False):
+            rows = np.flatnonzero((labels == c) & ((pred == c) == correct))
+            rows = rows[np.argsort(-probs[rows, pred[rows]], kind="stable")][:per_class]
+            picks += [(int(r), correct) for r in rows]
+    return picks
+
+
+def evaluate(
+    cfg: Config,
+    *,
+    ingest_dir: str | Path,
+    labels_dir: str | Path,
+    folds_dir: str | Path,
+    models_dir: str | Path,
+    out_dir: str | Path,
+    tracker: Tracker | None = None,
+    run_id: str | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """Evaluate ``models_dir/fold<k>`` (distillation outputs) on their held-out folds; log to ``run_id``."""
+    from blendsign import plots  # matplotlib only when figures are made
+
+    out_dir, models_dir = Path(out_dir), Path(models_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.train.device)
+    folds = sorted(set(load_index(ingest_dir, labels_dir, folds_dir).fold.tolist()))
+    rows: dict[str, list[Any]] = {k: [] for k in ("scan_id", "slice_index", "instance_key", "fold", "label")}
+    probs_all, per_fold, roc_folds, cams = [], {}, [], []
+    fold_runs: dict[int, str | None] = {}
+    for k in folds:
+        fold_dir = models_dir / f"fold{k}"
+        model, _ = load_model(final_checkpoint(fold_dir), device)
+        fold_runs[k] = json.loads((fold_dir / "distill.json").read_text()).get("fold_run_id")
+        _, val = split_index(ingest_dir, labels_dir, folds_dir, k)
+        assert val is not None
+        ds = SliceDataset(val, cfg.data, stride=model.stride, min_overlap=cfg.loss.gaussian_min_overlap, augment=False)
+        pred = predict(model, make_loader(ds, batch_size=cfg.train.batch_size, shuffle=False, workers=cfg.data.workers),
+                       device=device, desc=f"evaluate fold {k}", progress=progress)
+        order = np.argsort(pred["index"])
+        probs, labels = softmax(pred["logits"][order]), pred["labels"][order]
+        per_fold[k] = per_class_metrics(probs, labels)
+        roc_folds.append((probs, labels))
+        probs_all.append(probs)
+        rows["scan_id"] += list(val.scan_id)
+        rows["slice_index"] += val.slice_index.tolist()
+        rows["instance_key"] += list(val.instance_key)
+        rows["fold"] += [k] * len(val)
+        rows["label"] += labels.tolist()
+        for i, correct in _cam_candidates(probs, labels, cfg.eval.gradcam_per_class):
+            sample = ds[i]
+            image = sample["image"].to(device)
+            cam = grad_cam(model, image, target_class=int(probs[i].argmax()))[0].cpu()
+            with torch.no_grad():
+                det = model(image[None])["det"][0].float().cpu()
+            cams.append({"image": sample["image"], "cam": cam, "boxes": decode_boxes(det, stride=model.stride)[:, :4],
+                         "true": CLASSES[labels[i]], "pred": CLASSES[int(probs[i].argmax())],
+                         "p": float(probs[i].max()), "correct": correct, "class": int(labels[i])})
+
+    probs = np.concatenate(probs_all)
+    labels = np.asarray(rows["label"], dtype=np.int64)
+    groups = np.asarray(rows["scan_id"])
+    cv = {f"{m}_{c}": _mean_sd([per_fold[k][f"{m}_{c}"] for k in folds]) for m in METRICS for c in CLASSES}
+    ci = bootstrap_ci(probs, labels, groups, n_boot=cfg.eval.bootstrap, seed=cfg.train.seed)
+    scan = scan_auc(probs, labels, groups)
+    cal = calibration(probs, labels, bins=cfg.eval.calibration_bins)
+
+    table = pa.table({**rows, "label": [CLASSES[c] for c in labels], "pred": [CLASSES[c] for c in probs.argmax(1)],
+                      **{f"p_{c}": probs[:, j] for j, c in enumerate(CLASSES)}})
+    with atomic_path(out_dir / "predictions.parquet") as tmp:
+        pq.write_table(table, tmp)
+    pred_all = probs.argmax(1)
+    # one correct and one wrong example per class first, then the rest
+    cams.sort(key=lambda d: (not d["correct"], d["class"]))
+    figures = (
+        plots.roc_curves(probs, labels, out_dir / "roc.png", title="ROC, out-of-fold (light: per fold)",
+                         folds=roc_folds),
+        plots.confusion_matrix(labels, pred_all, out_dir / "confusion.png",
+                               title="Confusion, normalised by true class"),
+        plots.reliability_diagram(cal, out_dir / "calibration.png"),
+        plots.gradcam_grid(cams[: 2 * len(CLASSES)] or cams, out_dir / "gradcam.png",
+                           title="Grad-CAM (bottom) and detection boxes (top)"),
+    )
+    metrics = {"per_fold": per_fold, "cv": cv, "ci": ci, "scan": scan,
+               "ece": {c: cal[c]["ece"] for c in CLASSES}, "decision_rule": "argmax",
+               "slices": len(labels), "scans": len(set(rows["scan_id"]))}
+    write_json_atomic(out_dir / "metrics.json", metrics)
+    result = EvalResult(out_dir, per_fold, cv, ci, scan, figures)
+    report = ["# Cross-validated evaluation", "", f"{len(folds)} folds, {len(labels)} slices of "
+              f"{metrics['scans']} scans; decision rule: argmax of the class probabilities.", "",
+              "Per class, one-vs-rest: mean ± sd over folds [95% CI, bootstrap over scans, pooled out-of-fold].",
+              "", result.table(), "", "Scan level (most suspicious slice per scan): "
+              + ", ".join(f"{k} {v:.3f}" for k, v in scan.items()), "",
+              "Expected calibration error: " + ", ".join(f"{c} {cal[c]['ece']:.3f}" for c in CLASSES), "",
+              *[f"![{p.stem}]({p.name})" for p in figures], ""]
+    write_text_atomic(out_dir / "report.md", "\n".join(report))
+    if tracker is not None:
+        for k, run in fold_runs.items():
+            if run:
+                with tracker.run(f"fold{k}", run_id=run) as r:
+                    r.log_metrics(finite(per_fold[k]))
+        if run_id:
+            with tracker.run("evaluate", run_id=run_id) as r:
+                flat = {f"cv_{key}": v[0] for key, v in cv.items()} | {f"cv_{key}_sd": v[1] for key, v in cv.items()}
+                flat |= {f"ci_low_{key}": v[0] for key, v in ci.items()}
+                flat |= {f"ci_high_{key}": v[1] for key, v in ci.items()}
+                flat |= {f"scan_{key}": v for key, v in scan.items()} | {f"ece_{c}": cal[c]["ece"] for c in CLASSES}
+                r.log_metrics(finite(flat))
+                for path in (*figures, *(out_dir / f for f in ("report.md", "metrics.json", "predictions.parquet"))):
+                    r.log_artifact(path, "evaluation")
+    return result

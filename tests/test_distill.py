@@ -1,0 +1,70 @@
+"""blendsign.distill: a round of self-knowledge distillation end to end; the review table; label noise."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from blendsign.config import load_preset, override
+from blendsign.data import load_index
+from blendsign.distill import distill, final_checkpoint, review_table, soft_labels
+from blendsign.tracking import Tracker
+from blendsign.train import inject_label_noise, resolve_device, split_index
+
+CFG = override(load_preset("ci"), train={"epochs": 1}, distill={"rounds": 1})
+
+
+def test_one_round_end_to_end(cohort: dict[str, Path], tmp_path: Path) -> None:
+    tracker = Tracker.open("test-distill", uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    dirs = {"ingest_dir": cohort["ingest"], "labels_dir": cohort["labels"], "folds_dir": cohort["folds"]}
+    result = distill(CFG, **dirs, fold=0, out_dir=tmp_path / "models", tracker=tracker, progress=False)
+    assert len(result.rounds) == 2
+    fold_dir = tmp_path / "models" / "fold0"
+    assert final_checkpoint(fold_dir) == fold_dir / "round1" / "best.pt"
+    # the student learned from the teacher's soft labels on the training slices, evaluation preprocessing
+    train_index, _ = split_index(cohort["ingest"], cohort["labels"], cohort["folds"], 0)
+    soft = pq.read_table(fold_dir / "round1" / "soft_labels.parquet").to_pandas()
+    assert len(soft) == len(train_index) and list(soft["instance_key"]) == list(train_index.instance_key)
+    probs = soft[["p_non_ich", "p_normal_ich", "p_blend_sign"]].to_numpy()
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+    again = soft_labels(fold_dir / "round0" / "best.pt", train_index, CFG, resolve_device("cpu"), progress=False)
+    np.testing.assert_allclose(probs, again, rtol=1e-5, atol=1e-6)
+    review = (fold_dir / "round1" / "review.csv").read_text().splitlines()
+    assert review[0].startswith("scan_id,slice_index,instance_key,label,teacher_says,p_label")
+    assert len(review) == 1 + CFG.distill.review_top
+    # MLflow: fold run → round runs nested under it, soft labels logged with the student
+    fold_run = tracker.client.get_run(result.fold_run_id)
+    rounds = [tracker.client.get_run(r.run_id) for r in result.rounds]
+    assert all(r.data.tags["mlflow.parentRunId"] == fold_run.info.run_id for r in rounds)
+    assert [r.data.tags["round"] for r in rounds] == ["0", "1"]
+    logged = {a.path for a in tracker.client.list_artifacts(rounds[1].info.run_id, "distillation")}
+    assert {"distillation/soft_labels.parquet", "distillation/review.md"} <= logged
+    # idempotent: a second call trains nothing and keeps the fold run
+    again_result = distill(CFG, **dirs, fold=0, out_dir=tmp_path / "models", tracker=tracker, progress=False)
+    assert again_result.fold_run_id == result.fold_run_id
+    assert [r.history for r in again_result.rounds] == [r.history for r in result.rounds]
+
+
+def test_review_table_orders_by_teacher_disbelief(cohort: dict[str, Path]) -> None:
+    index = load_index(cohort["ingest"], cohort["labels"], cohort["folds"])
+    index = dataclasses.replace(index, label=np.zeros(len(index), dtype=np.int64))  # everything "non_ich"
+    soft = np.tile([0.9, 0.05, 0.05], (len(index), 1))
+    soft[3] = [0.1, 0.2, 0.7]  # the teacher is sure slice 3 is a blend sign
+    soft[5] = [0.4, 0.5, 0.1]
+    rows = review_table(index, soft, top=2)
+    assert [r["instance_key"] for r in rows] == [index.instance_key[3], index.instance_key[5]]
+    assert rows[0]["teacher_says"] == "blend_sign" and rows[0]["p_label"] == pytest.approx(0.1)
+
+
+def test_label_noise_flips_only_blend_sign(cohort: dict[str, Path]) -> None:
+    index = load_index(cohort["ingest"], cohort["labels"], cohort["folds"])
+    noisy = inject_label_noise(index, 0.5, seed=0)
+    blend = index.label == 2
+    assert noisy.noisy is not None and noisy.noisy.sum() == round(0.5 * blend.sum())
+    assert np.all(noisy.label[noisy.noisy] == 1) and np.all(blend[noisy.noisy])
+    assert np.array_equal(noisy.label[~noisy.noisy], index.label[~noisy.noisy])
+    assert np.array_equal(inject_label_noise(index, 0.5, seed=0).noisy, noisy.noisy)
