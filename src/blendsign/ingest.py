@@ -24,7 +24,8 @@ import multiprocessing
 import os
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, as_completed
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -425,12 +426,12 @@ R = TypeVar("R")
 
 
 def _run_parallel(
-    fn: Callable[[T], R], items: Sequence[T], workers: int, desc: str, progress: bool, unit: str
+    fn: Callable[[T], R], items: Sequence[T], pool: Executor | None, desc: str, progress: bool, unit: str
 ) -> Iterator[tuple[T, R | BaseException]]:
-    """Apply ``fn`` to each item (in a process pool when ``workers`` > 1); errors are yielded, not raised."""
+    """Apply ``fn`` to each item (in ``pool`` when given, else in-process); errors are yielded, not raised."""
     bar = tqdm(total=len(items), desc=desc, unit=unit, disable=not progress, dynamic_ncols=True)
     try:
-        if workers <= 1:
+        if pool is None:
             for item in items:
                 try:
                     result: R | BaseException = fn(item)
@@ -439,15 +440,22 @@ def _run_parallel(
                 bar.update()
                 yield item, result
             return
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            futures: dict[Future[R], T] = {pool.submit(fn, item): item for item in items}
-            for fut in as_completed(futures):
-                exc = fut.exception()
-                bar.update()
-                yield futures[fut], (exc if exc is not None else fut.result())
+        futures: dict[Future[R], T] = {pool.submit(fn, item): item for item in items}
+        for fut in as_completed(futures):
+            exc = fut.exception()
+            bar.update()
+            yield futures[fut], (exc if exc is not None else fut.result())
     finally:
         bar.close()
+
+
+def _pool(workers: int) -> Executor | None:
+    """Worker processes forked from a server that imported this module once (cheap starts, no inherited threads)."""
+    if workers <= 1:
+        return None
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
 
 
 def _chunks(items: Sequence[str], n: int) -> list[list[str]]:
@@ -488,27 +496,29 @@ def ingest(
     headers: list[SliceHeader] = []
     quarantined: list[tuple[str, str]] = []
     chunks = _chunks([str(p) for p in files], 64)
-    for chunk, res in _run_parallel(read_headers, chunks, cfg.workers, "headers", progress, "chunk"):
-        if isinstance(res, BaseException):
-            quarantined.extend((p, f"header reader failed ({type(res).__name__}: {res})") for p in chunk)
-        else:
-            headers.extend(res[0])
-            quarantined.extend(res[1])
-
-    plan = plan_ingest(headers, postoperative, cfg, pseudo, slices_dir, source)
-    quarantined.extend(plan.quarantined)
     outcomes: list[ScanOutcome] = []
     failed: list[dict[str, str]] = []
-    for task, res in _run_parallel(write_scan, plan.tasks, cfg.workers, "scans", progress, "scan"):
-        if isinstance(res, BaseException):
-            log.error("scan %s failed: %s", task.scan_id, res)
-            failed.append({"scan_id": task.scan_id, "reason": f"{type(res).__name__}: {res}"})
-            continue
-        quarantined.extend(res.quarantined)
-        if res.slices == 0:
-            failed.append({"scan_id": task.scan_id, "reason": "no slice of the scan could be decoded"})
-        else:
-            outcomes.append(res)
+    pool = _pool(cfg.workers)
+    with pool if pool is not None else nullcontext():
+        for chunk, res in _run_parallel(read_headers, chunks, pool, "headers", progress, "chunk"):
+            if isinstance(res, BaseException):
+                quarantined.extend((p, f"header reader failed ({type(res).__name__}: {res})") for p in chunk)
+            else:
+                headers.extend(res[0])
+                quarantined.extend(res[1])
+
+        plan = plan_ingest(headers, postoperative, cfg, pseudo, slices_dir, source)
+        quarantined.extend(plan.quarantined)
+        for task, res in _run_parallel(write_scan, plan.tasks, pool, "scans", progress, "scan"):
+            if isinstance(res, BaseException):
+                log.error("scan %s failed: %s", task.scan_id, res)
+                failed.append({"scan_id": task.scan_id, "reason": f"{type(res).__name__}: {res}"})
+                continue
+            quarantined.extend(res.quarantined)
+            if res.slices == 0:
+                failed.append({"scan_id": task.scan_id, "reason": "no slice of the scan could be decoded"})
+            else:
+                outcomes.append(res)
 
     written = {o.scan_id for o in outcomes}
     stale = [p for p in slices_dir.glob("*.parquet") if p.stem not in written]
