@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 DEMO ?= data/demo
 PRESET ?= demo
 
-.PHONY: setup demo test lint bench clean-demo
+.PHONY: setup demo test lint bench clean-demo mlflow-server mlflow-ui
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,17 +16,17 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/blendsign synth $(DEMO)/source --config $(PRESET)
-	$(BIN)/blendsign ingest $(DEMO)/source/dicom $(DEMO)/ingest --config $(PRESET) --workers 2
-	$(BIN)/blendsign fuse $(DEMO)/source/annotations.csv $(DEMO)/ingest $(DEMO)/labels --config $(PRESET)
-	$(BIN)/blendsign folds $(DEMO)/labels $(DEMO)/folds --config $(PRESET)
-	$(BIN)/blendsign train --config $(PRESET) --ingest $(DEMO)/ingest --labels $(DEMO)/labels \
-		--folds $(DEMO)/folds --fold 0 --out $(DEMO)/train/fold0
+	$(BIN)/blendsign run --config $(PRESET) --work $(DEMO)
 	@echo
-	@echo "Demo output under $(DEMO)/: source/ (synthetic DICOM + annotations), ingest/ (Parquet slices),"
-	@echo "labels/ (gold labels, reader agreement), folds/, train/fold0/ (teacher checkpoints)."
-	@echo "MLflow: .blendsign/mlflow.db — browse with: $(BIN)/mlflow ui --backend-store-uri sqlite:///.blendsign/mlflow.db"
-	@cat $(DEMO)/ingest/ingest_report.md $(DEMO)/labels/agreement.md $(DEMO)/folds/folds.md
+	@echo "Demo output under $(DEMO)/: source/ (synthetic DICOM + annotations), ingest/, labels/, folds/,"
+	@echo "cv/ (fold models, evaluation report and figures), register/ (refit model, model card)."
+	@echo "Browse the runs and the registry: make mlflow-ui"
+
+mlflow-server: $(STAMP)
+	BIN=$(BIN) mlflow/server.sh
+
+mlflow-ui: $(STAMP)
+	$(BIN)/mlflow ui --host 127.0.0.1 --backend-store-uri sqlite:///$(CURDIR)/.blendsign/mlflow.db
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
@@ -37,6 +37,8 @@ test: $(STAMP) lint
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_ingest.py
 	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_inference.py
+	$(BIN)/python benchmarks/bench_serve.py
 
 clean-demo:
 	rm -rf $(DEMO) data/demo*.pseudonym-key

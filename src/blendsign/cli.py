@@ -293,9 +293,42 @@ def _run_ablation(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- run: the whole job on this machine --------------------------------------------------------------
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = _stage(sub, "run", "the whole job on this machine: ingest → fuse → folds → CV (teacher + distillation) → "
+                           "evaluate → register (the embedded synthetic cohort unless --source)")
+    p.add_argument("--work", type=Path, default=Path("data/run"), help="work folder (default data/run)")
+    p.add_argument("--source", type=Path, default=None, help="DICOM folder (default: synthesise the cohort)")
+    p.add_argument("--annotations", type=Path, default=None, help="native annotation CSV (with --source)")
+    p.add_argument("--clinical", type=Path, default=None, help="clinical.csv (postoperative list)")
+    p.add_argument("--register", dest="register_mode", default="refit", choices=["refit", "fold-ensemble"],
+                   help="what to register: a refit on all scans (default) or the K fold models averaged")
+    p.add_argument("--model-name", default="blendsign", help="registered model name")
+    p.add_argument("--metric", default="cv_auc_blend_sign", help="promotion metric (cv_<metric>_<class>)")
+    p.add_argument("--margin", type=float, default=0.0, help="promotion margin over the champion")
+    p.add_argument("--experiment", default="blendsign", help="MLflow experiment")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the config's)")
+    p.set_defaults(func=_run_run)
+
+
+def _run_run(args: argparse.Namespace) -> int:
+    from blendsign.pipeline import run_pipeline
+
+    args.mlflow = True
+    cfg, tracker = _setup(args)
+    result = run_pipeline(cfg, work_dir=args.work, source=args.source, annotations=args.annotations,
+                          clinical=args.clinical, tracker=tracker, register_mode=args.register_mode,
+                          model_name=args.model_name, metric=args.metric, margin=args.margin,
+                          progress=args.progress)
+    print(result.summary())
+    return 0
+
+
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_synth, _add_ingest, _add_import_annotations, _add_fuse, _add_folds, _add_train,
-    _add_distill, _add_evaluate, _add_cv, _add_ablation,
+    _add_distill, _add_evaluate, _add_cv, _add_ablation, _add_run,
 ]
 
 

@@ -80,6 +80,7 @@ class Tracker:
     client: Any
     experiment_id: str
     uri: str
+    experiment_name: str = "blendsign"
 
     @classmethod
     def open(cls, experiment: str = "blendsign", uri: str | None = None) -> Tracker:
@@ -97,7 +98,7 @@ class Tracker:
                 location = root.resolve().as_uri()
             exp_id = client.create_experiment(experiment, artifact_location=location)
         log.info("MLflow: %s, experiment %r", uri, experiment)
-        return cls(client, exp_id, uri)
+        return cls(client, exp_id, uri, experiment)
 
     @contextmanager
     def run(
