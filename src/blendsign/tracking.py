@@ -92,8 +92,13 @@ class Tracker:
         if exp is not None:
             exp_id = exp.experiment_id
         else:
+            # BLENDSIGN_ARTIFACT_ROOT / MLFLOW_ARTIFACT_ROOT (e.g. s3://bucket/mlflow): new experiments put
+            # their artifacts under <root>/<experiment> (MLflow itself reads neither variable client-side).
+            root_env = os.environ.get("BLENDSIGN_ARTIFACT_ROOT") or os.environ.get("MLFLOW_ARTIFACT_ROOT")
             location = None
-            if uri.startswith("sqlite:") and not os.environ.get("MLFLOW_ARTIFACT_ROOT"):
+            if root_env:
+                location = f"{root_env.rstrip('/')}/{experiment}"
+            elif uri.startswith("sqlite:"):
                 root = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts"
                 location = root.resolve().as_uri()
             exp_id = client.create_experiment(experiment, artifact_location=location)

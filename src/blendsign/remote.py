@@ -1,0 +1,119 @@
+"""Stages on ``s3://bucket/prefix`` as well as local paths: the path-based stage functions wrapped in
+:func:`blendsign.storage.local_input` / :func:`blendsign.storage.local_output`.
+
+An S3 input is mirrored to a local folder (``cache`` keeps the mirror between runs); an S3 output is
+staged locally and published only when the stage succeeds (changed files, stale objects deleted,
+``_SUCCESS`` last). Stage outputs read from S3 must carry that marker.
+
+Pseudonym key: with an S3 output (or an S3 ingest read by ``fuse``) the key must come from
+``BLENDSIGN_PSEUDONYM_KEY``; a key file is never created, and nothing beside a staging folder is uploaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Generic, TypeVar
+
+from blendsign.config import FoldConfig, IngestConfig, LabelConfig
+from blendsign.deid import KEY_ENV
+from blendsign.folds import FoldsResult, make_folds
+from blendsign.ingest import IngestResult, ingest
+from blendsign.labels import FuseResult, fuse
+from blendsign.storage import is_s3, local_input, local_output, scratch_dir, split_s3, uri_text
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class StageResult(Generic[R]):
+    """A stage's result and where its output went (``result``'s own paths name the local staging folder)."""
+
+    uri: str  # the output as given: local path or s3:// URI
+    local: Path  # the folder the stage wrote (for S3 a staging folder, gone after the call unless cached)
+    result: R
+
+    def summary(self) -> str:
+        text: str = self.result.summary()  # type: ignore[attr-defined]
+        return text.replace(str(self.local), self.uri) if is_s3(self.uri) else text
+
+
+def _require_env_key(why: str) -> None:
+    if not os.environ.get(KEY_ENV):
+        raise ValueError(f"{why}: set {KEY_ENV} (a key file cannot live beside an s3:// location, and must "
+                         "never be uploaded with the data)")
+
+
+def _sibling(uri: str, name: str) -> str:
+    """``s3://b/raw/dicom`` → ``s3://b/raw/<name>``."""
+    bucket, key = split_s3(uri)
+    parent = key.rstrip("/").rpartition("/")[0]
+    return f"s3://{bucket}/{parent + '/' if parent else ''}{name}"
+
+
+def ingest_uri(
+    source: str | Path,
+    out: str | Path,
+    cfg: IngestConfig,
+    *,
+    clinical_csv: str | Path | None = None,
+    progress: bool = True,
+    cache: Path | None = None,
+) -> StageResult[IngestResult]:
+    """:func:`blendsign.ingest.ingest` from/to local paths or S3 prefixes.
+
+    An S3 ``out`` is prefetched into the staging folder, so scans whose source digest is unchanged are
+    reused, not decoded again (S3 mirrors keep each object's LastModified as mtime, so digests are stable).
+    Without ``clinical_csv``, an S3 source's ``clinical.csv`` is looked for in and beside the prefix, as
+    a local source's is.
+    """
+    source, out = uri_text(source), uri_text(out)
+    if is_s3(out):
+        _require_env_key(f"ingest into {out}")
+    with ExitStack() as stack:
+        root = stack.enter_context(scratch_dir(cache))
+        src = stack.enter_context(local_input(source, cache=root))
+        clinical = stack.enter_context(local_input(uri_text(clinical_csv), cache=root)) if clinical_csv else None
+        if clinical is None and is_s3(source) and not (src / "clinical.csv").is_file():
+            with contextlib.suppress(FileNotFoundError):  # lands beside the mirror, where ingest finds it
+                stack.enter_context(local_input(_sibling(source, "clinical.csv"), cache=root))
+        dst = stack.enter_context(local_output(out, cache=root, prefetch=True))
+        result = ingest(src, dst, cfg, clinical_csv=clinical, progress=progress)
+    return StageResult(out, Path(dst), result)
+
+
+def fuse_uri(
+    annotations: str | Path,
+    ingest_dir: str | Path,
+    out: str | Path,
+    cfg: LabelConfig | None = None,
+    *,
+    cache: Path | None = None,
+) -> StageResult[FuseResult]:
+    """:func:`blendsign.labels.fuse` from/to local paths or S3 (an S3 ingest must be complete: ``_SUCCESS``)."""
+    annotations, ingest_dir, out = uri_text(annotations), uri_text(ingest_dir), uri_text(out)
+    if is_s3(ingest_dir):
+        _require_env_key(f"fuse with the ingest at {ingest_dir}")
+    with ExitStack() as stack:
+        root = stack.enter_context(scratch_dir(cache))
+        ann = stack.enter_context(local_input(annotations, cache=root))
+        ing = stack.enter_context(local_input(ingest_dir, cache=root, require_marker=True))
+        dst = stack.enter_context(local_output(out, cache=root))
+        result = fuse(ann, ing, dst, cfg)
+    return StageResult(out, Path(dst), result)
+
+
+def folds_uri(
+    labels_dir: str | Path, out: str | Path, cfg: FoldConfig | None = None, *, cache: Path | None = None
+) -> StageResult[FoldsResult]:
+    """:func:`blendsign.folds.make_folds` from/to local paths or S3 (an S3 ``labels_dir`` must be complete)."""
+    labels_dir, out = uri_text(labels_dir), uri_text(out)
+    with ExitStack() as stack:
+        root = stack.enter_context(scratch_dir(cache))
+        lab = stack.enter_context(local_input(labels_dir, cache=root, require_marker=True))
+        dst = stack.enter_context(local_output(out, cache=root))
+        result = make_folds(lab, dst, cfg)
+    return StageResult(out, Path(dst), result)
