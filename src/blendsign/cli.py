@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -70,10 +71,10 @@ def _run_synth(args: argparse.Namespace) -> int:
 
 def _add_ingest(sub: argparse._SubParsersAction) -> None:
     p = _stage(sub, "ingest", help="DICOM folder → de-identified Parquet slice dataset + flow report")
-    p.add_argument("source", type=Path, help="folder of DICOM files (searched recursively)")
-    p.add_argument("out", type=Path, help="output folder (slices/, ingest_report.json)")
+    p.add_argument("source", help="folder or s3:// prefix of DICOM files (searched recursively)")
+    p.add_argument("out", help="output folder or s3:// prefix (slices/, ingest_report.json)")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default 1)")
-    p.add_argument("--clinical", type=Path, default=None,
+    p.add_argument("--clinical", default=None,
                    help="CSV study_instance_uid,postoperative (default: clinical.csv in or beside SOURCE)")
     p.set_defaults(func=_run_ingest)
 
@@ -81,12 +82,12 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
 def _run_ingest(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from blendsign.ingest import ingest
+    from blendsign.remote import ingest_uri
 
     cfg = _config(args).ingest
     if args.workers is not None:
         cfg = replace(cfg, workers=args.workers)
-    result = ingest(args.source, args.out, cfg, clinical_csv=args.clinical, progress=args.progress)
+    result = ingest_uri(args.source, args.out, cfg, clinical_csv=args.clinical, progress=args.progress)
     print(result.summary())
     return 0
 
@@ -112,9 +113,9 @@ def _run_import_annotations(args: argparse.Namespace) -> int:
 
 def _add_fuse(sub: argparse._SubParsersAction) -> None:
     p = _stage(sub, "fuse", help="readers' annotations + ingest → gold labels, fused boxes, Fleiss' κ")
-    p.add_argument("annotations", type=Path, help="native annotation CSV (one row per reader, slice, box)")
-    p.add_argument("ingest_dir", type=Path, help="output folder of `blendsign ingest`")
-    p.add_argument("out", type=Path, help="output folder (labels.parquet, agreement.json, agreement.md)")
+    p.add_argument("annotations", help="native annotation CSV (one row per reader, slice, box); path or s3://")
+    p.add_argument("ingest_dir", help="output of `blendsign ingest` (folder or s3:// prefix)")
+    p.add_argument("out", help="output folder or s3:// prefix (labels.parquet, agreement.json, agreement.md)")
     p.add_argument("--box-match-iou", type=float, default=None, help="IoU for readers' boxes to match (0.5)")
     p.set_defaults(func=_run_fuse)
 
@@ -122,19 +123,19 @@ def _add_fuse(sub: argparse._SubParsersAction) -> None:
 def _run_fuse(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from blendsign.labels import fuse
+    from blendsign.remote import fuse_uri
 
     cfg = _config(args).labels
     if args.box_match_iou is not None:
         cfg = replace(cfg, box_match_iou=args.box_match_iou)
-    print(fuse(args.annotations, args.ingest_dir, args.out, cfg).summary())
+    print(fuse_uri(args.annotations, args.ingest_dir, args.out, cfg).summary())
     return 0
 
 
 def _add_folds(sub: argparse._SubParsersAction) -> None:
     p = _stage(sub, "folds", help="patient-level stratified cross-validation folds")
-    p.add_argument("labels_dir", type=Path, help="output folder of `blendsign fuse` (labels.parquet)")
-    p.add_argument("out", type=Path, help="output folder (folds.parquet, folds.json, folds.md)")
+    p.add_argument("labels_dir", help="output of `blendsign fuse` (folder or s3:// prefix)")
+    p.add_argument("out", help="output folder or s3:// prefix (folds.parquet, folds.json, folds.md)")
     p.add_argument("--k", type=int, default=None, help="number of folds (default 5)")
     p.add_argument("--seed", type=int, default=None, help="random seed (same seed, same folds)")
     p.set_defaults(func=_run_folds)
@@ -143,11 +144,11 @@ def _add_folds(sub: argparse._SubParsersAction) -> None:
 def _run_folds(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from blendsign.folds import make_folds
+    from blendsign.remote import folds_uri
 
     cfg = _config(args).folds
     changes = {k: v for k, v in {"k": args.k, "seed": args.seed}.items() if v is not None}
-    print(make_folds(args.labels_dir, args.out, replace(cfg, **changes)).summary())
+    print(folds_uri(args.labels_dir, args.out, replace(cfg, **changes)).summary())
     return 0
 
 
@@ -158,11 +159,11 @@ def _run_folds(args: argparse.Namespace) -> int:
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = _stage(sub, "train", "train the teacher network on one cross-validation fold (or --fold all)")
-    p.add_argument("--ingest", type=Path, required=True, help="ingest output folder (slices/)")
-    p.add_argument("--labels", type=Path, required=True, help="fuse output folder (labels.parquet)")
-    p.add_argument("--folds", type=Path, default=None, help="folds output folder (folds.parquet)")
+    p.add_argument("--ingest", required=True, help="ingest output folder (slices/)")
+    p.add_argument("--labels", required=True, help="fuse output folder (labels.parquet)")
+    p.add_argument("--folds", default=None, help="folds output folder (folds.parquet)")
     p.add_argument("--fold", default="0", help="held-out fold for validation, or 'all' to train on everything")
-    p.add_argument("--out", type=Path, required=True, help="checkpoint folder")
+    p.add_argument("--out", required=True, help="checkpoint folder")
     p.add_argument("--resume", action="store_true", help="continue an unfinished run in --out")
     p.add_argument("--stop-after-epochs", type=int, default=None, help="train at most N epochs in this call")
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the config's)")
@@ -175,6 +176,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    with ExitStack() as stack:
+        _staged(args, stack)
+        return _run_train_staged(args)
+
+
+def _run_train_staged(args: argparse.Namespace) -> int:
     from blendsign.config import override
     from blendsign.tracking import Tracker
     from blendsign.train import train
@@ -198,10 +205,10 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ingest", type=Path, required=True, help="ingest output folder (slices/)")
-    p.add_argument("--labels", type=Path, required=True, help="fuse output folder (labels.parquet)")
-    p.add_argument("--folds", type=Path, required=True, help="folds output folder (folds.parquet)")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--ingest", required=True, help="ingest output folder (slices/)")
+    p.add_argument("--labels", required=True, help="fuse output folder (labels.parquet)")
+    p.add_argument("--folds", required=True, help="folds output folder (folds.parquet)")
+    p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--experiment", default="blendsign", help="MLflow experiment")
     p.add_argument("--no-mlflow", dest="mlflow", action="store_false", help="do not log to MLflow")
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the config's)")
@@ -221,6 +228,16 @@ def _dirs(args: argparse.Namespace) -> dict[str, Path]:
     return {"ingest_dir": args.ingest, "labels_dir": args.labels, "folds_dir": args.folds}
 
 
+def _staged(args: argparse.Namespace, stack: ExitStack) -> None:
+    """Replace s3:// inputs by local mirrors and ``--out`` by a staging folder published on success."""
+    from blendsign.storage import local_input, local_output
+
+    for name in ("ingest", "labels", "folds", "models"):
+        if getattr(args, name, None) is not None:
+            setattr(args, name, stack.enter_context(local_input(getattr(args, name), require_marker=True)))
+    args.out = stack.enter_context(local_output(args.out, prefetch=True))
+
+
 def _add_distill(sub: argparse._SubParsersAction) -> None:
     p = _stage(sub, "distill", "teacher + repeated self-knowledge distillation on one fold")
     _data_args(p)
@@ -230,6 +247,12 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_distill(args: argparse.Namespace) -> int:
+    with ExitStack() as stack:
+        _staged(args, stack)
+        return _run_distill_staged(args)
+
+
+def _run_distill_staged(args: argparse.Namespace) -> int:
     from blendsign.distill import distill
 
     cfg, tracker = _setup(args)
@@ -243,11 +266,17 @@ def _run_distill(args: argparse.Namespace) -> int:
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = _stage(sub, "evaluate", "evaluate each fold's final model on its held-out fold: metrics, CIs, figures")
     _data_args(p)
-    p.add_argument("--models", type=Path, required=True, help="folder holding fold<k>/ distillation outputs")
+    p.add_argument("--models", required=True, help="folder holding fold<k>/ distillation outputs")
     p.set_defaults(func=_run_evaluate)
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
+    with ExitStack() as stack:
+        _staged(args, stack)
+        return _run_evaluate_staged(args)
+
+
+def _run_evaluate_staged(args: argparse.Namespace) -> int:
     from blendsign.evaluate import evaluate
 
     cfg, tracker = _setup(args)
@@ -269,6 +298,12 @@ def _add_cv(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_cv(args: argparse.Namespace) -> int:
+    with ExitStack() as stack:
+        _staged(args, stack)
+        return _run_cv_staged(args)
+
+
+def _run_cv_staged(args: argparse.Namespace) -> int:
     from blendsign.cv import cross_validate
 
     cfg, tracker = _setup(args, **({"distill": {"rounds": args.rounds}} if args.rounds is not None else {}))
@@ -285,6 +320,12 @@ def _add_ablation(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_ablation(args: argparse.Namespace) -> int:
+    with ExitStack() as stack:
+        _staged(args, stack)
+        return _run_ablation_staged(args)
+
+
+def _run_ablation_staged(args: argparse.Namespace) -> int:
     from blendsign.cv import ablation
 
     noise = {"train": {"label_noise": args.label_noise}} if args.label_noise is not None else {}
@@ -302,7 +343,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--work", type=Path, default=Path("data/run"), help="work folder (default data/run)")
     p.add_argument("--source", type=Path, default=None, help="DICOM folder (default: synthesise the cohort)")
     p.add_argument("--annotations", type=Path, default=None, help="native annotation CSV (with --source)")
-    p.add_argument("--clinical", type=Path, default=None, help="clinical.csv (postoperative list)")
+    p.add_argument("--clinical", default=None, help="clinical.csv (postoperative list)")
     p.add_argument("--register", dest="register_mode", default="refit", choices=["refit", "fold-ensemble"],
                    help="what to register: a refit on all scans (default) or the K fold models averaged")
     p.add_argument("--model-name", default="blendsign", help="registered model name")
@@ -326,9 +367,122 @@ def _run_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- pipeline: the Kubeflow pipeline (compile, run --local, submit, schedule) ---------------------------
+
+
+def _pipeline_modules() -> tuple[object, object]:
+    """``pipelines.blendsign_pipeline`` and ``pipelines.launch`` from the repository checkout (they live at
+    its root, beside ``components/``, not in the installed package)."""
+    import importlib
+
+    roots = [Path.cwd(), Path(__file__).resolve().parents[2]]
+    root = next((r for r in roots if (r / "pipelines" / "blendsign_pipeline.py").is_file()), None)
+    if root is None:
+        raise FileNotFoundError("pipelines/blendsign_pipeline.py not found: run `blendsign pipeline` from a "
+                                "checkout of the repository")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return importlib.import_module("pipelines.blendsign_pipeline"), importlib.import_module("pipelines.launch")
+
+
+def _pipeline_params(p: argparse.ArgumentParser, *, local: bool) -> None:
+    src = "local path" if local else "s3:// URI or a path inside the image"
+    p.add_argument("--source", default=None, help=f"DICOM {src}" + (" (default: synthesise the cohort)" if local
+                                                                    else ""))
+    p.add_argument("--annotations", default=None, help=f"native annotation CSV ({src})")
+    p.add_argument("--clinical", default=None, help=f"clinical.csv ({src}; postoperative list)")
+    p.add_argument("--k", type=int, default=None, help="folds (default: the preset's)")
+    p.add_argument("--rounds", type=int, default=None, help="distillation rounds (default: the preset's)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI"
+                   + (", else .blendsign/mlflow.db)" if local else " in the pods, from the credentials secret)"))
+    p.add_argument("--experiment", default="blendsign", help="MLflow experiment")
+    p.add_argument("--model-name", default="blendsign", help="registered model name")
+    p.add_argument("--metric", default="cv_auc_blend_sign", help="promotion metric (cv_<metric>_<class>)")
+    p.add_argument("--margin", type=float, default=0.0, help="promotion margin over the champion")
+    p.add_argument("--register", dest="register_mode", default="refit", choices=["refit", "fold-ensemble"],
+                   help="what to register: a refit on all scans (default) or the K fold models averaged")
+
+
+def _pipeline_resources(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpu-type", default=None, help="accelerator resource of the GPU tasks (nvidia.com/gpu)")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs per GPU task (default 1; 0: CPU only)")
+
+
+def _add_pipeline(sub: argparse._SubParsersAction) -> None:
+    help_ = "the Kubeflow pipeline: compile it, run it here (kfp.local), submit or schedule it on a cluster"
+    p = sub.add_parser("pipeline", help=help_, description=help_)
+    actions = p.add_subparsers(dest="action", required=True, metavar="<action>")
+    c = actions.add_parser("compile", help="write the pipeline spec (YAML)", parents=[_common()])
+    c.add_argument("--output", type=Path, default=None, help="default pipelines/blendsign_pipeline.yaml")
+    _pipeline_resources(c)
+    r = actions.add_parser("run", help="run the whole pipeline on this machine (kfp.local)", parents=[_common()])
+    r.add_argument("--local", action="store_true", required=True, help="run here with kfp.local (required)")
+    r.add_argument("--work", type=Path, default=Path("data/pipeline"), help="work folder (default data/pipeline)")
+    r.add_argument("--only-if-new-data", action="store_true", help="end early if the champion has this dataset")
+    _pipeline_params(r, local=True)
+    for name, what in (("submit", "run the pipeline once on a Kubeflow Pipelines endpoint"),
+                       ("schedule", "create a recurring run (scheduled retraining) on an endpoint")):
+        q = actions.add_parser(name, help=what, description=what, parents=[_common()])
+        q.add_argument("--host", required=True, help="Kubeflow Pipelines API endpoint, e.g. http://ml-pipeline:8888")
+        q.add_argument("--namespace", default=None, help="Kubeflow namespace (multi-user installs)")
+        q.add_argument("--kfp-experiment", default="blendsign", help="Kubeflow experiment")
+        q.add_argument("--secret", default="blendsign-credentials", help="Kubernetes secret with the credentials")
+        _pipeline_params(q, local=False)
+        _pipeline_resources(q)
+        if name == "submit":
+            q.add_argument("--run-name", default=None, help="run name (default: kfp's)")
+            q.add_argument("--only-if-new-data", action="store_true", help="end early if nothing changed")
+            q.add_argument("--no-cache", dest="cache", action="store_false", help="disable caching for this run")
+        else:
+            q.add_argument("--cron", required=True, help="cron expression, 5 fields or 6 (seconds first)")
+            q.add_argument("--name", default="blendsign-retraining", help="recurring run name")
+            q.add_argument("--always", action="store_true", help="retrain even when no new data arrived")
+    p.set_defaults(func=_run_pipeline_command)
+
+
+def _run_pipeline_command(args: argparse.Namespace) -> int:
+    definition, launch = _pipeline_modules()
+    res = None
+    if getattr(args, "gpu_type", None) is not None or getattr(args, "gpus", None) is not None:
+        from dataclasses import replace
+
+        res = definition.Resources()  # type: ignore[attr-defined]
+        res = replace(res, **{k: v for k, v in {"gpu_type": args.gpu_type, "gpus": args.gpus}.items()
+                              if v is not None})
+    if args.action == "compile":
+        print(definition.compile_pipeline(args.output or definition.DEFAULT_YAML, res))  # type: ignore[attr-defined]
+        return 0
+    if args.action == "run":
+        result = launch.run_local(  # type: ignore[attr-defined]
+            preset=args.config, work_dir=args.work, source=args.source, annotations=args.annotations,
+            clinical=args.clinical, k=args.k, rounds=args.rounds, tracking_uri=args.tracking_uri,
+            experiment=args.experiment, model_name=args.model_name, metric=args.metric, margin=args.margin,
+            register_mode=args.register_mode, only_if_new_data=args.only_if_new_data, progress=args.progress)
+        print(result.summary)
+        return 0
+    if not args.source or not args.annotations:
+        raise ValueError("--source and --annotations are required on a cluster")
+    params = {"source_uri": args.source, "annotations_uri": args.annotations, "clinical_uri": args.clinical or "",
+              "preset": args.config, "experiment": args.experiment, "model_name": args.model_name,
+              "promotion_metric": args.metric, "promotion_margin": args.margin,
+              "register_mode": args.register_mode, "credentials_secret": args.secret,
+              **{k: v for k, v in {"k": args.k, "rounds": args.rounds, "tracking_uri": args.tracking_uri}.items()
+                 if v is not None}}
+    common = {"kfp_experiment": args.kfp_experiment, "namespace": args.namespace, "res": res}
+    if args.action == "submit":
+        run_id = launch.submit(args.host, {**params, "only_if_new_data": args.only_if_new_data},  # type: ignore
+                               run_name=args.run_name, enable_caching=None if args.cache else False, **common)
+        print(f"submitted run {run_id} to {args.host}")
+    else:
+        job_id = launch.schedule(args.host, args.cron, {**params, "only_if_new_data": not args.always},  # type: ignore
+                                 name=args.name, **common)
+        print(f"scheduled recurring run {job_id} ({args.cron}) on {args.host}")
+    return 0
+
+
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_synth, _add_ingest, _add_import_annotations, _add_fuse, _add_folds, _add_train,
-    _add_distill, _add_evaluate, _add_cv, _add_ablation, _add_run,
+    _add_distill, _add_evaluate, _add_cv, _add_ablation, _add_run, _add_pipeline,
 ]
 
 
