@@ -148,8 +148,9 @@ def distill(
             flipped = sum(r_["noise_injected"] for r_ in review)
             log.info("%s round %d: teacher disagrees most with %d slices (%d of them injected noise); see %s",
                      name, r, len(review), flipped, folder / "review.md")
+        # resume=True: a round killed half-way (a pre-empted pipeline task) continues where it stopped
         result = train(cfg, ingest_dir=ingest_dir, labels_dir=labels_dir, folds_dir=folds_dir, fold=fold,
-                       out_dir=folder, tracker=tracker, teacher=teacher, run_name=f"{name}-round{r}",
+                       out_dir=folder, resume=True, tracker=tracker, teacher=teacher, run_name=f"{name}-round{r}",
                        parent_run_id=fold_run_id, tags={"round": str(r)}, progress=progress)
         if tracker is not None and r > 0 and result.run_id:
             for artifact in ("soft_labels.parquet", "review.md", "review.csv"):
