@@ -148,7 +148,7 @@ def register_stage(
             card="(model card follows)")
         card = model_card(name=name, version=version, mode=mode, preset=cfg.preset, metrics=metrics,
                           agreement=agreement, ingest=ingest_report, fingerprint=fingerprint, commit=commit,
-                          promotion=promotion, command=" ".join(shlex.quote(a) for a in sys.argv))
+                          promotion=promotion, command="blendsign " + shlex.join(sys.argv[1:]))
         tracker.client.update_model_version(name, version, description=card)
         write_text_atomic(out_dir / "model_card.md", card)
         run.log_artifact(out_dir / "model_card.md", "registry")
