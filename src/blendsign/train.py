@@ -279,7 +279,7 @@ def _load_existing(out_dir: Path, cfg: Config, resume: bool) -> dict[str, Any] |
     last = out_dir / "last.pt"
     if not last.exists():
         if resume:
-            log.info("--resume: no checkpoint in %s yet, starting fresh", out_dir)
+            log.debug("resume: no checkpoint in %s yet, starting fresh", out_dir)
         return None
     state = torch.load(last, map_location="cpu", weights_only=False)
     if _training_part(state.get("config", {})) != _training_part(cfg.to_dict()):
