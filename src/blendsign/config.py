@@ -129,6 +129,8 @@ class TrainConfig:
     momentum: float = 0.9  # paper: SGD momentum 0.9
     weight_decay: float = 5e-4  # paper: weight decay 0.0005
     poly_power: float = 0.9  # paper: "poly" decay lr·(1 − iter/max_iter)^0.9, per iteration
+    grad_clip_norm: float = 10.0  # not in the paper: caps a step's gradient norm (0 = off); SGD at 0.01 can
+    # otherwise throw the center heatmap's logits into divergence on a batch with few boxes
     amp: bool = True  # mixed precision (CUDA only)
     channels_last: bool = True  # memory format (CUDA only)
     seed: int = 0
@@ -224,7 +226,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {},
     # Minutes on a 2-core CPU: smaller images, cohort and network, random init, few epochs.
     "demo": {
-        "synth": {"scans": 24, "size": 128},
+        "synth": {"scans": 30, "size": 128},
+        "folds": {"k": 3},
+        "distill": {"rounds": 1},
         "data": {"size": 128},
         "model": {"backbone": "resnet18", "weights": "none"},
         "train": {"epochs": 4},

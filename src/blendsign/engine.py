@@ -34,10 +34,12 @@ def train_one_epoch(
     device: torch.device,
     amp: bool,
     channels_last: bool,
+    grad_clip_norm: float = 0.0,
     desc: str = "train",
     progress: bool = True,
 ) -> dict[str, float]:
-    """Train over ``loader`` once; the LR scheduler steps per iteration (poly decay).
+    """Train over ``loader`` once; the LR scheduler steps per iteration (poly decay); gradients are clipped
+    to ``grad_clip_norm`` (0: not clipped).
 
     Returns the sample-weighted mean of each loss term (``loss_<term>``), the last ``lr`` and
     ``images_per_s``.
@@ -58,6 +60,9 @@ def train_one_epoch(
             raise FloatingPointError(f"{desc}: non-finite loss {terms['total'].item()} at batch {seen // len(images)}")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(terms["total"]).backward()
+        if grad_clip_norm > 0:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()

@@ -223,6 +223,7 @@ def train(
             train_loader.sampler.set_epoch(epoch)
             metrics = train_one_epoch(net, train_loader, optimizer, scheduler, scaler, loss_cfg=cfg.loss,
                                       device=device, amp=amp, channels_last=cuda and cfg.train.channels_last,
+                                      grad_clip_norm=cfg.train.grad_clip_norm,
                                       desc=f"{name} epoch {epoch + 1}/{cfg.train.epochs}",
                                       progress=progress and is_main)
             if val_loader is not None and is_main:
