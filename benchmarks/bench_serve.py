@@ -1,0 +1,157 @@
+"""Serving latency: the HTTP endpoint (``mlflow models serve``) against the same model called in process.
+
+    python benchmarks/bench_serve.py [--repeats 3] [--backbone resnet50] [--slices 40] [--batch-size 8]
+
+One 40-slice scan of real 512×512 head CT (pydicom-data's ``693_UNCI.dcm`` repeated with distinct
+SOPInstanceUIDs; pydicom's ``CT_small.dcm`` upsampled to 512² when pydicom-data is absent) is scored by the
+``paper`` model (random weights) logged to a temporary MLflow store: in process (``serving.load(...).predict``
+on the DICOM bytes) and over HTTP (one JSON request of base64 text to ``/invocations`` on 127.0.0.1), the two
+interleaved, after one warm-up each. Prints p50/p95 latency per scan and slices/s; the last line is
+``ratio=<HTTP p50 / in-process p50>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import torch
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from blendsign import serving
+from blendsign.config import load_preset, override
+from blendsign.model import build_model
+from blendsign.tracking import Tracker
+
+
+def scan_slices(n: int) -> list[bytes]:
+    """``n`` 512×512 CT slices as DICOM bytes, distinct SOPInstanceUIDs."""
+    path = get_testdata_file("693_UNCI.dcm")
+    ds = pydicom.dcmread(str(path if path is not None else get_testdata_file("CT_small.dcm")))
+    if int(ds.Rows) != 512:  # CT_small is 128²: upsample its stored values 4×
+        ds.PixelData = np.kron(ds.pixel_array, np.ones((4, 4), dtype=ds.pixel_array.dtype)).tobytes()
+        ds.Rows, ds.Columns = 512, 512
+    out = []
+    for i in range(n):
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = i + 1
+        buffer = io.BytesIO()
+        ds.save_as(buffer)
+        out.append(buffer.getvalue())
+    return out
+
+
+def start_server(model_uri: str, tracking_uri: str, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # process_group, not start_new_session: a new session gets its own CPU autogroup, i.e. a larger share of a
+    # busy machine than this process, which would flatter the HTTP side.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+         "--host", "127.0.0.1", "-p", str(port), "--timeout", "600"],  # default 60 s: a 504 on a slow CPU
+        env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, process_group=0, cwd=log.parent,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{base}/ping", timeout=2) as resp:
+                if resp.status == 200:
+                    return proc, base
+        except OSError:
+            time.sleep(0.5)
+    stop(proc)
+    raise RuntimeError(f"server did not start: {log.read_text()[-2000:]}")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+def post(base: str, body: bytes) -> list[dict[str, object]]:
+    req = urllib.request.Request(f"{base}/invocations", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=600) as resp:
+        return json.loads(resp.read())["predictions"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--backbone", default="resnet50")
+    parser.add_argument("--slices", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=serving.DEFAULT_BATCH_SIZE)
+    args = parser.parse_args()
+
+    cfg = override(load_preset("paper"), model={"backbone": args.backbone, "weights": "none"})
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        root = Path(tmp)
+        torch.manual_seed(0)
+        torch.save({"format": 1, "model": build_model(cfg.model).state_dict(), "config": cfg.to_dict()},
+                   root / "best.pt")
+        uri = f"sqlite:///{root / 'mlflow.db'}"
+        tracker = Tracker.open(uri=uri)
+        with tracker.run("bench-serve") as run:
+            run_id = run.run_id
+        model_uri = serving.log_model(run_id=run_id, tracking_uri=uri, checkpoints=[root / "best.pt"],
+                                      batch_size=args.batch_size)
+        slices = scan_slices(args.slices)
+        frame = pd.DataFrame({"dicom": slices})
+        body = json.dumps({"dataframe_split": {"columns": ["dicom"],
+                                               "data": [[base64.b64encode(s).decode()] for s in slices]}}).encode()
+        model = serving.load(model_uri, tracking_uri=uri)
+        proc, base = start_server(model_uri, uri, root / "serve.log")
+        try:
+            # The server runs predict in a worker thread (asyncio.to_thread); so does the in-process side: on a
+            # busy 2-core machine torch ran ~15% faster in a worker thread than in the main thread (A/B measured).
+            pool = ThreadPoolExecutor(1)
+            local = pool.submit(model.predict, frame).result()  # warm-up (both sides)
+            remote = post(base, body)
+            assert local["error"].isna().all() and all(r["error"] is None for r in remote)
+            assert np.allclose([r["p_blend_sign"] for r in remote], local["p_blend_sign"].to_numpy(float), atol=1e-5)
+            times: dict[str, list[float]] = {"in-process": [], "http": []}
+            calls = {"in-process": lambda: pool.submit(model.predict, frame).result(),
+                     "http": lambda: post(base, body)}
+            for r in range(args.repeats):
+                for mode in sorted(calls, reverse=r % 2 == 1):  # alternate the order: shared-CPU drift cancels
+                    t = time.perf_counter()
+                    calls[mode]()
+                    times[mode].append(time.perf_counter() - t)
+        finally:
+            stop(proc)
+
+    print(f"{args.backbone} at {cfg.data.size}², {args.slices} slices per request, batch {args.batch_size}, "
+          f"{torch.get_num_threads()} torch threads, {args.repeats} repeats, request {len(body) / 2**20:.1f} MiB")
+    print(f"{'mode':<12}{'p50 s':>9}{'p95 s':>9}{'slices/s':>10}")
+    for mode, ts in times.items():
+        p50, p95 = np.percentile(ts, [50, 95])
+        print(f"{mode:<12}{p50:>9.2f}{p95:>9.2f}{args.slices / p50:>10.1f}")
+    print(f"ratio={np.median(times['http']) / np.median(times['in-process']):.3f}")
+
+
+if __name__ == "__main__":
+    main()
