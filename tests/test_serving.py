@@ -225,6 +225,20 @@ def test_predict_paths_groups_scans_without_uids(served: dict[str, Any], tmp_pat
         assert str(ds.StudyInstanceUID) not in text and str(ds.SeriesInstanceUID) not in text
 
 
+def test_cli_predict_prints_slices_and_scans(served: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from blendsign.cli import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", served["uri"])
+    files = [str(real_file("J2K_pixelrep_mismatch.dcm")), str(real_file("MR_small.dcm"))]
+    assert main(["predict", "--model", served["model_uri"], "--json", *files]) == 0
+    out = json.loads(capsys.readouterr().out)
+    good, bad = out["slices"]
+    assert good["error"] is None and good["label"] in CLASSES
+    assert bad["error"] == "not a CT image (Modality MR)" and bad["p_blend_sign"] is None
+    assert {s["scan"] for s in out["scans"]} == {"scan000", "scan001"}
+
+
 # --- over HTTP --------------------------------------------------------------------------------------------
 
 

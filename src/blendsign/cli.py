@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 from blendsign import __version__
@@ -370,7 +371,7 @@ def _run_run(args: argparse.Namespace) -> int:
 # --- pipeline: the Kubeflow pipeline (compile, run --local, submit, schedule) ---------------------------
 
 
-def _pipeline_modules() -> tuple[object, object]:
+def _pipeline_modules() -> tuple[ModuleType, ModuleType]:
     """``pipelines.blendsign_pipeline`` and ``pipelines.launch`` from the repository checkout (they live at
     its root, beside ``components/``, not in the installed package)."""
     import importlib
@@ -446,14 +447,14 @@ def _run_pipeline_command(args: argparse.Namespace) -> int:
     if getattr(args, "gpu_type", None) is not None or getattr(args, "gpus", None) is not None:
         from dataclasses import replace
 
-        res = definition.Resources()  # type: ignore[attr-defined]
+        res = definition.Resources()
         res = replace(res, **{k: v for k, v in {"gpu_type": args.gpu_type, "gpus": args.gpus}.items()
                               if v is not None})
     if args.action == "compile":
-        print(definition.compile_pipeline(args.output or definition.DEFAULT_YAML, res))  # type: ignore[attr-defined]
+        print(definition.compile_pipeline(args.output or definition.DEFAULT_YAML, res))
         return 0
     if args.action == "run":
-        result = launch.run_local(  # type: ignore[attr-defined]
+        result = launch.run_local(
             preset=args.config, work_dir=args.work, source=args.source, annotations=args.annotations,
             clinical=args.clinical, k=args.k, rounds=args.rounds, tracking_uri=args.tracking_uri,
             experiment=args.experiment, model_name=args.model_name, metric=args.metric, margin=args.margin,
@@ -470,19 +471,48 @@ def _run_pipeline_command(args: argparse.Namespace) -> int:
                  if v is not None}}
     common = {"kfp_experiment": args.kfp_experiment, "namespace": args.namespace, "res": res}
     if args.action == "submit":
-        run_id = launch.submit(args.host, {**params, "only_if_new_data": args.only_if_new_data},  # type: ignore
+        run_id = launch.submit(args.host, {**params, "only_if_new_data": args.only_if_new_data},
                                run_name=args.run_name, enable_caching=None if args.cache else False, **common)
         print(f"submitted run {run_id} to {args.host}")
     else:
-        job_id = launch.schedule(args.host, args.cron, {**params, "only_if_new_data": not args.always},  # type: ignore
+        job_id = launch.schedule(args.host, args.cron, {**params, "only_if_new_data": not args.always},
                                  name=args.name, **common)
         print(f"scheduled recurring run {job_id} ({args.cron}) on {args.host}")
     return 0
 
 
+# --- predict: the served model on files ----------------------------------------------------------------
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = _stage(sub, "predict", "run a registered model on DICOM files or folders: per-slice and per-scan results")
+    p.add_argument("paths", nargs="+", type=Path, help="DICOM files or folders (searched recursively)")
+    p.add_argument("--model", default="models:/blendsign@champion", help="model URI (default the champion)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--explain", action="store_true", help="also compute Grad-CAM (JSON output only)")
+    p.set_defaults(func=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from blendsign.serving import predict_paths
+    from blendsign.tracking import tracking_uri
+
+    slices, scans = predict_paths(args.model, args.paths, params={"explain": args.explain},
+                                  tracking_uri=tracking_uri())
+    if args.json:
+        _print_json({"slices": json.loads(slices.to_json(orient="records")),
+                     "scans": json.loads(scans.to_json(orient="records"))})
+        return 0
+    shown = slices.drop(columns=[c for c in ("boxes", "gradcam_png") if c in slices.columns])
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print()
+    print(scans.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    return 0
+
+
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_synth, _add_ingest, _add_import_annotations, _add_fuse, _add_folds, _add_train,
-    _add_distill, _add_evaluate, _add_cv, _add_ablation, _add_run, _add_pipeline,
+    _add_distill, _add_evaluate, _add_cv, _add_ablation, _add_run, _add_pipeline, _add_predict,
 ]
 
 
