@@ -29,7 +29,7 @@ mlflow-ui: $(STAMP)
 	$(BIN)/mlflow ui --host 127.0.0.1 --backend-store-uri sqlite:///$(CURDIR)/.blendsign/mlflow.db
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks components pipelines docker
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q
