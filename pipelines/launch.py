@@ -1,0 +1,216 @@
+"""Run the pipeline on this machine (kfp.local), submit it to a Kubeflow Pipelines endpoint, or schedule it.
+
+``blendsign pipeline run --local | submit | schedule`` call these functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipelines.blendsign_pipeline import Resources, compile_pipeline
+
+log = logging.getLogger(__name__)
+
+PARAMETERS = ("source_uri", "annotations_uri", "clinical_uri", "preset", "k", "rounds", "tracking_uri",
+              "experiment", "model_name", "promotion_metric", "promotion_margin", "register_mode",
+              "only_if_new_data", "credentials_secret")
+"""The pipeline's parameters (see ``blendsign_pipeline.build_pipeline``)."""
+
+
+@dataclass(frozen=True)
+class LocalRun:
+    record: dict[str, Any]  # the run record, as written to .blendsign/last_run.json
+    work_dir: Path
+    seconds: float
+    summary: str = field(default="")
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str | None) -> Iterator[None]:
+    """Set ``name`` for the block (subprocess tasks inherit it), then restore it."""
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def _pseudonym_key(work: Path) -> str:
+    """This work folder's pseudonym key (``BLENDSIGN_PSEUDONYM_KEY`` if set): the same for every local run,
+    so repeated runs give the same pseudonyms, hence the same dataset fingerprint."""
+    from blendsign.deid import KEY_ENV, key_path_for, load_or_create_key
+
+    if os.environ.get(KEY_ENV):
+        return os.environ[KEY_ENV]
+    load_or_create_key(work / "pipeline", create=True)
+    return key_path_for(work / "pipeline").read_text().strip()
+
+
+def run_local(
+    *,
+    preset: str,
+    work_dir: str | Path,
+    source: str | None = None,
+    annotations: str | None = None,
+    clinical: str | None = None,
+    k: int | None = None,
+    rounds: int | None = None,
+    tracking_uri: str | None = None,
+    experiment: str = "blendsign",
+    model_name: str = "blendsign",
+    metric: str = "cv_auc_blend_sign",
+    margin: float = 0.0,
+    register_mode: str = "refit",
+    only_if_new_data: bool = False,
+    progress: bool = True,
+) -> LocalRun:
+    """The whole pipeline on this machine with kfp.local (SubprocessRunner in this environment).
+
+    Without ``source`` the embedded synthetic cohort of ``preset`` is written first (``work/source``).
+    Task outputs go to ``work/kfp`` (ingest, fuse and folds are cached there on their inputs).
+    """
+    import time
+
+    from kfp import local
+
+    from blendsign.config import load_preset
+    from blendsign.deid import KEY_ENV
+    from blendsign.storage import write_json_atomic
+    from blendsign.tracking import LOCAL_DIR
+    from blendsign.tracking import tracking_uri as default_tracking_uri
+    from pipelines.blendsign_pipeline import blendsign_pipeline
+
+    start = time.perf_counter()
+    work = Path(work_dir).resolve()
+    cfg = load_preset(preset)
+    if source is None:
+        from blendsign.synth import synthesize
+
+        log.info("%s", synthesize(work / "source", cfg.synth, progress=progress).summary())
+        source, annotations = str(work / "source" / "dicom"), str(work / "source" / "annotations.csv")
+        clinical = str(work / "source" / "clinical.csv")
+    if not annotations:
+        raise ValueError("annotations are required with a DICOM source")
+    arguments = {
+        "source_uri": str(source), "annotations_uri": str(annotations), "clinical_uri": str(clinical or ""),
+        "preset": preset, "k": 0 if k is None else k, "rounds": -1 if rounds is None else rounds,
+        "tracking_uri": tracking_uri or default_tracking_uri(), "experiment": experiment,
+        "model_name": model_name, "promotion_metric": metric, "promotion_margin": float(margin),
+        "register_mode": register_mode, "only_if_new_data": only_if_new_data,
+    }
+    root = work / "kfp"
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), enable_caching=True,
+               cache_root=str(root / ".cache"))
+    # kfp.local runs up to two fold tasks at once: half the cores each, not every task all of them (OpenMP
+    # threads spinning on oversubscribed cores slow training several-fold). OMP_NUM_THREADS, if set, wins.
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 2) // 2))
+    with warnings.catch_warnings(), _env(KEY_ENV, _pseudonym_key(work)), _env("OMP_NUM_THREADS", threads):
+        # kfp.local: resources, accelerators and secrets are cluster settings (warned about per task);
+        # the image name is not run here (the current environment is).
+        warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
+        warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+        task = blendsign_pipeline(**arguments)
+    record = json.loads(task.output)
+    write_json_atomic(LOCAL_DIR / "last_run.json", record)
+    seconds = time.perf_counter() - start
+    return LocalRun(record, work, seconds, summary(record, seconds=seconds))
+
+
+def summary(record: dict[str, Any], *, seconds: float | None = None) -> str:
+    """What a person wants at the end of a run: the champion, the CV metrics, where MLflow is."""
+    from mlflow import MlflowClient
+
+    from blendsign.orchestration import load_evaluation
+    from blendsign.tracking import LOCAL_DIR
+
+    name, uri = record["registered_model"], record["tracking_uri"]
+    lines = [f"pipeline {record['status']}" + (f" in {seconds:.0f} s" if seconds is not None else "") + ": "
+             + record["decision"]]
+    try:
+        champion = MlflowClient(tracking_uri=uri).get_model_version_by_alias(name, "champion")
+        value = champion.tags.get("promotion", "")
+        lines.append(f"champion: {name} v{champion.version} ({record['model_uri']}); {value}")
+    except Exception as exc:  # a summary line, not a failure
+        lines.append(f"champion: none ({exc.__class__.__name__})")
+    if record.get("status") == "registered":
+        lines.append(f"this run: {name} v{record['model_version']} as {record['alias']}")
+    if record.get("cv_uri") and Path(record["cv_uri"], "evaluation", "metrics.json").exists():
+        lines += ["", load_evaluation(Path(record["cv_uri"]) / "evaluation").summary()]
+    ui = "make mlflow-ui" if uri.endswith(".blendsign/mlflow.db") else f"mlflow ui --backend-store-uri {uri}"
+    lines += ["", f"MLflow: {uri} (experiment {record['experiment']}, parent run {record['parent_run_id']}); "
+              f"UI: {ui}", f"run record: {LOCAL_DIR / 'last_run.json'}"]
+    return "\n".join(lines)
+
+
+def kfp_cron(expr: str) -> str:
+    """A cron expression as Kubeflow Pipelines wants it: six fields, seconds first (``0 0 3 * * *``).
+
+    Five-field (standard) expressions get ``0`` seconds prepended.
+    """
+    fields = expr.split()
+    if len(fields) == 5:
+        return " ".join(["0", *fields])
+    if len(fields) == 6:
+        return " ".join(fields)
+    raise ValueError(f"cron expression {expr!r} must have 5 fields (standard) or 6 (seconds first)")
+
+
+def _client(host: str, namespace: str | None) -> Any:
+    import kfp
+
+    return kfp.Client(host=host, namespace=namespace or "kubeflow")
+
+
+def _compiled(tmp: str, res: Resources | None) -> str:
+    return str(compile_pipeline(Path(tmp) / "blendsign_pipeline.yaml", res))
+
+
+def submit(host: str, arguments: dict[str, Any], *, run_name: str | None = None, kfp_experiment: str = "blendsign",
+           namespace: str | None = None, enable_caching: bool | None = None, res: Resources | None = None) -> str:
+    """One run of the pipeline on ``host``; returns the run id."""
+    unknown = set(arguments) - set(PARAMETERS)
+    if unknown:
+        raise ValueError(f"unknown pipeline parameter(s): {sorted(unknown)}")
+    client = _client(host, namespace)
+    with tempfile.TemporaryDirectory(prefix="blendsign-kfp-") as tmp:
+        result = client.create_run_from_pipeline_package(
+            _compiled(tmp, res), arguments=arguments, run_name=run_name, experiment_name=kfp_experiment,
+            namespace=namespace, enable_caching=enable_caching)
+    log.info("submitted run %s to %s", result.run_id, host)
+    return str(result.run_id)
+
+
+def schedule(host: str, cron: str, arguments: dict[str, Any], *, name: str = "blendsign-retraining",
+             kfp_experiment: str = "blendsign", namespace: str | None = None, max_concurrency: int = 1,
+             res: Resources | None = None) -> str:
+    """A recurring run of the pipeline on ``host`` (scheduled retraining); returns the recurring run id.
+
+    ``only_if_new_data`` defaults to true here: a run that finds the champion's dataset ends early.
+    """
+    unknown = set(arguments) - set(PARAMETERS)
+    if unknown:
+        raise ValueError(f"unknown pipeline parameter(s): {sorted(unknown)}")
+    arguments = {"only_if_new_data": True, **arguments}
+    client = _client(host, namespace)
+    experiment = client.create_experiment(name=kfp_experiment, namespace=namespace)
+    with tempfile.TemporaryDirectory(prefix="blendsign-kfp-") as tmp:
+        job = client.create_recurring_run(
+            experiment_id=experiment.experiment_id, job_name=name, cron_expression=kfp_cron(cron),
+            params=arguments, pipeline_package_path=_compiled(tmp, res), max_concurrency=max_concurrency,
+            no_catchup=True)
+    log.info("scheduled %s on %s (%s)", name, host, kfp_cron(cron))
+    return str(job.recurring_run_id)
