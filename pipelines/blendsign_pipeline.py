@@ -45,6 +45,9 @@ class Resources:
     gpus: int = 1  # per training task (0: CPU only); >1 needs the torchrun launcher (docs/pipeline.md)
     train_cpu: str = "8"
     train_memory: str = "32Gi"
+    # OMP_NUM_THREADS of the GPU tasks: torch would start a thread per core of the node, not of the CPU limit.
+    threads: int = 8  # evaluate, register
+    loop_threads: int = 8  # train_teacher, distill (run side by side; kfp.local: two at a time)
     data_cpu: str = "4"  # ingest, fuse, folds
     data_memory: str = "16Gi"
     light_cpu: str = "1"  # snapshot, start_run, check_new_data, no_new_data
@@ -71,8 +74,9 @@ def build_pipeline(res: Resources | None = None) -> GraphComponent:
     def data(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
         return secret(_limits(task, res.data_cpu, res.data_memory).set_caching_options(True), name)
 
-    def gpu(task: dsl.PipelineTask, name: str, *, retry: bool) -> dsl.PipelineTask:
+    def gpu(task: dsl.PipelineTask, name: str, *, retry: bool, threads: int) -> dsl.PipelineTask:
         task = _limits(task, res.train_cpu, res.train_memory).set_caching_options(False)
+        task.set_env_variable("OMP_NUM_THREADS", str(threads))
         if res.gpus > 0:
             task.set_accelerator_type(res.gpu_type).set_accelerator_limit(res.gpus)
         if retry and res.retries > 0:
@@ -120,14 +124,16 @@ def build_pipeline(res: Resources | None = None) -> GraphComponent:
                   "split": split, "run": run}
         with dsl.If(check.outputs["Output"] == "retrain", name="new-data"):
             with dsl.ParallelFor(fld.outputs["Output"], name="folds-loop") as fold:
-                teacher = gpu(stages.train_teacher(fold=fold, **common), credentials_secret, retry=True)
+                teacher = gpu(stages.train_teacher(fold=fold, **common), credentials_secret, retry=True,
+                              threads=res.loop_threads)
                 student = gpu(stages.distill(fold=fold, teacher=teacher.outputs["teacher"], **common),
-                              credentials_secret, retry=True)
+                              credentials_secret, retry=True, threads=res.loop_threads)
             ev = gpu(stages.evaluate(models=dsl.Collected(student.outputs["model"]), **common),
-                     credentials_secret, retry=False)
+                     credentials_secret, retry=False, threads=res.threads)
             reg = gpu(stages.register(model_name=model_name, promotion_metric=promotion_metric,
                                       promotion_margin=promotion_margin, register_mode=register_mode,
-                                      cv=ev.outputs["cv"], **common), credentials_secret, retry=False)
+                                      cv=ev.outputs["cv"], **common), credentials_secret, retry=False,
+                      threads=res.threads)
         with dsl.Else(name="no-new-data"):
             skip = light(stages.no_new_data(decision=check.outputs["decision"], run=run), credentials_secret)
         return dsl.OneOf(reg.outputs["Output"], skip.output)

@@ -92,7 +92,7 @@ def run_local(
     from blendsign.storage import write_json_atomic
     from blendsign.tracking import LOCAL_DIR
     from blendsign.tracking import tracking_uri as default_tracking_uri
-    from pipelines.blendsign_pipeline import blendsign_pipeline
+    from pipelines.blendsign_pipeline import Resources, build_pipeline
 
     start = time.perf_counter()
     work = Path(work_dir).resolve()
@@ -115,15 +115,18 @@ def run_local(
     root = work / "kfp"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), enable_caching=True,
                cache_root=str(root / ".cache"))
-    # kfp.local runs up to two fold tasks at once: half the cores each, not every task all of them (OpenMP
-    # threads spinning on oversubscribed cores slow training several-fold). OMP_NUM_THREADS, if set, wins.
-    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 2) // 2))
-    with warnings.catch_warnings(), _env(KEY_ENV, _pseudonym_key(work)), _env("OMP_NUM_THREADS", threads):
+    # Threads per task for this machine: kfp.local runs two fold tasks at once, so each gets half the cores
+    # (OpenMP threads spinning on oversubscribed cores slow training several-fold); evaluate and register run
+    # alone and get them all. OMP_NUM_THREADS, if set, wins.
+    cores = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 2)
+    pipeline = build_pipeline(Resources(threads=cores, loop_threads=cores if os.environ.get("OMP_NUM_THREADS")
+                                        else max(1, cores // 2)))
+    with warnings.catch_warnings(), _env(KEY_ENV, _pseudonym_key(work)):
         # kfp.local: resources, accelerators and secrets are cluster settings (warned about per task);
         # the image name is not run here (the current environment is).
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
-        task = blendsign_pipeline(**arguments)
+        task = pipeline(**arguments)
     record = json.loads(task.output)
     write_json_atomic(LOCAL_DIR / "last_run.json", record)
     seconds = time.perf_counter() - start
