@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO ?= data/demo
 PRESET ?= demo
+# what the demo registers: the fold ensemble (no retraining); `make demo REGISTER=refit` trains the refit too
+REGISTER ?= fold-ensemble
 
 .PHONY: setup demo test lint bench clean-demo mlflow-server mlflow-ui
 
@@ -16,10 +18,11 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/blendsign run --config $(PRESET) --work $(DEMO)
+	$(BIN)/blendsign pipeline run --local --config $(PRESET) --work $(DEMO) --register $(REGISTER)
 	@echo
-	@echo "Demo output under $(DEMO)/: source/ (synthetic DICOM + annotations), ingest/, labels/, folds/,"
-	@echo "cv/ (fold models, evaluation report and figures), register/ (refit model, model card)."
+	@echo "Demo output under $(DEMO)/: source/ (synthetic DICOM + annotations) and kfp/<run>/<step>/ (each"
+	@echo "pipeline step's artifacts: ingest/dataset, fuse/labels, folds/split, the fold models,"
+	@echo "evaluate/cv/evaluation with the report and figures, register/model with the model card)."
 	@echo "Browse the runs and the registry: make mlflow-ui"
 
 mlflow-server: $(STAMP)

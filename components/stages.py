@@ -66,20 +66,20 @@ def fuse(annotations_uri: str, preset: str, tracking_uri: str, experiment: str, 
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def folds(preset: str, k: int, tracking_uri: str, experiment: str, ingested: Input[Dataset],
+def folds(preset: str, k: int, register_mode: str, tracking_uri: str, experiment: str, ingested: Input[Dataset],
           labels: Input[Dataset], split: Output[Dataset], table: Output[Markdown]) -> list:
-    """Patient-level stratified K folds; returns the fold numbers the ParallelFor iterates."""
+    """Patient-level stratified K folds; returns the training jobs the ParallelFor iterates (folds, refit)."""
     import shutil
     from pathlib import Path
 
-    from blendsign.orchestration import fold_ids, pipeline_config
+    from blendsign.orchestration import pipeline_config, training_jobs
     from blendsign.pipeline import folds_stage
     from blendsign.tracking import Tracker
 
     folds_stage(pipeline_config(preset, k=k), labels.path, split.path, ingest_dir=ingested.path,
                 tracker=Tracker.open(experiment, uri=tracking_uri or None))
     shutil.copyfile(Path(split.path) / "folds.md", table.path)
-    return fold_ids(split.path)
+    return training_jobs(split.path, register_mode)
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
@@ -113,30 +113,30 @@ def check_new_data(model_name: str, only_if_new_data: bool, ingested: Input[Data
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def train_teacher(fold: int, preset: str, k: int, rounds: int, ingested: Input[Dataset], labels: Input[Dataset],
                   split: Input[Dataset], run: Input[Artifact], teacher: Output[Model]):
-    """The teacher (distillation round 0) on one fold: trained on the other folds, validated on this one."""
+    """The teacher (distillation round 0) of a training job: a fold (trained on the other folds, validated
+    on this one) or the refit on all scans (``fold`` = ``orchestration.REFIT``)."""
     from blendsign.distill import distill
-    from blendsign.orchestration import RunRef, pipeline_config
+    from blendsign.orchestration import RunRef, job_arguments, pipeline_config
 
     ref = RunRef.read(run.path)
     distill(pipeline_config(preset, k=k, rounds=rounds), ingest_dir=ingested.path, labels_dir=labels.path,
-            folds_dir=split.path, fold=fold, out_dir=teacher.path, rounds=0, tracker=ref.tracker(),
-            parent_run_id=ref.cv_run_id, progress=False)
+            out_dir=teacher.path, rounds=0, tracker=ref.tracker(), progress=False,
+            **job_arguments(ref, fold, split.path))
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def distill(fold: int, preset: str, k: int, rounds: int, ingested: Input[Dataset], labels: Input[Dataset],
             split: Input[Dataset], run: Input[Artifact], teacher: Input[Model], model: Output[Model]):
-    """Self-knowledge distillation rounds 1..R on one fold, starting from its teacher."""
+    """Self-knowledge distillation rounds 1..R of a training job, starting from its teacher."""
     import shutil
 
     from blendsign.distill import distill
-    from blendsign.orchestration import RunRef, pipeline_config
+    from blendsign.orchestration import RunRef, job_arguments, pipeline_config
 
     ref = RunRef.read(run.path)
     shutil.copytree(teacher.path, model.path, dirs_exist_ok=True)  # round 0 is found finished, not retrained
     distill(pipeline_config(preset, k=k, rounds=rounds), ingest_dir=ingested.path, labels_dir=labels.path,
-            folds_dir=split.path, fold=fold, out_dir=model.path, tracker=ref.tracker(),
-            parent_run_id=ref.cv_run_id, progress=False)
+            out_dir=model.path, tracker=ref.tracker(), progress=False, **job_arguments(ref, fold, split.path))
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
@@ -164,8 +164,10 @@ def evaluate(preset: str, k: int, rounds: int, ingested: Input[Dataset], labels:
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def register(preset: str, k: int, rounds: int, model_name: str, promotion_metric: str, promotion_margin: float,
              register_mode: str, ingested: Input[Dataset], labels: Input[Dataset], split: Input[Dataset],
-             run: Input[Artifact], cv: Input[Dataset], model: Output[Model], card: Output[Markdown]) -> str:
-    """Refit (or fold ensemble) registered behind the champion gate; returns the run record (JSON)."""
+             run: Input[Artifact], cv: Input[Dataset], models: Input[list[Model]], model: Output[Model],
+             card: Output[Markdown]) -> str:
+    """The refit trained in the loop (or the fold ensemble) registered behind the champion gate; returns the
+    run record (JSON)."""
     import json
     import shutil
     from pathlib import Path
@@ -178,7 +180,7 @@ def register(preset: str, k: int, rounds: int, model_name: str, promotion_metric
                                 ingest_dir=ingested.path, labels_dir=labels.path, folds_dir=split.path,
                                 out_dir=model.path, tracker=ref.tracker(), parent_run_id=ref.parent_run_id,
                                 mode=register_mode, name=model_name, metric=promotion_metric,
-                                margin=promotion_margin, progress=False)
+                                margin=promotion_margin, trained=[m.path for m in models], progress=False)
     shutil.copyfile(Path(model.path) / "model_card.md", card.path)
     record = finish_pipeline_run(ref, evaluation_dir=Path(cv.path) / "evaluation", registered=registered)
     return json.dumps({**record, "cv_uri": cv.uri})

@@ -1,8 +1,9 @@
 """The blendsign Kubeflow pipeline: the stages of ``blendsign run`` as pods.
 
 snapshot → ingest → fuse → folds (cached on their inputs) → start_run (parent MLflow run) → check_new_data
-→ if ``retrain``: ParallelFor over folds (train_teacher → distill) → Collected fold models → evaluate →
-register; else: no_new_data (the run ends early, the champion stays).
+→ if ``retrain``: ParallelFor over the training jobs (train_teacher → distill), which are the K folds plus,
+with ``register_mode=refit``, the refit on all scans → Collected models → evaluate (the folds) → register
+(the refit, or the fold ensemble); else: no_new_data (the run ends early, the champion stays).
 
 Resources (GPU type and count, CPU and memory) are fixed when compiling (:class:`Resources`, options of
 ``blendsign pipeline compile``): kfp 2.17's local runner cannot resolve resource settings that come from
@@ -46,8 +47,7 @@ class Resources:
     train_cpu: str = "8"
     train_memory: str = "32Gi"
     # OMP_NUM_THREADS of the GPU tasks: torch would start a thread per core of the node, not of the CPU limit.
-    threads: int = 8  # evaluate, register
-    loop_threads: int = 8  # train_teacher, distill (run side by side; kfp.local: two at a time)
+    threads: int = 8
     data_cpu: str = "4"  # ingest, fuse, folds
     data_memory: str = "16Gi"
     light_cpu: str = "1"  # snapshot, start_run, check_new_data, no_new_data
@@ -74,9 +74,9 @@ def build_pipeline(res: Resources | None = None) -> GraphComponent:
     def data(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
         return secret(_limits(task, res.data_cpu, res.data_memory).set_caching_options(True), name)
 
-    def gpu(task: dsl.PipelineTask, name: str, *, retry: bool, threads: int) -> dsl.PipelineTask:
+    def gpu(task: dsl.PipelineTask, name: str, *, retry: bool) -> dsl.PipelineTask:
         task = _limits(task, res.train_cpu, res.train_memory).set_caching_options(False)
-        task.set_env_variable("OMP_NUM_THREADS", str(threads))
+        task.set_env_variable("OMP_NUM_THREADS", str(res.threads))
         if res.gpus > 0:
             task.set_accelerator_type(res.gpu_type).set_accelerator_limit(res.gpus)
         if retry and res.retries > 0:
@@ -111,8 +111,8 @@ def build_pipeline(res: Resources | None = None) -> GraphComponent:
         fus = data(stages.fuse(annotations_uri=annotations_uri, preset=preset, ingested=ingested, **tracking),
                    credentials_secret)
         labels = fus.outputs["labels"]
-        fld = data(stages.folds(preset=preset, k=k, ingested=ingested, labels=labels, **tracking),
-                   credentials_secret)
+        fld = data(stages.folds(preset=preset, k=k, register_mode=register_mode, ingested=ingested,
+                                labels=labels, **tracking), credentials_secret)
         split = fld.outputs["split"]
         start = light(stages.start_run(preset=preset, k=k, rounds=rounds, source_uri=source_uri,
                                        kfp_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, ingested=ingested, **tracking),
@@ -124,16 +124,16 @@ def build_pipeline(res: Resources | None = None) -> GraphComponent:
                   "split": split, "run": run}
         with dsl.If(check.outputs["Output"] == "retrain", name="new-data"):
             with dsl.ParallelFor(fld.outputs["Output"], name="folds-loop") as fold:
-                teacher = gpu(stages.train_teacher(fold=fold, **common), credentials_secret, retry=True,
-                              threads=res.loop_threads)
+                teacher = gpu(stages.train_teacher(fold=fold, **common), credentials_secret, retry=True)
                 student = gpu(stages.distill(fold=fold, teacher=teacher.outputs["teacher"], **common),
-                              credentials_secret, retry=True, threads=res.loop_threads)
-            ev = gpu(stages.evaluate(models=dsl.Collected(student.outputs["model"]), **common),
-                     credentials_secret, retry=False, threads=res.threads)
+                              credentials_secret, retry=True)
+            ev = gpu(stages.evaluate(models=dsl.Collected(student.outputs["model"]), **common), credentials_secret,
+                     retry=False)
             reg = gpu(stages.register(model_name=model_name, promotion_metric=promotion_metric,
                                       promotion_margin=promotion_margin, register_mode=register_mode,
-                                      cv=ev.outputs["cv"], **common), credentials_secret, retry=False,
-                      threads=res.threads)
+                                      cv=ev.outputs["cv"],
+                                      models=dsl.Collected(student.outputs["model"]), **common), credentials_secret,
+                      retry=False)
         with dsl.Else(name="no-new-data"):
             skip = light(stages.no_new_data(decision=check.outputs["decision"], run=run), credentials_secret)
         return dsl.OneOf(reg.outputs["Output"], skip.output)

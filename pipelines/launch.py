@@ -115,13 +115,14 @@ def run_local(
     root = work / "kfp"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), enable_caching=True,
                cache_root=str(root / ".cache"))
-    # Threads per task for this machine: kfp.local runs two fold tasks at once, so each gets half the cores
-    # (OpenMP threads spinning on oversubscribed cores slow training several-fold); evaluate and register run
-    # alone and get them all. OMP_NUM_THREADS, if set, wins.
+    # Threads per task for this machine: every task gets all the cores (OMP_NUM_THREADS, if set, wins), and
+    # OpenMP threads sleep instead of spinning while they wait (OMP_WAIT_POLICY=PASSIVE): two training jobs
+    # side by side (kfp.local runs two loop iterations at once) then share the cores about as well as with
+    # one thread each, and a job left alone uses them all, where spinning threads would slow both several-fold.
     cores = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 2)
-    pipeline = build_pipeline(Resources(threads=cores, loop_threads=cores if os.environ.get("OMP_NUM_THREADS")
-                                        else max(1, cores // 2)))
-    with warnings.catch_warnings(), _env(KEY_ENV, _pseudonym_key(work)):
+    pipeline = build_pipeline(Resources(threads=cores))
+    with warnings.catch_warnings(), _env(KEY_ENV, _pseudonym_key(work)), \
+            _env("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE")):
         # kfp.local: resources, accelerators and secrets are cluster settings (warned about per task);
         # the image name is not run here (the current environment is).
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")

@@ -12,16 +12,19 @@ import pytest
 from blendsign import CLASSES
 from blendsign.evaluate import METRICS
 from blendsign.orchestration import (
+    REFIT,
     RunRef,
     cv_metrics,
     end_skipped_run,
     finish_pipeline_run,
     fold_ids,
     gather_fold_models,
+    job_arguments,
     load_evaluation,
     open_pipeline_run,
     pipeline_config,
     require_pseudonym_key,
+    training_jobs,
 )
 from blendsign.retrain import RetrainDecision
 
@@ -36,6 +39,8 @@ def test_pipeline_config_applies_k_and_rounds() -> None:
 def test_fold_ids_and_gathered_models(tmp_path: Path) -> None:
     pq.write_table(pa.table({"scan_id": ["a", "b", "c", "d"], "fold": [2, 0, 2, 1]}), tmp_path / "folds.parquet")
     assert fold_ids(tmp_path) == [0, 1, 2]
+    assert training_jobs(tmp_path, "refit") == [0, 1, 2, REFIT]  # the refit trains beside the folds
+    assert training_jobs(tmp_path, "fold-ensemble") == [0, 1, 2]
     sources = []
     for k in (1, 0):
         fold_dir = tmp_path / f"task{k}" / f"fold{k}"
@@ -52,6 +57,20 @@ def test_fold_ids_and_gathered_models(tmp_path: Path) -> None:
         gather_fold_models([sources[0], sources[0]], tmp_path / "again")
     with pytest.raises(FileNotFoundError):
         gather_fold_models([], tmp_path / "none")
+    refit_dir = tmp_path / "task-refit" / "all"
+    (refit_dir / "round0").mkdir(parents=True)
+    (refit_dir / "round0" / "best.pt").write_bytes(b"refit")
+    (refit_dir / "distill.json").write_text(json.dumps({"fold": None, "final_checkpoint": "round0/best.pt"}))
+    collected = [*sources, refit_dir.parent]  # what the loop hands to evaluate and register
+    assert sorted(p.name for p in gather_fold_models(collected, tmp_path / "eval").iterdir()) == ["fold0", "fold1"]
+    refit = gather_fold_models(collected, tmp_path / "register", pattern="all") / "all" / "round0" / "best.pt"
+    assert refit.read_bytes() == b"refit" and not (tmp_path / "register" / "fold0").exists()
+
+
+def test_job_arguments_put_folds_under_cross_validation_and_the_refit_under_the_pipeline() -> None:
+    ref = RunRef("sqlite:///x.db", "e", parent_run_id="P", cv_run_id="CV")
+    assert job_arguments(ref, 2, "/split") == {"fold": 2, "folds_dir": "/split", "parent_run_id": "CV"}
+    assert job_arguments(ref, REFIT, "/split") == {"fold": None, "folds_dir": None, "parent_run_id": "P"}
 
 
 def _evaluation(folder: Path) -> Path:

@@ -280,6 +280,7 @@ def test_local_run_registers_a_champion_with_the_mlflow_tree(local_run: dict[str
 
     top = children(parent.info.run_id)
     assert set(top) == {"cross-validation", "refit", "register"}
+    assert [r.info.run_name for r in runs].count("refit") == 1  # trained once, in the loop, not again by register
     folds = children(top["cross-validation"].info.run_id)
     assert set(folds) == {"fold0", "fold1"}
     assert set(children(folds["fold0"].info.run_id)) == {"fold0-round0", "fold0-round1"}

@@ -87,20 +87,40 @@ def require_pseudonym_key(output_uri: str) -> None:
                          "(docs/pipeline.md, Secrets)")
 
 
+REFIT = -1
+"""The training job that is not a fold: teacher and students on every scan (the model ``register`` ships)."""
+
+
 def fold_ids(folds_dir: str | Path) -> list[int]:
-    """The folds of ``folds.parquet``, ascending (what the pipeline's ParallelFor iterates)."""
+    """The folds of ``folds.parquet``, ascending."""
     return sorted({int(f) for f in pq.read_table(Path(folds_dir) / "folds.parquet", columns=["fold"])
                    .column("fold").to_pylist()})
 
 
-def gather_fold_models(model_dirs: Iterable[str | Path], dest: str | Path) -> Path:
+def training_jobs(folds_dir: str | Path, register_mode: str) -> list[int]:
+    """What the pipeline's ParallelFor iterates: the folds, then :data:`REFIT` when ``register_mode`` is
+    ``refit``. Training the refit beside the folds (its own pod and GPU on a cluster; two jobs at a time
+    with kfp.local) rather than after evaluation takes it off the critical path."""
+    return fold_ids(folds_dir) + ([REFIT] if register_mode == "refit" else [])
+
+
+def job_arguments(ref: RunRef, job: int, folds_dir: str | Path) -> dict[str, Any]:
+    """``distill``'s fold arguments for a training job: a fold under the ``cross-validation`` run, or the
+    refit (all scans, no validation fold) under the ``pipeline`` run, as in ``blendsign run``."""
+    if job == REFIT:
+        return {"fold": None, "folds_dir": None, "parent_run_id": ref.parent_run_id}
+    return {"fold": job, "folds_dir": folds_dir, "parent_run_id": ref.cv_run_id}
+
+
+def gather_fold_models(model_dirs: Iterable[str | Path], dest: str | Path, pattern: str = "fold*") -> Path:
     """Copy each distilled fold's ``distill.json`` and final checkpoint into ``dest/fold<k>/`` (the layout
-    ``evaluate`` and ``register --register fold-ensemble`` read); intermediate checkpoints stay behind."""
+    ``evaluate`` and ``register --register fold-ensemble`` read); intermediate checkpoints stay behind.
+    ``pattern="all"`` gathers the refit instead."""
     from blendsign.distill import final_checkpoint
 
     dest = Path(dest)
     for folder in model_dirs:
-        for fold_dir in sorted(Path(folder).glob("fold*")):
+        for fold_dir in sorted(Path(folder).glob(pattern)):
             target = dest / fold_dir.name
             if target.exists():
                 raise ValueError(f"{fold_dir.name} given twice")
@@ -108,8 +128,8 @@ def gather_fold_models(model_dirs: Iterable[str | Path], dest: str | Path) -> Pa
             (target / final.relative_to(fold_dir)).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(fold_dir / "distill.json", target / "distill.json")
             shutil.copy2(final, target / final.relative_to(fold_dir))
-    if not any(dest.glob("fold*")):
-        raise FileNotFoundError("no distilled fold among the collected models")
+    if not any(dest.glob(pattern)):
+        raise FileNotFoundError(f"no distilled {'refit' if pattern == 'all' else 'fold'} among the collected models")
     return dest
 
 

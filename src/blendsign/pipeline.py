@@ -13,18 +13,21 @@ import json
 import logging
 import shlex
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from blendsign.config import Config
 from blendsign.deid import load_or_create_key
-from blendsign.evaluate import EvalResult
 from blendsign.folds import FoldsResult, make_folds
 from blendsign.ingest import IngestResult, flow_markdown, ingest
 from blendsign.labels import FuseResult, fuse
 from blendsign.storage import write_json_atomic, write_text_atomic
 from blendsign.tracking import LOCAL_DIR, Tracker, finite, git_commit
+
+if TYPE_CHECKING:  # torch and scikit-learn: not imported by the light pipeline steps
+    from blendsign.evaluate import EvalResult
 
 log = logging.getLogger(__name__)
 
@@ -106,15 +109,18 @@ def register_stage(
     name: str = "blendsign",
     metric: str = "cv_auc_blend_sign",
     margin: float = 0.0,
+    trained: Sequence[str | Path] = (),
     progress: bool = True,
 ) -> dict[str, Any]:
     """Register the model chosen from the cross-validated output, gated on ``metric`` (see registry.py).
 
-    ``mode="refit"`` (default): teacher + distillation rounds retrained on every non-excluded scan, carrying
-    the CV metrics as its expected performance. ``mode="fold-ensemble"``: the K fold models as one model
-    averaging their probabilities.
+    ``mode="refit"`` (default): teacher + distillation rounds on every non-excluded scan, carrying the CV
+    metrics as its expected performance; trained here unless one of the ``trained`` distill outputs holds it
+    (``all/``: the Kubeflow pipeline trains it beside the folds), then copied to ``out_dir/all``.
+    ``mode="fold-ensemble"``: the K fold models as one model averaging their probabilities.
     """
     from blendsign.distill import distill, final_checkpoint
+    from blendsign.orchestration import gather_fold_models
     from blendsign.registry import model_card, register_version
     from blendsign.serving import log_model
 
@@ -124,7 +130,9 @@ def register_stage(
     if key not in metrics["cv"]:
         raise ValueError(f"promotion metric {metric!r} unknown; choose cv_<metric>_<class>, e.g. cv_auc_blend_sign")
     value = metrics["cv"][key][0]
-    if mode == "refit":
+    if mode == "refit" and any((Path(t) / "all" / "distill.json").exists() for t in trained):
+        checkpoints = [final_checkpoint(gather_fold_models(trained, out_dir, pattern="all") / "all")]
+    elif mode == "refit":
         refit = distill(cfg, ingest_dir=ingest_dir, labels_dir=labels_dir, folds_dir=None, fold=None,
                         out_dir=out_dir, tracker=tracker, parent_run_id=parent_run_id, progress=progress)
         checkpoints = [refit.final.best_checkpoint]
