@@ -16,11 +16,6 @@ import argparse
 import base64
 import io
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -57,42 +52,6 @@ def scan_slices(n: int) -> list[bytes]:
     return out
 
 
-def start_server(model_uri: str, tracking_uri: str, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    # process_group, not start_new_session: a new session gets its own CPU autogroup, i.e. a larger share of a
-    # busy machine than this process, which would flatter the HTTP side.
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-         "--host", "127.0.0.1", "-p", str(port), "--timeout", "600"],  # default 60 s: a 504 on a slow CPU
-        env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, process_group=0, cwd=log.parent,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(f"{base}/ping", timeout=2) as resp:
-                if resp.status == 200:
-                    return proc, base
-        except OSError:
-            time.sleep(0.5)
-    stop(proc)
-    raise RuntimeError(f"server did not start: {log.read_text()[-2000:]}")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-
-
 def post(base: str, body: bytes) -> list[dict[str, object]]:
     req = urllib.request.Request(f"{base}/invocations", data=body, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=600) as resp:
@@ -124,8 +83,7 @@ def main() -> None:
         body = json.dumps({"dataframe_split": {"columns": ["dicom"],
                                                "data": [[base64.b64encode(s).decode()] for s in slices]}}).encode()
         model = serving.load(model_uri, tracking_uri=uri)
-        proc, base = start_server(model_uri, uri, root / "serve.log")
-        try:
+        with serving.model_server(model_uri, tracking_uri=uri, log=root / "serve.log") as base:
             # The server runs predict in a worker thread (asyncio.to_thread); so does the in-process side: on a
             # busy 2-core machine torch ran ~15% faster in a worker thread than in the main thread (A/B measured).
             pool = ThreadPoolExecutor(1)
@@ -141,8 +99,6 @@ def main() -> None:
                     t = time.perf_counter()
                     calls[mode]()
                     times[mode].append(time.perf_counter() - t)
-        finally:
-            stop(proc)
 
     print(f"{args.backbone} at {cfg.data.size}², {args.slices} slices per request, batch {args.batch_size}, "
           f"{torch.get_num_threads()} torch threads, {args.repeats} repeats, request {len(body) / 2**20:.1f} MiB")

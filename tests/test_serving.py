@@ -7,11 +7,6 @@ import io
 import json
 import os
 import pickle
-import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -242,12 +237,6 @@ def test_cli_predict_prints_slices_and_scans(served: dict[str, Any], monkeypatch
 # --- over HTTP --------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _request(url: str, body: bytes | None = None, timeout: float = 60.0) -> tuple[int, bytes]:
     req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"} if body else {})
     try:
@@ -259,40 +248,16 @@ def _request(url: str, body: bytes | None = None, timeout: float = 60.0) -> tupl
 
 @pytest.fixture
 def server(served: dict[str, Any], tmp_path: Path) -> Any:
-    """``mlflow models serve --env-manager local`` on 127.0.0.1, killed (process group) at teardown."""
-    port = _free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": served["uri"],
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # it execs `uvicorn`
-    log = (tmp_path / "serve.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", served["model_uri"], "--env-manager", "local",
-         "--host", "127.0.0.1", "-p", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, process_group=0, cwd=tmp_path,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited ({proc.returncode}): {(tmp_path / 'serve.log').read_text()[-3000:]}")
-            try:
-                if _request(f"{base}/ping", timeout=2)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not up in 180 s: {(tmp_path / 'serve.log').read_text()[-3000:]}")
-            time.sleep(0.5)
+    """``mlflow models serve --env-manager local`` on 127.0.0.1 (``serving.model_server``)."""
+    with serving.model_server(served["model_uri"], tracking_uri=served["uri"], log=tmp_path / "serve.log") as base:
         yield base
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-        log.close()
+
+
+def test_model_server_reports_a_server_that_does_not_start(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'empty.db'}"
+    with pytest.raises(RuntimeError, match="model server exited"), \
+            serving.model_server("models:/no-such-model/1", tracking_uri=uri, log=tmp_path / "serve.log"):
+        pytest.fail("the block must not run")
 
 
 def _invoke(base: str, cells: list[Any], params: dict[str, Any] | None = None) -> tuple[int, Any]:

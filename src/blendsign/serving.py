@@ -525,3 +525,58 @@ def _aggregate(slices: pd.DataFrame) -> pd.DataFrame:
             "top_file": str(group.loc[p_blend.idxmax(), "file"]) if ok.any() else None,
         })
     return pd.DataFrame(rows, columns=["scan", "slices", "errors", "max_p_blend_sign", "max_p_ich", "top_file"])
+
+
+@contextmanager
+def model_server(model_uri: str, *, tracking_uri: str, log: str | Path, timeout: int = 600,
+                 startup: float = 180.0) -> Iterator[str]:
+    """``mlflow models serve`` of ``model_uri`` on 127.0.0.1 (a free port) for the block; yields its base URL.
+
+    The environment's ``bin`` goes on ``PATH`` (the server execs ``uvicorn``), the request timeout is
+    ``timeout`` seconds (MLflow's 60 s default cuts off a CPU scan), output goes to ``log``. The server runs
+    in its own process group (not its own session: that would give it its own CPU autogroup, a larger share
+    of a busy machine) and the whole group is stopped on exit. ``RuntimeError`` with the log's tail if it
+    exits or is not up within ``startup`` seconds.
+    """
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    log = Path(log)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+             "--host", "127.0.0.1", "-p", str(port), "--timeout", str(timeout)],
+            env=env, stdout=out, stderr=subprocess.STDOUT, process_group=0, cwd=log.parent)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"model server exited ({proc.returncode}): {log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"model server not up in {startup:.0f} s: {log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield base
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
