@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
+from pydicom.dataelem import RawDataElement
+from pydicom.multival import MultiValue
 
-from blendsign.dicom import UnusableFileError, age_in_years, is_axial, read_header, slice_normal, to_hu, z_position
+from blendsign.dicom import (
+    HEADER_TAGS,
+    HeaderValues,
+    UnusableFileError,
+    age_in_years,
+    is_axial,
+    read_header,
+    slice_normal,
+    to_hu,
+    z_position,
+)
 from tests.conftest import real_file
 
 
@@ -125,3 +139,42 @@ def test_read_hu_handles_unused_high_bits_like_pydicom(tmp_path, pixel_represent
     fmt = read_header(path).pixels
     assert fmt.direct
     np.testing.assert_array_equal(read_hu(path, fmt), _pydicom_hu(path))
+
+
+def _pydicom_value(ds: pydicom.Dataset, name: str) -> object:
+    value = ds.get(name)
+    if isinstance(value, MultiValue):
+        return [_plain(v) for v in value]
+    return _plain(value)
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, float | int) and not isinstance(value, bool):
+        return float(value) if isinstance(value, float) else int(value)
+    return value if value is None else str(value)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")
+def test_header_values_equal_pydicom_on_every_real_file() -> None:
+    """The fast header decoding gives what pydicom gives, for every header tag of every bundled test file
+    that pydicom can parse (all transfer syntaxes, implicit and big endian ones included)."""
+    import data_store  # pydicom-data's files (pydicom's get_testdata_files("*") would try downloads)
+    import pydicom.data
+
+    folders = [Path(pydicom.data.__file__).parent / "test_files", Path(data_store.__file__).parent / "data"]
+    compared = fast = 0
+    for path in sorted(p for folder in folders for p in folder.rglob("*") if p.is_file()):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
+            reference = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
+            expected = {name: _pydicom_value(reference, name) for name in HEADER_TAGS}
+        except Exception:  # not DICOM, or files pydicom itself rejects
+            continue
+        values = HeaderValues(ds)
+        for name in HEADER_TAGS:
+            got = values.get(name)
+            got = [_plain(v) for v in got] if isinstance(got, list | MultiValue) else _plain(got)
+            assert got == expected[name], (path, name)
+            compared += 1
+        fast += sum(isinstance(ds.get_item(t), RawDataElement) for t in ds.keys())  # noqa: SIM118 (iterating converts)
+    assert compared > 1000 and fast > 100  # many files, most values decoded without pydicom

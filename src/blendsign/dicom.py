@@ -14,6 +14,8 @@ from typing import BinaryIO
 
 import numpy as np
 import pydicom
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -130,48 +132,103 @@ def _read_forced(fp: BinaryIO, path: str) -> Dataset:
     return ds
 
 
+_HEADER_VR = {name: (int(tag_for_keyword(name)), dictionary_VR(name)) for name in HEADER_TAGS}  # type: ignore[arg-type]
+_TEXT_VRS = {"UI", "CS", "LO", "SH", "AS", "DA"}
+_NUMBER_VRS = {"DS", "IS"}
+
+
+class HeaderValues:
+    """``ds.get(keyword, default)`` for :data:`HEADER_TAGS`, decoding the raw bytes of the common case itself.
+
+    Ingestion reads every file's header, and pydicom's generic value conversion costs more than parsing the
+    file (about 0.9 ms of 1.5 ms per file here). Little-endian elements of these tags with plain ASCII values
+    are decoded directly, exactly as pydicom would (tested against it on pydicom's real test files); anything
+    else (big endian, non-ASCII text, unexpected lengths) goes through ``ds.get``.
+    """
+
+    def __init__(self, ds: Dataset) -> None:
+        self.ds = ds
+
+    def get(self, name: str, default: object = None) -> object:
+        tag, vr = _HEADER_VR[name]
+        raw = self.ds.get_item(tag)
+        if raw is None:
+            return default
+        if isinstance(raw, RawDataElement) and raw.is_little_endian and raw.value is not None:
+            value = _decode(raw.value, raw.VR or vr)
+            if value is not _SLOW:
+                return value
+        return self.ds.get(name, default)
+
+
+_SLOW = object()
+
+
+def _decode(data: bytes, vr: str) -> object:
+    """An element's value as pydicom gives it (str, float, int or a list of them), or ``_SLOW``."""
+    if vr == "US":
+        return int.from_bytes(data, "little") if len(data) == 2 else _SLOW
+    if not data.isascii() or (vr not in _TEXT_VRS and vr not in _NUMBER_VRS):
+        return _SLOW
+    parts = data.decode("ascii").rstrip(" \x00").split("\\")  # pydicom: trailing padding off, then split
+    if vr in _TEXT_VRS:
+        if vr in ("LO", "SH") and len(parts) > 1:
+            return _SLOW
+        return parts[0] if len(parts) == 1 else parts
+    parts = [p.strip(" \x00") for p in parts]
+    try:
+        values = [float(p) if vr == "DS" else int(p) for p in parts if p]
+    except ValueError:
+        return _SLOW  # pydicom decides what a malformed number becomes
+    if len(values) != len(parts):
+        return _SLOW if len(parts) > 1 else ""
+    return values[0] if len(values) == 1 else values
+
+
 def header_from_dataset(ds: Dataset, path: str, pixel_offset: int | None = None) -> SliceHeader:
     """Extract a ``SliceHeader``; raises ``UnusableFileError`` when required tags are missing."""
+    file_meta = getattr(ds, "file_meta", None)
+    v = HeaderValues(ds)
     try:
-        missing = [t for t in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID") if not ds.get(t)]
+        missing = [t for t in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID") if not v.get(t)]
         if missing:
             raise UnusableFileError(f"missing required tag(s) {', '.join(missing)} (truncated or incomplete header?)")
-        ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        ts = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+        rows, cols = int(v.get("Rows", 0) or 0), int(v.get("Columns", 0) or 0)
         return SliceHeader(
             path=path,
-            study_uid=str(ds.StudyInstanceUID),
-            series_uid=str(ds.SeriesInstanceUID),
-            sop_uid=str(ds.SOPInstanceUID),
-            patient_id=str(ds.get("PatientID", "") or ""),
-            modality=str(ds.get("Modality", "") or "").upper(),
-            image_type=tuple(str(v) for v in _as_list(ds.get("ImageType"))),
-            orientation=_floats(ds.get("ImageOrientationPatient"), 6),
-            position=_floats(ds.get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
-            pixel_spacing=_floats(ds.get("PixelSpacing"), 2),  # type: ignore[arg-type]
-            slice_thickness=_float_or_none(ds.get("SliceThickness")),
+            study_uid=str(v.get("StudyInstanceUID")),
+            series_uid=str(v.get("SeriesInstanceUID")),
+            sop_uid=str(v.get("SOPInstanceUID")),
+            patient_id=str(v.get("PatientID", "") or ""),
+            modality=str(v.get("Modality", "") or "").upper(),
+            image_type=tuple(str(v) for v in _as_list(v.get("ImageType"))),
+            orientation=_floats(v.get("ImageOrientationPatient"), 6),
+            position=_floats(v.get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
+            pixel_spacing=_floats(v.get("PixelSpacing"), 2),  # type: ignore[arg-type]
+            slice_thickness=_float_or_none(v.get("SliceThickness")),
             rows=rows,
             cols=cols,
-            frames=int(ds.get("NumberOfFrames", 1) or 1),
-            contrast=bool(str(ds.get("ContrastBolusAgent", "") or "").strip()),
+            frames=int(v.get("NumberOfFrames", 1) or 1),
+            contrast=bool(str(v.get("ContrastBolusAgent", "") or "").strip()),
             age_years=age_in_years(
-                str(ds.get("PatientAge", "") or ""),
-                str(ds.get("PatientBirthDate", "") or ""),
-                str(ds.get("StudyDate", "") or ""),
+                str(v.get("PatientAge", "") or ""),
+                str(v.get("PatientBirthDate", "") or ""),
+                str(v.get("StudyDate", "") or ""),
             ),
-            series_number=_int_or_none(ds.get("SeriesNumber")),
-            instance_number=_int_or_none(ds.get("InstanceNumber")),
+            series_number=_int_or_none(v.get("SeriesNumber")),
+            instance_number=_int_or_none(v.get("InstanceNumber")),
             transfer_syntax=ts.name if ts is not None else "unknown",
             pixels=PixelFormat(
                 transfer_syntax_uid=str(ts or ""),
                 rows=rows,
                 cols=cols,
-                bits_allocated=int(ds.get("BitsAllocated", 0) or 0),
-                bits_stored=int(ds.get("BitsStored", 0) or 0),
-                pixel_representation=int(ds.get("PixelRepresentation", 0) or 0),
-                samples=int(ds.get("SamplesPerPixel", 1) or 1),
-                slope=float(ds.get("RescaleSlope", 1) or 1),
-                intercept=float(ds.get("RescaleIntercept", 0) or 0),
+                bits_allocated=int(v.get("BitsAllocated", 0) or 0),
+                bits_stored=int(v.get("BitsStored", 0) or 0),
+                pixel_representation=int(v.get("PixelRepresentation", 0) or 0),
+                samples=int(v.get("SamplesPerPixel", 1) or 1),
+                slope=float(v.get("RescaleSlope", 1) or 1),
+                intercept=float(v.get("RescaleIntercept", 0) or 0),
                 offset=pixel_offset,
             ),
         )
