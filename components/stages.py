@@ -119,9 +119,10 @@ def train_teacher(fold: int, preset: str, k: int, rounds: int, ingested: Input[D
     from blendsign.orchestration import RunRef, job_arguments, pipeline_config
 
     ref = RunRef.read(run.path)
-    distill(pipeline_config(preset, k=k, rounds=rounds), ingest_dir=ingested.path, labels_dir=labels.path,
-            out_dir=teacher.path, rounds=0, tracker=ref.tracker(), progress=False,
-            **job_arguments(ref, fold, split.path))
+    with ref.step("train_teacher") as tracker:
+        distill(pipeline_config(preset, k=k, rounds=rounds), ingest_dir=ingested.path, labels_dir=labels.path,
+                out_dir=teacher.path, rounds=0, tracker=tracker, progress=False,
+                **job_arguments(ref, fold, split.path))
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
@@ -135,8 +136,9 @@ def distill(fold: int, preset: str, k: int, rounds: int, ingested: Input[Dataset
 
     ref = RunRef.read(run.path)
     shutil.copytree(teacher.path, model.path, dirs_exist_ok=True)  # round 0 is found finished, not retrained
-    distill(pipeline_config(preset, k=k, rounds=rounds), ingest_dir=ingested.path, labels_dir=labels.path,
-            out_dir=model.path, tracker=ref.tracker(), progress=False, **job_arguments(ref, fold, split.path))
+    with ref.step("distill") as tracker:
+        distill(pipeline_config(preset, k=k, rounds=rounds), ingest_dir=ingested.path, labels_dir=labels.path,
+                out_dir=model.path, tracker=tracker, progress=False, **job_arguments(ref, fold, split.path))
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
@@ -152,10 +154,11 @@ def evaluate(preset: str, k: int, rounds: int, ingested: Input[Dataset], labels:
 
     ref = RunRef.read(run.path)
     out = Path(cv.path)
-    gather_fold_models([m.path for m in models], out / "models")
-    evaluate(pipeline_config(preset, k=k, rounds=rounds), ingest_dir=ingested.path, labels_dir=labels.path,
-             folds_dir=split.path, models_dir=out / "models", out_dir=out / "evaluation", tracker=ref.tracker(),
-             run_id=ref.cv_run_id, progress=False)
+    with ref.step("evaluate") as tracker:
+        gather_fold_models([m.path for m in models], out / "models")
+        evaluate(pipeline_config(preset, k=k, rounds=rounds), ingest_dir=ingested.path, labels_dir=labels.path,
+                 folds_dir=split.path, models_dir=out / "models", out_dir=out / "evaluation", tracker=tracker,
+                 run_id=ref.cv_run_id, progress=False)
     for name, value in cv_metrics(out / "evaluation").items():
         metrics.log_metric(name, value)
     shutil.copyfile(out / "evaluation" / "report.md", report.path)
@@ -176,11 +179,12 @@ def register(preset: str, k: int, rounds: int, model_name: str, promotion_metric
     from blendsign.pipeline import register_stage
 
     ref = RunRef.read(run.path)
-    registered = register_stage(pipeline_config(preset, k=k, rounds=rounds), cv_dir=cv.path,
-                                ingest_dir=ingested.path, labels_dir=labels.path, folds_dir=split.path,
-                                out_dir=model.path, tracker=ref.tracker(), parent_run_id=ref.parent_run_id,
-                                mode=register_mode, name=model_name, metric=promotion_metric,
-                                margin=promotion_margin, trained=[m.path for m in models], progress=False)
+    with ref.step("register") as tracker:
+        registered = register_stage(pipeline_config(preset, k=k, rounds=rounds), cv_dir=cv.path,
+                                    ingest_dir=ingested.path, labels_dir=labels.path, folds_dir=split.path,
+                                    out_dir=model.path, tracker=tracker, parent_run_id=ref.parent_run_id,
+                                    mode=register_mode, name=model_name, metric=promotion_metric,
+                                    margin=promotion_margin, trained=[m.path for m in models], progress=False)
     shutil.copyfile(Path(model.path) / "model_card.md", card.path)
     record = finish_pipeline_run(ref, evaluation_dir=Path(cv.path) / "evaluation", registered=registered)
     return json.dumps({**record, "cv_uri": cv.uri})

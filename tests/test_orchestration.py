@@ -123,6 +123,26 @@ def test_parent_run_opened_in_one_step_closed_in_another(tmp_path: Path) -> None
     assert client.get_run(skipped_ref.cv_run_id).info.lifecycle_stage == "deleted"
 
 
+def test_a_failing_step_marks_the_parent_run_failed_and_a_finished_pipeline_overrules_it(tmp_path: Path) -> None:
+    ingest = tmp_path / "ingest"
+    ingest.mkdir()
+    (ingest / "manifest.json").write_text(json.dumps({"dataset_fingerprint": "f00d"}))
+    ref = open_pipeline_run(pipeline_config("ci"), ingest_dir=ingest, tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
+                            experiment="orch")
+    client = ref.tracker().client
+    with ref.step("evaluate") as tracker:
+        assert tracker.experiment_name == "orch"
+    assert client.get_run(ref.parent_run_id).info.status == "RUNNING"  # a step that succeeds changes nothing
+    with pytest.raises(KeyError), ref.step("train_teacher"):
+        raise KeyError("fold 3")
+    parent = client.get_run(ref.parent_run_id)
+    assert parent.info.status == "FAILED" and parent.data.tags["failed_step"] == "train_teacher: KeyError"
+    registered = {"registered_model": "m", "model_version": "1", "alias": "champion", "promoted": True,
+                  "decision": "champion: first", "model_uri": "models:/m@champion", "version_uri": "models:/m/1"}
+    finish_pipeline_run(ref, evaluation_dir=_evaluation(tmp_path / "evaluation"), registered=registered)  # retry won
+    assert client.get_run(ref.parent_run_id).info.status == "FINISHED"
+
+
 def test_a_cluster_ingest_needs_the_key_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     require_pseudonym_key("/tmp/kfp/blendsign-run/ingest/dataset")  # kfp.local: a key file beside it is fine
     with pytest.raises(ValueError, match="BLENDSIGN_PSEUDONYM_KEY"):

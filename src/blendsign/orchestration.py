@@ -15,7 +15,8 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,20 @@ class RunRef:
 
     def tracker(self) -> Tracker:
         return Tracker.open(self.experiment, uri=self.tracking_uri)
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[Tracker]:
+        """A pipeline step logging under this run: if it raises, the parent run is marked FAILED with a
+        ``failed_step`` tag before the error propagates, so a Kubeflow run that stops there does not leave a
+        parent run RUNNING for ever (a retried step that then succeeds is overruled by the final
+        ``finish_pipeline_run``, which ends it FINISHED)."""
+        tracker = self.tracker()
+        try:
+            yield tracker
+        except BaseException as exc:
+            tracker.client.set_tag(self.parent_run_id, "failed_step", f"{name}: {type(exc).__name__}")
+            tracker.client.update_run(self.parent_run_id, status="FAILED")
+            raise
 
     def write(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
