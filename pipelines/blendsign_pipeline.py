@@ -44,9 +44,9 @@ class Resources:
 
     gpu_type: str = "nvidia.com/gpu"  # accelerator resource of the training tasks
     gpus: int = 1  # per training task (0: CPU only); >1 needs the torchrun launcher (docs/pipeline.md)
-    train_cpu: str = "8"
+    train_cpu: str = "16"  # 8 data-loader workers and the main process (bench_train_gpu: the loader sets the pace)
     train_memory: str = "32Gi"
-    # OMP_NUM_THREADS of the GPU tasks: torch would start a thread per core of the node, not of the CPU limit.
+    # OMP_NUM_THREADS of the GPU tasks' main process: torch would start a thread per core of the node.
     threads: int = 8
     data_cpu: str = "4"  # ingest, fuse, folds
     data_memory: str = "16Gi"

@@ -316,6 +316,13 @@ def test_fuse_nothing_joins(tmp_path: Path, ingest_dir: Path) -> None:
         fuse(_write(tmp_path, HEADER + "9.9,9.9.1,A,non_ich,,,,\n"), ingest_dir, tmp_path / "out")
 
 
+def test_fuse_on_an_ingest_that_wrote_nothing(tmp_path: Path, ingest_dir: Path) -> None:
+    for f in (ingest_dir / "slices").glob("*.parquet"):  # every scan excluded or quarantined
+        f.unlink()
+    with pytest.raises(ValueError, match="holds no ingested slice"):
+        fuse(_write(tmp_path, ANNOTATIONS), ingest_dir, tmp_path / "out")
+
+
 def test_cli_fuse(tmp_path: Path, ingest_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     csv = _write(tmp_path, ANNOTATIONS)
     assert main(["fuse", str(csv), str(ingest_dir), str(tmp_path / "out"), "--box-match-iou", "0.6"]) == 0

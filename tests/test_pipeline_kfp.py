@@ -59,7 +59,8 @@ def test_compiled_spec(tmp_path: Path) -> None:
         assert {"resourceCpuRequest", "resourceCpuLimit", "resourceMemoryRequest", "resourceMemoryLimit"} <= set(r)
         if name in GPU_EXECUTORS:
             assert r["accelerator"]["resourceType"] == "nvidia.com/gpu" and r["accelerator"]["resourceCount"] == "1"
-            assert c["env"] == [{"name": "OMP_NUM_THREADS", "value": "8"}]  # the CPU limit, not the node's cores
+            assert c["env"] == [{"name": "OMP_NUM_THREADS", "value": "8"}]  # not the node's cores
+            assert float(r["resourceCpuLimit"]) == 16  # 8 loader workers + the main process
         else:
             assert "accelerator" not in r, name
         secret = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"][name]["secretAsEnv"][0]

@@ -90,7 +90,7 @@ class DataConfig:
     max_rotation_deg: float = 10.0  # paper §Data augmentation: rotations up to 10°
     max_shift: float = 0.1  # LR/UD shift as a fraction of the size (paper gives no value)
     scale_range: tuple[float, float] = (0.9, 1.1)  # paper §Data augmentation: scaling 0.9–1.1
-    workers: int = 2  # data-loader worker processes (persistent)
+    workers: int = 8  # data-loader worker processes (persistent); 8 feed 412 images/s to an H200 (bench_train_gpu)
 
 
 @dataclass(frozen=True)
@@ -229,7 +229,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "synth": {"scans": 30, "size": 128},
         "folds": {"k": 3},
         "distill": {"rounds": 1},
-        "data": {"size": 128},
+        "data": {"size": 128, "workers": 2},
         "model": {"backbone": "resnet18", "weights": "none"},
         "train": {"epochs": 4},
     },

@@ -334,6 +334,9 @@ def read_ingested_slices(ingest_dir: str | Path) -> tuple[dict[str, dict[str, An
             "the key the ingest used, so no annotation would join (set BLENDSIGN_PSEUDONYM_KEY or use the "
             "ingest's key file)"
         )
+    if not any(slices_dir.glob("*.parquet")):
+        raise ValueError(f"{ingest_dir} holds no ingested slice: every scan was excluded or quarantined "
+                         "(see its ingest_report.md)")
     table = ds.dataset(str(slices_dir), format="parquet").to_table(columns=_SLICE_COLUMNS)
     slices: dict[str, dict[str, Any]] = {}
     for rec in table.to_pylist():
