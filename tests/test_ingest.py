@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -258,6 +259,21 @@ def test_two_workers_give_the_same_dataset(tmp_path: Path, ct_writer: Callable[.
     shutil.copy(key_path_for(tmp_path / "one"), key_path_for(tmp_path / "two"))
     two = ingest(tmp_path / "src", tmp_path / "two", replace(CFG, workers=2), progress=False)
     assert one.report["dataset_fingerprint"] == two.report["dataset_fingerprint"]
+
+
+def test_a_dead_worker_pool_stops_the_run_with_a_clear_error(tmp_path: Path, ct_writer: Callable[..., str]) -> None:
+    """A script without a main guard makes every worker die at start: that is not the files' fault, so the run
+    stops and says how to fix it, instead of quarantining every file."""
+    make_study(tmp_path / "src", ct_writer)
+    script = tmp_path / "unguarded.py"
+    script.write_text("from blendsign.config import IngestConfig\nfrom blendsign.ingest import ingest\n"
+                      f"ingest({str(tmp_path / 'src')!r}, {str(tmp_path / 'out')!r}, IngestConfig(workers=2), "
+                      "progress=False)\n")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, KEY_ENV: "dead-pool-key-0123456789abcdef"})
+    assert run.returncode != 0
+    assert "worker pool died" in run.stderr and "__main__" in run.stderr
+    assert not list((tmp_path / "out" / "slices").glob("*.parquet"))
 
 
 # --- CLI ---------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import os
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -443,10 +444,19 @@ def _run_parallel(
         futures: dict[Future[R], T] = {pool.submit(fn, item): item for item in items}
         for fut in as_completed(futures):
             exc = fut.exception()
+            if isinstance(exc, BrokenProcessPool):  # not the files' fault: stop instead of quarantining them all
+                raise RuntimeError(POOL_DIED) from exc
             bar.update()
             yield futures[fut], (exc if exc is not None else fut.result())
     finally:
         bar.close()
+
+
+POOL_DIED = (
+    "the ingest worker pool died (a worker was killed, e.g. out of memory, or could not start). Called from a "
+    "Python script with workers > 1? Guard the script's code with `if __name__ == \"__main__\":` (the workers "
+    "re-import it). Re-running completes the work: scans already written are kept."
+)
 
 
 def _pool(workers: int) -> Executor | None:
