@@ -53,6 +53,8 @@ def test_fold_ids_and_gathered_models(tmp_path: Path) -> None:
     dest = gather_fold_models(sources, tmp_path / "cv" / "models")
     files = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
     assert files == ["fold0/distill.json", "fold0/round1/best.pt", "fold1/distill.json", "fold1/round1/best.pt"]
+    assert gather_fold_models(sources, tmp_path / "cv" / "models") == dest  # a re-run: the same files again
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()) == files
     with pytest.raises(ValueError, match="twice"):
         gather_fold_models([sources[0], sources[0]], tmp_path / "again")
     with pytest.raises(FileNotFoundError):

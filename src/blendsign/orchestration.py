@@ -134,16 +134,17 @@ def gather_fold_models(model_dirs: Iterable[str | Path], dest: str | Path, patte
     from blendsign.distill import final_checkpoint
 
     dest = Path(dest)
+    seen: set[str] = set()
     for folder in model_dirs:
         for fold_dir in sorted(Path(folder).glob(pattern)):
-            target = dest / fold_dir.name
-            if target.exists():
+            if fold_dir.name in seen:
                 raise ValueError(f"{fold_dir.name} given twice")
-            final = final_checkpoint(fold_dir)
+            seen.add(fold_dir.name)
+            target, final = dest / fold_dir.name, final_checkpoint(fold_dir)
             (target / final.relative_to(fold_dir)).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(fold_dir / "distill.json", target / "distill.json")
+            shutil.copy2(fold_dir / "distill.json", target / "distill.json")  # a re-run overwrites: idempotent
             shutil.copy2(final, target / final.relative_to(fold_dir))
-    if not any(dest.glob(pattern)):
+    if not seen:
         raise FileNotFoundError(f"no distilled {'refit' if pattern == 'all' else 'fold'} among the collected models")
     return dest
 
