@@ -135,6 +135,7 @@ def _read_forced(fp: BinaryIO, path: str) -> Dataset:
 _HEADER_VR = {name: (int(tag_for_keyword(name)), dictionary_VR(name)) for name in HEADER_TAGS}  # type: ignore[arg-type]
 _TEXT_VRS = {"UI", "CS", "LO", "SH", "AS", "DA"}
 _NUMBER_VRS = {"DS", "IS"}
+_SLOW = object()  # _decode's answer for a value it leaves to pydicom
 
 
 class HeaderValues:
@@ -159,9 +160,6 @@ class HeaderValues:
             if value is not _SLOW:
                 return value
         return self.ds.get(name, default)
-
-
-_SLOW = object()
 
 
 def _decode(data: bytes, vr: str) -> object:
@@ -202,7 +200,7 @@ def header_from_dataset(ds: Dataset, path: str, pixel_offset: int | None = None)
             sop_uid=str(v.get("SOPInstanceUID")),
             patient_id=str(v.get("PatientID", "") or ""),
             modality=str(v.get("Modality", "") or "").upper(),
-            image_type=tuple(str(v) for v in _as_list(v.get("ImageType"))),
+            image_type=tuple(str(t) for t in _as_list(v.get("ImageType"))),
             orientation=_floats(v.get("ImageOrientationPatient"), 6),
             position=_floats(v.get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
             pixel_spacing=_floats(v.get("PixelSpacing"), 2),  # type: ignore[arg-type]

@@ -16,7 +16,13 @@ import base64
 import binascii
 import io
 import os
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
+import time
+import urllib.request
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -538,13 +544,6 @@ def model_server(model_uri: str, *, tracking_uri: str, log: str | Path, timeout:
     of a busy machine) and the whole group is stopped on exit. ``RuntimeError`` with the log's tail if it
     exits or is not up within ``startup`` seconds.
     """
-    import signal
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
