@@ -6,15 +6,21 @@ from __future__ import annotations
 import ast
 import inspect
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 import threading
+import zipfile
 from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
 
+import pyarrow.parquet as pq
+import pydicom
 import pytest
 import yaml
 from components import BASE_IMAGE, CPU_IMAGE, STAGES, stages
@@ -235,9 +241,36 @@ def test_schedule_creates_a_recurring_retraining_run(kfp_api: tuple[str, list], 
 # --- the whole pipeline on this machine (kfp.local) ------------------------------------------------------
 
 
+@contextmanager
+def _output_to(path: Path) -> Iterator[None]:
+    """Everything the run prints or logs, its tasks' subprocesses included, into ``path``."""
+    root = logging.getLogger()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with path.open("w") as f, redirect_stdout(f), redirect_stderr(f):
+        handler, level = logging.StreamHandler(f), root.level
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            f.flush()
+            for fd, old in zip((1, 2), saved, strict=True):
+                os.dup2(old, fd)
+                os.close(old)
+            root.removeHandler(handler)
+            root.setLevel(level)
+
+
 @pytest.fixture(scope="module")
 def local_run(cohort: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """One local pipeline run (ci preset, 2 folds, 1 distillation round) on the session's tiny cohort."""
+    """One local pipeline run (ci preset, 2 folds, 1 distillation round) on the session's tiny cohort.
+
+    Everything it prints (the tasks' logs) goes to ``run.log`` in the work folder.
+    """
     work = tmp_path_factory.mktemp("kfp-local")
     old_cwd = Path.cwd()
     os.chdir(work)  # .blendsign/last_run.json goes here, not into the checkout
@@ -247,7 +280,8 @@ def local_run(cohort: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
                   "annotations": str(src / "annotations.csv"), "clinical": str(src / "clinical.csv"), "k": 2,
                   "rounds": 1, "tracking_uri": f"sqlite:///{work / 'mlflow.db'}", "experiment": "kfp-local",
                   "model_name": "blendsign-kfp", "progress": False}
-        first = launch.run_local(**kwargs)
+        with _output_to(work / "run.log"):
+            first = launch.run_local(**kwargs)
         last_run = json.loads((work / ".blendsign" / "last_run.json").read_text())
         return {"work": work, "kwargs": kwargs, "first": first, "last_run": last_run}
     finally:
@@ -290,6 +324,52 @@ def test_local_run_registers_a_champion_with_the_mlflow_tree(local_run: dict[str
                   and "mlflow.parentRunId" not in r.data.tags}
     assert {"ingest", "fuse", "folds", "pipeline"} <= stage_runs  # cached stages: linked by the fingerprint
     assert all(r.info.status == "FINISHED" for r in runs)
+
+
+IDENTIFYING_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "InstitutionName", "InstitutionAddress",
+                    "ReferringPhysicianName", "AccessionNumber", "StudyInstanceUID", "SeriesInstanceUID",
+                    "SOPInstanceUID", "FrameOfReferenceUID")
+
+
+def _readable(path: Path) -> str:
+    """A file's content as text: Parquet decoded (pixels left out), a torch checkpoint's pickled objects (its
+    tensor storages left out), anything else byte for byte."""
+    if path.suffix == ".parquet":
+        table = pq.read_table(path)
+        table = table.drop([f.name for f in table.schema if f.type in ("binary", "large_binary")])
+        return str(table.to_pylist()) + str(table.schema.metadata)
+    if path.suffix == ".pt":
+        with zipfile.ZipFile(path) as z:
+            return "".join(z.read(n).decode("latin-1") for n in z.namelist() if "/data/" not in n)
+    return path.read_bytes().decode("latin-1")
+
+
+@pytest.mark.slow
+def test_no_identifier_reaches_outputs_mlflow_or_logs(local_run: dict[str, Any], cohort: dict[str, Path]) -> None:
+    """Every file of the run (stage outputs, kfp's artifacts, the MLflow database and artifact store, models,
+    the tasks' logs) is free of the source's names, IDs, birth dates, institutions, accession numbers, UIDs."""
+    secrets: set[str] = set()
+    for f in filter(Path.is_file, (cohort["root"] / "src" / "dicom").rglob("*")):
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        for tag in IDENTIFYING_TAGS:
+            value = str(ds.get(tag, "") or "")
+            secrets |= {value, *value.split("^")} if tag.endswith("Name") else {value}
+    long = {s for s in secrets if len(s) >= 6}  # shorter name parts match by chance in binary files ...
+    words = re.compile("|".join(rf"\b{re.escape(s)}\b" for s in secrets - long if s))  # ... but not as text
+    assert len(long) > 100 and words.pattern
+    files = [f for f in local_run["work"].rglob("*") if f.is_file()]
+    kinds = {f.suffix for f in files}
+    assert {".parquet", ".db", ".log", ".json", ".png", ".pt"} <= kinds, kinds  # the stores were all looked at
+    assert (local_run["work"] / "run.log").stat().st_size > 0
+    leaks = {}
+    for f in files:
+        text = _readable(f)
+        found = [s for s in long if s in text]
+        if f.suffix in {".json", ".log", ".md", ".csv", ".txt", ".yaml", ".parquet"}:
+            found += words.findall(text)
+        if found:
+            leaks[f.relative_to(local_run["work"]).as_posix()] = sorted(set(found))
+    assert not leaks
 
 
 @pytest.mark.slow
