@@ -71,12 +71,12 @@ def main() -> None:
         root = Path(tmp)
         torch.manual_seed(0)
         torch.save({"format": 1, "model": build_model(cfg.model).state_dict(), "config": cfg.to_dict()},
-                   root / "best.pt")
+                   root / "model.pt")
         uri = f"sqlite:///{root / 'mlflow.db'}"
         tracker = Tracker.open(uri=uri)
         with tracker.run("bench-serve") as run:
             run_id = run.run_id
-        model_uri = serving.log_model(run_id=run_id, tracking_uri=uri, checkpoints=[root / "best.pt"],
+        model_uri = serving.log_model(run_id=run_id, tracking_uri=uri, checkpoints=[root / "model.pt"],
                                       batch_size=args.batch_size)
         slices = scan_slices(args.slices)
         frame = pd.DataFrame({"dicom": slices})

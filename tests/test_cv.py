@@ -65,5 +65,5 @@ def test_ablation_runs_three_settings_and_reuses_the_teacher(cohort: dict[str, P
     assert table.count("| WCE+AT+SKD |") == 3 and "30% of training blend-sign slices" in table
     assert (tmp_path / "abl" / "ablation.png").read_bytes().startswith(PNG)
     teacher = tmp_path / "abl" / "WCE+AT+SKD" / "models" / "fold0" / "round0"
-    assert teacher.is_symlink() and (teacher / "best.pt").exists()
-    assert (tmp_path / "abl" / "WCE+AT+SKD" / "models" / "fold0" / "round1" / "best.pt").exists()
+    assert teacher.is_symlink() and (teacher / "model.pt").exists()
+    assert (tmp_path / "abl" / "WCE+AT+SKD" / "models" / "fold0" / "round1" / "model.pt").exists()

@@ -24,14 +24,14 @@ def test_one_round_end_to_end(cohort: dict[str, Path], tmp_path: Path) -> None:
     result = distill(CFG, **dirs, fold=0, out_dir=tmp_path / "models", tracker=tracker, progress=False)
     assert len(result.rounds) == 2
     fold_dir = tmp_path / "models" / "fold0"
-    assert final_checkpoint(fold_dir) == fold_dir / "round1" / "best.pt"
+    assert final_checkpoint(fold_dir) == fold_dir / "round1" / "model.pt"
     # the student learned from the teacher's soft labels on the training slices, evaluation preprocessing
     train_index, _ = split_index(cohort["ingest"], cohort["labels"], cohort["folds"], 0)
     soft = pq.read_table(fold_dir / "round1" / "soft_labels.parquet").to_pandas()
     assert len(soft) == len(train_index) and list(soft["instance_key"]) == list(train_index.instance_key)
     probs = soft[["p_non_ich", "p_normal_ich", "p_blend_sign"]].to_numpy()
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
-    again = soft_labels(fold_dir / "round0" / "best.pt", train_index, CFG, resolve_device("cpu"), progress=False)
+    again = soft_labels(fold_dir / "round0" / "model.pt", train_index, CFG, resolve_device("cpu"), progress=False)
     np.testing.assert_allclose(probs, again, rtol=1e-5, atol=1e-6)
     review = (fold_dir / "round1" / "review.csv").read_text().splitlines()
     assert review[0].startswith("scan_id,slice_index,instance_key,label,teacher_says,p_label")

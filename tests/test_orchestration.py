@@ -46,13 +46,13 @@ def test_fold_ids_and_gathered_models(tmp_path: Path) -> None:
         fold_dir = tmp_path / f"task{k}" / f"fold{k}"
         for r in (0, 1):
             (fold_dir / f"round{r}").mkdir(parents=True)
-            (fold_dir / f"round{r}" / "best.pt").write_bytes(b"r%d" % r)
+            (fold_dir / f"round{r}" / "model.pt").write_bytes(b"r%d" % r)
             (fold_dir / f"round{r}" / "last.pt").write_bytes(b"big")
-        (fold_dir / "distill.json").write_text(json.dumps({"fold": k, "final_checkpoint": "round1/best.pt"}))
+        (fold_dir / "distill.json").write_text(json.dumps({"fold": k, "final_checkpoint": "round1/model.pt"}))
         sources.append(fold_dir.parent)
     dest = gather_fold_models(sources, tmp_path / "cv" / "models")
     files = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
-    assert files == ["fold0/distill.json", "fold0/round1/best.pt", "fold1/distill.json", "fold1/round1/best.pt"]
+    assert files == ["fold0/distill.json", "fold0/round1/model.pt", "fold1/distill.json", "fold1/round1/model.pt"]
     assert gather_fold_models(sources, tmp_path / "cv" / "models") == dest  # a re-run: the same files again
     assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()) == files
     with pytest.raises(ValueError, match="twice"):
@@ -61,11 +61,11 @@ def test_fold_ids_and_gathered_models(tmp_path: Path) -> None:
         gather_fold_models([], tmp_path / "none")
     refit_dir = tmp_path / "task-refit" / "all"
     (refit_dir / "round0").mkdir(parents=True)
-    (refit_dir / "round0" / "best.pt").write_bytes(b"refit")
-    (refit_dir / "distill.json").write_text(json.dumps({"fold": None, "final_checkpoint": "round0/best.pt"}))
+    (refit_dir / "round0" / "model.pt").write_bytes(b"refit")
+    (refit_dir / "distill.json").write_text(json.dumps({"fold": None, "final_checkpoint": "round0/model.pt"}))
     collected = [*sources, refit_dir.parent]  # what the loop hands to evaluate and register
     assert sorted(p.name for p in gather_fold_models(collected, tmp_path / "eval").iterdir()) == ["fold0", "fold1"]
-    refit = gather_fold_models(collected, tmp_path / "register", pattern="all") / "all" / "round0" / "best.pt"
+    refit = gather_fold_models(collected, tmp_path / "register", pattern="all") / "all" / "round0" / "model.pt"
     assert refit.read_bytes() == b"refit" and not (tmp_path / "register" / "fold0").exists()
 
 

@@ -39,7 +39,7 @@ def make_checkpoint(path: Path, seed: int = 0) -> Config:
     model = build_model(cfg.model)
     with torch.no_grad():
         model.det_head.out.bias[0] = 4.0  # sigmoid ≈ 0.98 > the 0.3 box threshold
-    torch.save({"format": 1, "model": model.state_dict(), "optimizer": None, "epoch": 1, "best_epoch": 1,
+    torch.save({"format": 1, "model": model.state_dict(), "optimizer": None, "epoch": 1,
                 "history": [{"loss_total": 1.0}], "config": cfg.to_dict(), "run_id": None, "fold": 0}, path)
     return cfg
 
@@ -48,13 +48,13 @@ def make_checkpoint(path: Path, seed: int = 0) -> Config:
 def served(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One checkpoint logged as the pyfunc to a temporary SQLite store."""
     root = tmp_path_factory.mktemp("serving")
-    cfg = make_checkpoint(root / "best.pt")
+    cfg = make_checkpoint(root / "model.pt")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     tracker = Tracker.open(uri=uri)
     with tracker.run("teacher") as run:
         run_id = run.run_id
     before = (os.environ.get("MLFLOW_TRACKING_URI"), _global_tracking_uri())
-    model_uri = serving.log_model(run_id=run_id, tracking_uri=uri, checkpoints=[root / "best.pt"])
+    model_uri = serving.log_model(run_id=run_id, tracking_uri=uri, checkpoints=[root / "model.pt"])
     after = (os.environ.get("MLFLOW_TRACKING_URI"), _global_tracking_uri())
     return {"root": root, "cfg": cfg, "uri": uri, "run_id": run_id, "model_uri": model_uri,
             "tracking_before": before, "tracking_after": after, "client": tracker.client}
@@ -132,7 +132,7 @@ def test_predict_real_slices(served: dict[str, Any], model: Any) -> None:
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(probs[3], probs[0], atol=1e-6)  # base64 text = bytes
     assert list(out["label"]) == [CLASSES[k] for k in probs.argmax(axis=1)]
-    net, cfg = load_model(served["root"] / "best.pt", torch.device("cpu"))
+    net, cfg = load_model(served["root"] / "model.pt", torch.device("cpu"))
     for data, p, boxes in zip(blobs, probs, out["boxes"], strict=False):
         ref_p, ref_boxes = reference(net, cfg, data)
         np.testing.assert_allclose(p, ref_p, atol=1e-5)

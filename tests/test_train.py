@@ -15,7 +15,7 @@ import torch
 from blendsign.config import load_preset, override
 from blendsign.data import load_index
 from blendsign.tracking import Tracker
-from blendsign.train import check_data, resolve_device, train
+from blendsign.train import check_data, resolve_device, split_index, teacher_digest, train
 
 CFG = load_preset("ci")
 
@@ -30,7 +30,7 @@ def test_loss_falls_and_mlflow_records_the_run(cohort: dict[str, Path], tmp_path
     result = train(cfg, **_dirs(cohort), fold=0, out_dir=tmp_path / "run", tracker=tracker, progress=False)
     losses = [h["loss_total"] for h in result.history]
     assert len(losses) == 4 and losses[-1] < losses[0]
-    assert result.best_checkpoint.exists() and 1 <= result.best_epoch <= 4
+    assert result.checkpoint.exists() and result.epochs == 4
     run = tracker.client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["train.lr"] == "0.01" and run.data.params["loss.class_weights"] == "(1.0, 2.0, 20.0)"
@@ -39,14 +39,20 @@ def test_loss_falls_and_mlflow_records_the_run(cohort: dict[str, Path], tmp_path
     assert len(tracker.client.get_metric_history(result.run_id, "loss_total")) == 4
     artifacts = {a.path for a in tracker.client.list_artifacts(result.run_id)}
     assert {"checkpoint", "config.json", "history.json"} <= artifacts
-    ckpt = torch.load(result.best_checkpoint, map_location="cpu", weights_only=False)
-    assert ckpt["config"] == cfg.to_dict() and ckpt["epoch"] == result.best_epoch
+    assert not [k for k in run.data.metrics if k.startswith("best")]  # no epoch is chosen on the held-out fold
+    # the model is the final epoch's weights, without the optimiser state that last.pt keeps for resuming
+    ckpt = torch.load(result.checkpoint, map_location="cpu", weights_only=False)
+    last = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=False)
+    assert ckpt["config"] == cfg.to_dict() and ckpt["epoch"] == 4 and ckpt["optimizer"] is None
+    assert all(torch.equal(v, last["model"][k]) for k, v in ckpt["model"].items())
+    assert result.held_out() == pytest.approx(result.history[-1]["val_auc_blend_sign"])
 
 
 def test_resume_gives_the_uninterrupted_result(cohort: dict[str, Path], tmp_path: Path) -> None:
     full = train(CFG, **_dirs(cohort), fold=1, out_dir=tmp_path / "full", progress=False)
     # a run cut short after one of its two epochs
     train(CFG, **_dirs(cohort), fold=1, out_dir=tmp_path / "cut", stop_after_epochs=1, progress=False)
+    assert not (tmp_path / "cut" / "model.pt").exists()  # unfinished: no model yet
     with pytest.raises(ValueError, match="pass --resume"):
         train(CFG, **_dirs(cohort), fold=1, out_dir=tmp_path / "cut", progress=False)
     resumed = train(CFG, **_dirs(cohort), fold=1, out_dir=tmp_path / "cut", resume=True, progress=False)
@@ -60,6 +66,25 @@ def test_resume_gives_the_uninterrupted_result(cohort: dict[str, Path], tmp_path
     assert again.history == full.history
     with pytest.raises(ValueError, match="different configuration"):
         train(override(CFG, train={"lr": 0.02}), **_dirs(cohort), fold=1, out_dir=tmp_path / "full", progress=False)
+    # how it runs (loader workers, device) is not what is trained
+    moved = train(override(CFG, data={"workers": 1}, train={"device": "cpu", "amp": False}), **_dirs(cohort),
+                  fold=1, out_dir=tmp_path / "full", progress=False)
+    assert moved.history == full.history
+
+
+def test_a_retrained_teacher_retrains_its_student(cohort: dict[str, Path], tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    cfg, out = override(CFG, train={"epochs": 1}), tmp_path / "round1"
+    n = len(split_index(cohort["ingest"], cohort["labels"], cohort["folds"], 0)[0])
+    first = np.tile(np.float32([0.8, 0.15, 0.05]), (n, 1))
+    second = first[:, ::-1].copy()
+    train(cfg, **_dirs(cohort), fold=0, out_dir=out, teacher=first, progress=False)
+    assert torch.load(out / "model.pt", weights_only=False)["teacher"] == teacher_digest(first)
+    train(cfg, **_dirs(cohort), fold=0, out_dir=out, teacher=first, progress=False)  # same teacher: reused
+    assert "other soft labels" not in caplog.text
+    train(cfg, **_dirs(cohort), fold=0, out_dir=out, teacher=second, progress=False)
+    assert "other soft labels" in caplog.text
+    assert torch.load(out / "model.pt", weights_only=False)["teacher"] == teacher_digest(second)
 
 
 def test_refusals_say_why(cohort: dict[str, Path]) -> None:

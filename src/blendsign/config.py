@@ -135,7 +135,6 @@ class TrainConfig:
     channels_last: bool = True  # memory format (CUDA only)
     seed: int = 0
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:N"
-    select_metric: str = "auc_blend_sign"  # validation metric that picks the best epoch's checkpoint
     label_noise: float = 0.0  # ablation: share of training blend-sign slices relabelled normal ICH
 
 

@@ -46,9 +46,9 @@ class DistillResult:
         return self.rounds[-1]
 
     def summary(self) -> str:
-        steps = ", ".join(f"round {i}: best epoch {r.best_epoch} ({r.best_metric:.3f})"
-                          for i, r in enumerate(self.rounds))
-        return f"fold {self.fold}: {steps}; final model {self.final.best_checkpoint}"
+        steps = ", ".join(f"round {i}: {r.epochs} epochs" + (f", held-out AUC blend sign {auc:.3f}"
+                          if (auc := r.held_out()) is not None else "") for i, r in enumerate(self.rounds))
+        return f"fold {self.fold}: {steps}; final model {self.final.checkpoint}"
 
 
 def load_model(checkpoint: str | Path, device: torch.device) -> tuple[torch.nn.Module, Config]:
@@ -142,7 +142,7 @@ def distill(
         folder = fold_dir / f"round{r}"
         teacher = None
         if r > 0:
-            teacher = soft_labels(results[-1].best_checkpoint, train_index, cfg, device, progress=progress)
+            teacher = soft_labels(results[-1].checkpoint, train_index, cfg, device, progress=progress)
             review = review_table(train_index, teacher, cfg.distill.review_top)
             _write_round_inputs(folder, train_index, teacher, review)
             flipped = sum(r_["noise_injected"] for r_ in review)
@@ -157,13 +157,13 @@ def distill(
                 tracker.client.log_artifact(result.run_id, str(folder / artifact), "distillation")
         results.append(result)
     write_json_atomic(state_file, {"fold": fold, "rounds": rounds, "fold_run_id": fold_run_id,
-                                   "final_checkpoint": str(results[-1].best_checkpoint.relative_to(fold_dir)),
+                                   "final_checkpoint": str(results[-1].checkpoint.relative_to(fold_dir)),
                                    "round_run_ids": [r.run_id for r in results]})
     return DistillResult(fold, tuple(results), fold_run_id)
 
 
 def final_checkpoint(fold_dir: str | Path) -> Path:
-    """The final model of a distilled fold (its last round's best checkpoint)."""
+    """The final model of a distilled fold (its last round's ``model.pt``)."""
     fold_dir = Path(fold_dir)
     state = fold_dir / "distill.json"
     if not state.exists():

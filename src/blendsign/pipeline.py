@@ -135,7 +135,7 @@ def register_stage(
     elif mode == "refit":
         refit = distill(cfg, ingest_dir=ingest_dir, labels_dir=labels_dir, folds_dir=None, fold=None,
                         out_dir=out_dir, tracker=tracker, parent_run_id=parent_run_id, progress=progress)
-        checkpoints = [refit.final.best_checkpoint]
+        checkpoints = [refit.final.checkpoint]
     elif mode == "fold-ensemble":
         checkpoints = [final_checkpoint(p) for p in sorted((cv_dir / "models").glob("fold*"))]
     else:

@@ -1,4 +1,4 @@
-"""Train one model on one cross-validation fold (or on all data): checkpoints, resume, best epoch, MLflow.
+"""Train one model on one cross-validation fold (or on all data): checkpoints, resume, MLflow.
 
 Paper §Training details: SGD (momentum 0.9, weight decay 5e-4), base LR 0.01 with poly decay (power 0.9)
 per iteration, batch 16, 50 epochs. The same entry point runs under ``torchrun`` with
@@ -8,9 +8,9 @@ DistributedDataParallel (``batch_size`` is the global batch, split over the proc
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
-import math
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -39,19 +39,25 @@ CHECKPOINT_FORMAT = 1
 class TrainResult:
     out_dir: Path
     fold: int | None
-    best_epoch: int
-    best_metric: float
+    epochs: int
     run_id: str | None
     history: list[dict[str, float]] = field(default_factory=list)
 
     @property
-    def best_checkpoint(self) -> Path:
-        return self.out_dir / "best.pt"
+    def checkpoint(self) -> Path:
+        """The trained model: the final epoch's weights (§3.4: 50 epochs, then evaluated; no epoch is chosen)."""
+        return self.out_dir / "model.pt"
+
+    def held_out(self, metric: str = "auc_blend_sign") -> float | None:
+        """The final epoch's ``metric`` on the held-out fold (None for a refit on all data)."""
+        value = self.history[-1].get(f"val_{metric}") if self.history else None
+        return None if value is None else float(value)
 
     def summary(self) -> str:
         where = "all data" if self.fold is None else f"fold {self.fold}"
-        return (f"trained on {where}: best epoch {self.best_epoch} ({self.best_metric:.4f}); "
-                f"checkpoint {self.best_checkpoint}" + (f"; MLflow run {self.run_id}" if self.run_id else ""))
+        auc = self.held_out()
+        return (f"trained on {where}: {self.epochs} epochs" + (f", held-out AUC blend sign {auc:.4f}" if auc is not None
+                else "") + f"; model {self.checkpoint}" + (f"; MLflow run {self.run_id}" if self.run_id else ""))
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -116,11 +122,6 @@ def _poly(total_iters: int, power: float) -> Any:
     return lambda it: max(0.0, 1.0 - it / max(1, total_iters)) ** power
 
 
-def _score(metrics: dict[str, float], name: str) -> float:
-    value = metrics.get(name, math.nan)
-    return -math.inf if value is None or math.isnan(value) else value
-
-
 def train(
     cfg: Config,
     *,
@@ -140,9 +141,11 @@ def train(
 ) -> TrainResult:
     """Train on every fold but ``fold`` and validate on ``fold`` (``fold=None``: train on all, no validation).
 
-    Writes ``out_dir/last.pt`` every epoch and ``best.pt`` at the best validation ``select_metric``, plus
-    ``config.json`` and ``history.json``. Re-running a finished run returns it; an unfinished one continues
-    with ``resume=True``. ``teacher``: ``[n_train, 3]`` soft labels for self-knowledge distillation.
+    Writes ``out_dir/last.pt`` (with optimiser state, to resume) every epoch and ``model.pt`` (the final
+    epoch's weights) at the end, plus ``config.json`` and ``history.json``. The held-out fold is scored every
+    epoch for the learning curves only: choosing an epoch on it would bias the cross-validation estimate.
+    Re-running a finished run returns it; an unfinished one continues with ``resume=True``. ``teacher``:
+    ``[n_train, 3]`` soft labels for self-knowledge distillation.
     """
     out_dir = Path(out_dir)
     rank, world, local_rank = _distributed()
@@ -156,11 +159,13 @@ def train(
         raise ValueError(f"batch_size {cfg.train.batch_size} does not split over {world} processes")
     cuda = device.type == "cuda"
 
-    state = _load_existing(out_dir, cfg, resume)
+    taught_by = teacher_digest(teacher)
+    state = _load_existing(out_dir, cfg, resume, taught_by)
     if state is not None and state["epoch"] >= cfg.train.epochs:
         log.info("%s already holds a finished run with this config: nothing to do", out_dir)
-        return TrainResult(out_dir, fold, state["best_epoch"], state["best_metric"], state["run_id"],
-                           state["history"])
+        if rank == 0 and not (out_dir / "model.pt").exists():  # finished by a version that kept no model.pt
+            _save({**state, "optimizer": None, "scheduler": None, "scaler": None}, out_dir / "model.pt")
+        return TrainResult(out_dir, fold, state["epoch"], state["run_id"], state["history"])
 
     train_index, val_index = split_index(ingest_dir, labels_dir, folds_dir, fold)
     if cfg.train.label_noise > 0:
@@ -191,14 +196,14 @@ def train(
         optimizer, _poly(cfg.train.epochs * len(train_loader), cfg.train.poly_power))
     amp = cfg.train.amp and cuda
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
-    start_epoch, best_metric, best_epoch, history, run_id = 0, -math.inf, -1, [], None
+    start_epoch, history, run_id = 0, [], None
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, best_metric, best_epoch = state["epoch"], state["best_metric"], state["best_epoch"]
-        history, run_id = state["history"], state["run_id"]
+        if state["scaler"] and amp:  # a run may resume on another kind of device
+            scaler.load_state_dict(state["scaler"])
+        start_epoch, history, run_id = state["epoch"], state["history"], state["run_id"]
         log.info("resuming %s at epoch %d of %d", out_dir, start_epoch + 1, cfg.train.epochs)
     net = DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if world > 1 else model
 
@@ -233,33 +238,28 @@ def train(
             metrics["epoch"] = epoch + 1
             history.append(metrics)
             if is_main:
-                score = _score(metrics, f"val_{cfg.train.select_metric}") if val_loader is not None else epoch
-                improved = score > best_metric or best_epoch < 0
-                if improved:
-                    best_metric, best_epoch = score, epoch + 1
                 ckpt = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
-                        "best_metric": best_metric, "best_epoch": best_epoch, "history": history,
-                        "config": cfg.to_dict(), "run_id": run_id, "fold": fold}
+                        "history": history, "config": cfg.to_dict(), "run_id": run_id, "fold": fold,
+                        "teacher": taught_by}
+                if epoch + 1 == cfg.train.epochs:  # before last.pt says "finished"
+                    _save({**ckpt, "optimizer": None, "scheduler": None, "scaler": None}, out_dir / "model.pt")
                 _save(ckpt, out_dir / "last.pt")
-                if improved:
-                    _save({**ckpt, "optimizer": None, "scheduler": None, "scaler": None}, out_dir / "best.pt")
                 write_json_atomic(out_dir / "history.json", history)
-                log.info("%s epoch %d/%d: %s", name, epoch + 1, cfg.train.epochs, _brief(metrics, cfg))
+                log.info("%s epoch %d/%d: %s", name, epoch + 1, cfg.train.epochs, _brief(metrics))
                 if run is not None:
                     run.log_metrics(finite(metrics), step=epoch + 1)
             if world > 1:
                 dist.barrier()
         if run is not None and last_epoch == cfg.train.epochs:
-            run.log_metrics(finite({"best_epoch": best_epoch, f"best_val_{cfg.train.select_metric}": best_metric}))
-            run.log_artifact(out_dir / "best.pt", "checkpoint")
+            run.log_artifact(out_dir / "model.pt", "checkpoint")
             run.log_artifact(out_dir / "config.json")
             run.log_artifact(out_dir / "history.json")
-    return TrainResult(out_dir, fold, best_epoch, best_metric, run_id, history)
+    return TrainResult(out_dir, fold, len(history), run_id, history)
 
 
-def _brief(m: dict[str, float], cfg: Config) -> str:
-    keys = ["loss_total", "lr", "images_per_s", f"val_{cfg.train.select_metric}"]
+def _brief(m: dict[str, float]) -> str:
+    keys = ["loss_total", "lr", "images_per_s", "val_auc_blend_sign"]
     return ", ".join(f"{k}={m[k]:.4g}" for k in keys if k in m)
 
 
@@ -268,14 +268,24 @@ def _save(obj: dict[str, Any], path: Path) -> None:
         torch.save(obj, tmp)
 
 
-TRAINING_SECTIONS = ("data", "model", "loss", "train")  # what a trained model depends on
+TRAINING_SECTIONS = ("data", "model", "loss", "train")  # what a trained model depends on ...
+RUNTIME_ONLY = {"data": ("workers",), "train": ("device", "amp", "channels_last")}  # ... but not how it ran
 
 
 def _training_part(config: dict[str, Any]) -> str:
-    return json.dumps({k: config.get(k) for k in TRAINING_SECTIONS}, sort_keys=True, default=list)
+    part = {k: dict(config.get(k) or {}) for k in TRAINING_SECTIONS}
+    for section, keys in RUNTIME_ONLY.items():
+        for key in keys:
+            part[section].pop(key, None)
+    return json.dumps(part, sort_keys=True, default=list)
 
 
-def _load_existing(out_dir: Path, cfg: Config, resume: bool) -> dict[str, Any] | None:
+def teacher_digest(teacher: np.ndarray | None) -> str | None:
+    """Identifies a round's soft labels, so a round taught by an earlier, since retrained teacher is redone."""
+    return None if teacher is None else hashlib.sha256(np.ascontiguousarray(teacher, "<f4").tobytes()).hexdigest()
+
+
+def _load_existing(out_dir: Path, cfg: Config, resume: bool, teacher: str | None) -> dict[str, Any] | None:
     """The checkpoint to continue from, or None to start fresh; refuses to mix configs."""
     last = out_dir / "last.pt"
     if not last.exists():
@@ -285,6 +295,11 @@ def _load_existing(out_dir: Path, cfg: Config, resume: bool) -> dict[str, Any] |
     state = torch.load(last, map_location="cpu", weights_only=False)
     if _training_part(state.get("config", {})) != _training_part(cfg.to_dict()):
         raise ValueError(f"{out_dir} holds a run with a different configuration; choose another output folder")
+    if state.get("teacher") != teacher:
+        log.warning("%s was trained on other soft labels (its teacher was retrained since): training it anew",
+                    out_dir)
+        (out_dir / "model.pt").unlink(missing_ok=True)
+        return None
     if state["epoch"] < cfg.train.epochs and not resume:
         raise ValueError(f"{out_dir} holds an unfinished run (epoch {state['epoch']} of {cfg.train.epochs}); "
                          "pass --resume to continue it")
