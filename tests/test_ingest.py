@@ -252,6 +252,25 @@ def test_rerun_is_idempotent_and_completes_a_killed_run(tmp_path: Path, ct_write
     assert third["dataset_fingerprint"] == first["dataset_fingerprint"]
 
 
+def test_a_scan_that_lost_a_slice_is_redone_and_reported_again(tmp_path: Path,
+                                                                ct_writer: Callable[..., str]) -> None:
+    make_study(tmp_path / "src", ct_writer)
+    victim = sorted((tmp_path / "src" / "ax").iterdir())[0]
+    data = victim.read_bytes()
+    victim.write_bytes(data[:-100])  # pixel data cut short
+    out = tmp_path / "out"
+    first = ingest(tmp_path / "src", out, CFG, progress=False).report
+    lost = [q["file"] for q in first["quarantined"]]
+    assert first["slices_written"] == 4 and lost == [victim.relative_to(tmp_path / "src").as_posix()]
+    second = ingest(tmp_path / "src", out, CFG, progress=False).report
+    assert second["quarantined"] == first["quarantined"] and second["scans_reused"] == 0
+    assert second["slices_written"] == 4 and second["dataset_fingerprint"] == first["dataset_fingerprint"]
+    victim.write_bytes(data)  # fixed in place
+    third = ingest(tmp_path / "src", out, CFG, progress=False).report
+    assert third["slices_written"] == 5 and not third["quarantined"]
+    assert ingest(tmp_path / "src", out, CFG, progress=False).report["scans_reused"] == 1
+
+
 def test_two_workers_give_the_same_dataset(tmp_path: Path, ct_writer: Callable[..., str]) -> None:
     make_study(tmp_path / "src" / "s1", ct_writer, study="1.2.3.1", patient_id="P1")
     make_study(tmp_path / "src" / "s2", ct_writer, study="1.2.3.2", patient_id="P2")

@@ -388,6 +388,9 @@ def write_scan(task: ScanTask) -> ScanOutcome:
         Path(task.out_path).unlink(missing_ok=True)
         return ScanOutcome(task.scan_id, 0, task.source_digest, False, tuple(quarantined))
     n = len(kept)
+    # A scan that lost slices is not marked up to date: the next run redoes it, so its quarantined files are
+    # reported again and a file that failed to read (a transient I/O error, a file fixed in place) gets another try.
+    digest = task.source_digest + ("+incomplete" if quarantined else "")
     table = pa.table(
         {
             "scan_id": pa.array([task.scan_id] * n, pa.string()),
@@ -404,7 +407,7 @@ def write_scan(task: ScanTask) -> ScanOutcome:
             "hu": pa.array([b for _, b in kept], pa.binary()),
         },
         schema=SLICE_SCHEMA.with_metadata(
-            {**SLICE_SCHEMA.metadata, b"blendsign.source_digest": task.source_digest.encode()}
+            {**SLICE_SCHEMA.metadata, b"blendsign.source_digest": digest.encode()}
         ),
     )
     with atomic_path(task.out_path) as tmp:
