@@ -33,6 +33,10 @@ def test_one_round_end_to_end(cohort: dict[str, Path], tmp_path: Path) -> None:
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
     again = soft_labels(fold_dir / "round0" / "model.pt", train_index, CFG, resolve_device("cpu"), progress=False)
     np.testing.assert_allclose(probs, again, rtol=1e-5, atol=1e-6)
+    # preprocessing follows the checkpoint, whatever the caller's config says
+    resized = override(CFG, data={"size": 32})
+    np.testing.assert_allclose(soft_labels(fold_dir / "round0" / "model.pt", train_index, resized,
+                                           resolve_device("cpu"), progress=False), again, rtol=1e-5, atol=1e-6)
     review = (fold_dir / "round1" / "review.csv").read_text().splitlines()
     assert review[0].startswith("scan_id,slice_index,instance_key,label,teacher_says,p_label")
     assert len(review) == 1 + CFG.distill.review_top

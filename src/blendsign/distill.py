@@ -62,9 +62,13 @@ def load_model(checkpoint: str | Path, device: torch.device) -> tuple[torch.nn.M
 
 def soft_labels(checkpoint: str | Path, index: SliceIndex, cfg: Config, device: torch.device,
                 *, progress: bool = True) -> np.ndarray:
-    """The teacher's ``[n, 3]`` class probabilities at temperature T for ``index`` (evaluation preprocessing)."""
-    model, _ = load_model(checkpoint, device)
-    ds = SliceDataset(index, cfg.data, stride=model.stride, min_overlap=cfg.loss.gaussian_min_overlap, augment=False)
+    """The teacher's ``[n, 3]`` class probabilities at temperature T for ``index``.
+
+    Preprocessed as the teacher was trained (its checkpoint's ``data`` config), without augmentation.
+    """
+    model, trained = load_model(checkpoint, device)
+    ds = SliceDataset(index, trained.data, stride=model.stride, min_overlap=trained.loss.gaussian_min_overlap,
+                      augment=False)
     loader = make_loader(ds, batch_size=cfg.train.batch_size, shuffle=False, workers=cfg.data.workers)
     pred = predict(model, loader, device=device, desc="teacher", progress=progress)
     out = np.zeros((len(index), len(CLASSES)), dtype=np.float32)

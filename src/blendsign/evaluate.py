@@ -108,11 +108,12 @@ def evaluate(
     fold_runs: dict[int, str | None] = {}
     for k in folds:
         fold_dir = models_dir / f"fold{k}"
-        model, _ = load_model(final_checkpoint(fold_dir), device)
+        model, trained = load_model(final_checkpoint(fold_dir), device)  # preprocessing as it was trained
         fold_runs[k] = json.loads((fold_dir / "distill.json").read_text()).get("fold_run_id")
         _, val = split_index(ingest_dir, labels_dir, folds_dir, k)
         assert val is not None
-        ds = SliceDataset(val, cfg.data, stride=model.stride, min_overlap=cfg.loss.gaussian_min_overlap, augment=False)
+        ds = SliceDataset(val, trained.data, stride=model.stride, min_overlap=trained.loss.gaussian_min_overlap,
+                          augment=False)
         pred = predict(model, make_loader(ds, batch_size=cfg.train.batch_size, shuffle=False, workers=cfg.data.workers),
                        device=device, desc=f"evaluate fold {k}", progress=progress)
         order = np.argsort(pred["index"])
