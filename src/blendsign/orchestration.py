@@ -24,6 +24,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from blendsign.config import Config, load_preset, override
+from blendsign.storage import atomic_path, write_json_atomic
 from blendsign.tracking import Run, Tracker, finite, git_commit
 
 log = logging.getLogger(__name__)
@@ -63,8 +64,7 @@ class RunRef:
             raise
 
     def write(self, path: str | Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+        write_json_atomic(path, asdict(self))
 
     @classmethod
     def read(cls, path: str | Path) -> RunRef:
@@ -141,9 +141,10 @@ def gather_fold_models(model_dirs: Iterable[str | Path], dest: str | Path, patte
                 raise ValueError(f"{fold_dir.name} given twice")
             seen.add(fold_dir.name)
             target, final = dest / fold_dir.name, final_checkpoint(fold_dir)
-            (target / final.relative_to(fold_dir)).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(fold_dir / "distill.json", target / "distill.json")  # a re-run overwrites: idempotent
-            shutil.copy2(final, target / final.relative_to(fold_dir))
+            for src, dst in ((final, target / final.relative_to(fold_dir)),
+                             (fold_dir / "distill.json", target / "distill.json")):  # a re-run overwrites
+                with atomic_path(dst) as tmp:
+                    shutil.copy2(src, tmp)
     if not seen:
         raise FileNotFoundError(f"no distilled {'refit' if pattern == 'all' else 'fold'} among the collected models")
     return dest

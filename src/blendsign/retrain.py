@@ -23,7 +23,7 @@ from typing import Any
 
 from blendsign.pipeline import data_fingerprint
 from blendsign.registry import CHAMPION
-from blendsign.storage import is_s3, s3_client, split_s3, uri_text
+from blendsign.storage import is_s3, s3_client, split_s3, uri_text, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +146,7 @@ def decide(ingest_dir: str | Path, *, client: Any, model_name: str, only_if_new_
 
 
 def write_decision(decision: RetrainDecision, path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(decision.to_dict(), indent=2, sort_keys=True) + "\n")
+    write_json_atomic(path, decision.to_dict())
 
 
 def read_decision(path: str | Path) -> RetrainDecision:

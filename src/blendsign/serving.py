@@ -222,10 +222,6 @@ class BlendSignModel(mlflow.pyfunc.PythonModel):
         models = tuple(m for m, _ in loaded)
         self._ensemble = _Ensemble(models, loaded[0][1].data, models[0].stride)
 
-    @property
-    def data_config(self) -> DataConfig:
-        return self._loaded().data
-
     def _loaded(self) -> _Ensemble:
         if self._ensemble is None:
             raise RuntimeError("model not loaded: load it with mlflow.pyfunc.load_model (or load_checkpoints)")
