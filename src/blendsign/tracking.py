@@ -125,6 +125,8 @@ class Tracker:
         else:
             run = Run(self.client, run_id)
             self.client.update_run(run_id, status="RUNNING")
+            if parent_run_id:  # resumed by a new parent (a re-run of cross-validation): it moves there
+                self.client.set_tag(run_id, "mlflow.parentRunId", parent_run_id)
         try:
             yield run
         except BaseException:
