@@ -31,9 +31,8 @@ def ingest(source_uri: str, clinical_uri: str, source_digest: str, preset: str, 
     from pathlib import Path
 
     from blendsign.config import load_preset
-    from blendsign.ingest import flow_markdown
     from blendsign.orchestration import require_pseudonym_key
-    from blendsign.pipeline import ingest_stage, public_ingest_report
+    from blendsign.pipeline import ingest_stage
     from blendsign.storage import local_input
     from blendsign.tracking import Tracker
 
@@ -44,7 +43,7 @@ def ingest(source_uri: str, clinical_uri: str, source_digest: str, preset: str, 
         clinical = stack.enter_context(local_input(clinical_uri)) if clinical_uri else None
         ingest_stage(load_preset(preset), source, dataset.path, clinical=clinical, progress=False,
                      tracker=Tracker.open(experiment, uri=tracking_uri or None))
-    Path(report.path).write_text(flow_markdown(public_ingest_report(Path(dataset.path))))
+    Path(report.path).write_text((Path(dataset.path) / "ingest_report.md").read_text())
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -19,7 +20,7 @@ from pydicom.pixels import apply_rescale
 
 from blendsign.config import IngestConfig
 from blendsign.deid import KEY_ENV, key_path_for
-from blendsign.ingest import SLICE_SCHEMA, ingest
+from blendsign.ingest import SLICE_SCHEMA, ingest, locate
 from tests.conftest import IDENTIFIERS, real_file
 
 CFG = IngestConfig()
@@ -85,7 +86,8 @@ def test_bad_files_are_quarantined_with_reasons(tmp_path: Path) -> None:
     ds.save_as(raw)
     (src / "pixels_cut.dcm").write_bytes(raw.read_bytes()[: len(raw.read_bytes()) // 2])
     report = ingest(src, tmp_path / "out", CFG, progress=False).report
-    reasons = {q["file"]: q["reason"] for q in report["quarantined"]}
+    assert all(q["file"].startswith("file-") for q in report["quarantined"])  # pseudonyms, not paths
+    reasons = {r["file"]: r["reason"] for r in locate(src, tmp_path / "out")}  # for whoever holds the source
     assert set(reasons) == {"mr.dcm", "empty.dcm", "readme.txt", "head_cut.dcm", "pixels_cut.dcm"}
     assert reasons["mr.dcm"] == "modality MR is not CT"
     assert reasons["empty.dcm"] == "empty file"
@@ -96,7 +98,7 @@ def test_bad_files_are_quarantined_with_reasons(tmp_path: Path) -> None:
     assert report["scans_failed"] == [{"scan_id": report["scans_failed"][0]["scan_id"],
                                        "reason": "no slice of the scan could be decoded"}]
     md = (tmp_path / "out" / "ingest_report.md").read_text()
-    assert "pixels_cut.dcm" in md and "Quarantined files" in md
+    assert "pixels_cut.dcm" not in md and "Quarantined files" in md and "blendsign locate" in md
 
 
 # --- selection, ordering, storage --------------------------------------------------------------------
@@ -157,7 +159,8 @@ def test_duplicates_are_written_once(tmp_path: Path, ct_writer: Callable[..., st
     shutil.copytree(tmp_path / "src" / "ax", tmp_path / "src" / "zz_copy_of_ax")
     report = ingest(tmp_path / "src", tmp_path / "out", CFG, progress=False).report
     assert report["slices_written"] == 5 and len(report["duplicates"]) == 5
-    assert all(d["duplicate_of"].startswith("ax/") for d in report["duplicates"])
+    located = locate(tmp_path / "src", tmp_path / "out")
+    assert all(r["file"].startswith("zz_copy_of_ax/") and r["reason"].startswith("duplicate of ax/") for r in located)
 
 
 # --- exclusions (paper Figure 2) ---------------------------------------------------------------------
@@ -195,13 +198,22 @@ def test_clinical_csv_errors_name_the_line(tmp_path: Path, ct_writer: Callable[.
 # --- de-identification -------------------------------------------------------------------------------
 
 
-def test_no_identifier_reaches_any_output(tmp_path: Path, ct_writer: Callable[..., str]) -> None:
+def test_no_identifier_reaches_any_output(tmp_path: Path, ct_writer: Callable[..., str],
+                                          caplog: pytest.LogCaptureFixture) -> None:
     truth = make_study(tmp_path / "src", ct_writer, study="1.2.840.99.7", patient_id="MRN-55501")
     shutil.copy(real_file("J2K_pixelrep_mismatch.dcm"), tmp_path / "src" / "real.dcm")
+    # an export that names folders by patient ID and files by SOPInstanceUID: a non-CT file and a duplicate
+    mr = pydicom.dcmread(real_file("MR_small.dcm"), stop_before_pixels=True)
+    (tmp_path / "src" / "MRN-55501").mkdir()
+    shutil.copy(real_file("MR_small.dcm"), tmp_path / "src" / "MRN-55501" / f"{mr.SOPInstanceUID}.dcm")
+    first_sop, first_file = next(iter(truth)), sorted((tmp_path / "src" / "ax").iterdir())[0]
+    shutil.copy(first_file, tmp_path / "src" / "MRN-55501" / f"{pydicom.dcmread(first_file).SOPInstanceUID}.dcm")
     out = tmp_path / "out"
-    ingest(tmp_path / "src", out, CFG, progress=False)
+    with caplog.at_level(logging.DEBUG):
+        report = ingest(tmp_path / "src", out, CFG, progress=False).report
+    assert report["quarantined"] and report["duplicates"]
     real = pydicom.dcmread(real_file("J2K_pixelrep_mismatch.dcm"), stop_before_pixels=True)
-    secrets = [*IDENTIFIERS.values(), "MRN-55501", "1.2.840.99.7", *truth,
+    secrets = [*IDENTIFIERS.values(), "MRN-55501", "1.2.840.99.7", *truth, first_sop, str(mr.SOPInstanceUID),
                str(real.PatientID), str(real.StudyInstanceUID), str(real.SOPInstanceUID)]
     texts = []
     for f in out.rglob("*"):
@@ -210,7 +222,7 @@ def test_no_identifier_reaches_any_output(tmp_path: Path, ct_writer: Callable[..
             texts.append(str(t.drop(["hu"]).to_pylist()) + str(t.schema.metadata))
         elif f.is_file():
             texts.append(f.read_text())
-    blob = "\n".join(texts)
+    blob = "\n".join([*texts, caplog.text])
     leaked = [s for s in secrets if s in blob]
     assert not leaked
     assert not (out / key_path_for(out).name).exists() and key_path_for(out).exists()
@@ -260,7 +272,7 @@ def test_a_scan_that_lost_a_slice_is_redone_and_reported_again(tmp_path: Path,
     victim.write_bytes(data[:-100])  # pixel data cut short
     out = tmp_path / "out"
     first = ingest(tmp_path / "src", out, CFG, progress=False).report
-    lost = [q["file"] for q in first["quarantined"]]
+    lost = [r["file"] for r in locate(tmp_path / "src", out)]
     assert first["slices_written"] == 4 and lost == [victim.relative_to(tmp_path / "src").as_posix()]
     second = ingest(tmp_path / "src", out, CFG, progress=False).report
     assert second["quarantined"] == first["quarantined"] and second["scans_reused"] == 0

@@ -17,7 +17,7 @@ import pytest
 
 from blendsign import remote, storage
 from blendsign.config import Config, load_preset
-from blendsign.deid import KEY_ENV
+from blendsign.deid import KEY_ENV, Pseudonymizer
 from blendsign.folds import make_folds
 from blendsign.ingest import ingest
 from blendsign.labels import fuse
@@ -167,7 +167,8 @@ def test_ingest_s3_to_s3(s3: Any, s3_cohort: Cohort, tmp_path: Path, uploads: li
     assert {MARKER, "manifest.json", "ingest_report.json", "ingest_report.md"} <= names
     assert not any("pseudonym-key" in k for k in keys(s3, ""))  # the key is neither uploaded nor created
     report = get_json(s3, "ds/ingest/ingest_report.json")
-    assert "notes.txt" in {q["file"] for q in report["quarantined"]}
+    notes = f"file-{Pseudonymizer(PSEUDONYM_KEY.encode()).file('notes.txt')}"
+    assert notes in {q["file"] for q in report["quarantined"]}
     manifest = get_json(s3, "ds/ingest/manifest.json")
     slices = {n for n in names if n.startswith("slices/")}
     assert {f"slices/{s['scan_id']}.parquet" for s in manifest["scans"]} == slices

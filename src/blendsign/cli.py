@@ -93,6 +93,27 @@ def _run_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_locate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("locate", help="the quarantined and duplicate files of an ingest, by path",
+                       description="Reports and logs name files by keyed pseudonyms (file-<hash>), as export file "
+                       "names are often UIDs. For whoever holds SOURCE, print each quarantined or duplicate file's "
+                       "path, reason and pseudonym (tab-separated), using the ingest's key.", parents=[_common()])
+    p.add_argument("source", help="the DICOM folder that was ingested")
+    p.add_argument("out", help="the ingest output folder (holds ingest_report.json)")
+    p.set_defaults(func=_run_locate)
+
+
+def _run_locate(args: argparse.Namespace) -> int:
+    from blendsign.ingest import locate
+
+    rows = locate(args.source, args.out)
+    for r in rows:
+        print(f"{r['file']}\t{r['reason']}\t{r['pseudonym']}")
+    if not rows:
+        print("nothing was quarantined or duplicated")
+    return 0
+
+
 # --- import-annotations / fuse / folds ---------------------------------------------------------------
 
 
@@ -511,7 +532,7 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_synth, _add_ingest, _add_import_annotations, _add_fuse, _add_folds, _add_train,
+    _add_synth, _add_ingest, _add_locate, _add_import_annotations, _add_fuse, _add_folds, _add_train,
     _add_distill, _add_evaluate, _add_cv, _add_ablation, _add_run, _add_pipeline, _add_predict,
 ]
 

@@ -9,6 +9,9 @@ Output (``OUT``):
     ingest_report.json         counts, exclusions, quarantined files with reasons (no identifiers)
     ingest_report.md           the same as a flow chart for people
 
+Files are named in reports and logs by keyed pseudonyms (``file-<hash>`` of the path under SOURCE): export
+file and folder names are often UIDs or patient names. ``locate`` maps them back for whoever holds SOURCE.
+
 Two passes: headers of every file (no pixels) to group, select and exclude; then per scan, decode,
 convert to HU, order along the slice normal and write. Re-running skips scans whose Parquet file was
 written from the same source files (same digest) and rewrites the rest, so a killed run completes.
@@ -545,7 +548,34 @@ def ingest(
     write_text_atomic(out / "ingest_report.md", flow_markdown(report))
     for q in report["quarantined"]:
         log.warning("quarantined %s: %s", q["file"], q["reason"])
+    if report["quarantined"]:
+        log.warning("%d files quarantined; `blendsign locate %s %s` lists them by path", len(report["quarantined"]),
+                    source.name, out.name)
     return IngestResult(out, report)
+
+
+def locate(source: str | Path, out: str | Path) -> list[dict[str, str]]:
+    """The quarantined and duplicate files of ``out``'s ingest report, by their paths under ``source``.
+
+    Recomputes every source file's pseudonym with the ingest's key; for the person who holds the source
+    (rows ``{"file", "pseudonym", "reason"}``, quarantined first). Writes nothing.
+    """
+    source, out = Path(source).resolve(), Path(out).resolve()
+    report_path = out / "ingest_report.json"
+    if not report_path.is_file():
+        raise FileNotFoundError(f"{out} is not an ingest output (no ingest_report.json)")
+    report = json.loads(report_path.read_text())
+    pseudo = load_or_create_key(out, create=False)
+    if pseudo.fingerprint != report["key_fingerprint"]:
+        raise ValueError(f"the pseudonym key found is not the one {out.name} was ingested with")
+    paths = {_file_name(str(p), source, pseudo): _relative(str(p), source) for p in find_files(source, skip=[out])}
+    unknown = "(not under SOURCE any more)"
+    rows = sorted(({"file": paths.get(q["file"], unknown), "pseudonym": q["file"], "reason": q["reason"]}
+                   for q in report["quarantined"]), key=lambda r: r["file"])
+    rows += [{"file": paths.get(d["file"], unknown), "pseudonym": d["file"],
+              "reason": f"duplicate of {paths.get(d['duplicate_of'], d['duplicate_of'])}"}
+             for d in report["duplicates"]]
+    return rows
 
 
 def _relative(path: str, source: Path) -> str:
@@ -553,6 +583,11 @@ def _relative(path: str, source: Path) -> str:
         return str(Path(path).relative_to(source))
     except ValueError:
         return Path(path).name
+
+
+def _file_name(path: str, source: Path, pseudo: Pseudonymizer) -> str:
+    """How reports and logs name a source file: a keyed pseudonym of its path under ``source``."""
+    return f"file-{pseudo.file(_relative(path, source))}"
 
 
 def _scrub(reason: str, source: Path) -> str:
@@ -570,7 +605,7 @@ def _report(
     pseudo: Pseudonymizer,
     cfg: IngestConfig,
 ) -> dict[str, Any]:
-    q = sorted({(_relative(p, source), _scrub(r, source)) for p, r in quarantined})
+    q = sorted({(_file_name(p, source, pseudo), _scrub(r, source)) for p, r in quarantined})
     return {
         "format": FORMAT_VERSION,
         "files_found": files_found,
@@ -586,7 +621,8 @@ def _report(
         "scans_failed": sorted(failed, key=lambda d: d["scan_id"]),
         "quarantined": [{"file": f, "reason": r} for f, r in q],
         "duplicates": [
-            {"file": _relative(a, source), "duplicate_of": _relative(b, source)} for a, b in sorted(plan.duplicates)
+            {"file": _file_name(a, source, pseudo), "duplicate_of": _file_name(b, source, pseudo)}
+            for a, b in sorted(plan.duplicates)
         ],
         "series_skipped": dict(sorted(plan.series_skipped.items())),
         "images_skipped": dict(sorted(plan.images_skipped.items())),
@@ -643,7 +679,8 @@ def flow_markdown(report: dict[str, Any]) -> str:
         "",
     ]
     if report["quarantined"]:
-        lines += ["## Quarantined files", "", "| file | reason |", "|---|---|"]
+        lines += ["## Quarantined files", "", "Files are named by keyed pseudonyms; `blendsign locate SOURCE OUT` "
+                  "lists them by path for whoever holds the source.", "", "| file | reason |", "|---|---|"]
         lines += [f"| `{q['file']}` | {q['reason']} |" for q in report["quarantined"]]
         lines.append("")
     return "\n".join(lines)

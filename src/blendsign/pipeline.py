@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from blendsign.config import Config
-from blendsign.deid import load_or_create_key
 from blendsign.folds import FoldsResult, make_folds
-from blendsign.ingest import IngestResult, flow_markdown, ingest
+from blendsign.ingest import IngestResult, ingest
 from blendsign.labels import FuseResult, fuse
 from blendsign.storage import write_json_atomic, write_text_atomic
 from blendsign.tracking import LOCAL_DIR, Tracker, finite, git_commit
@@ -37,27 +36,12 @@ def data_fingerprint(ingest_dir: str | Path) -> str:
     return json.loads((Path(ingest_dir) / "manifest.json").read_text())["dataset_fingerprint"]
 
 
-def public_ingest_report(ingest_dir: Path) -> dict[str, Any]:
-    """The ingest report with quarantined/duplicate file paths replaced by keyed pseudonyms (for MLflow)."""
-    report = json.loads((ingest_dir / "ingest_report.json").read_text())
-    pseudo = load_or_create_key(ingest_dir, create=False)
-    report["quarantined"] = [{"file": f"file-{pseudo.file(q['file'])}", "reason": q["reason"]}
-                             for q in report["quarantined"]]
-    report["duplicates"] = [{"file": f"file-{pseudo.file(d['file'])}",
-                             "duplicate_of": f"file-{pseudo.file(d['duplicate_of'])}"} for d in report["duplicates"]]
-    return report
-
-
 def ingest_stage(cfg: Config, source: str | Path, out: str | Path, *, clinical: str | Path | None = None,
                  tracker: Tracker | None = None, parent_run_id: str | None = None,
                  progress: bool = True) -> IngestResult:
     result = ingest(source, out, cfg.ingest, clinical_csv=clinical, progress=progress)
     if tracker is not None:
         r = result.report
-        public = public_ingest_report(result.out)
-        staging = result.out.parent / f".{result.out.name}-mlflow"
-        write_json_atomic(staging / "ingest_report.json", public)
-        write_text_atomic(staging / "ingest_report.md", flow_markdown(public))
         with tracker.run("ingest", parent_run_id=parent_run_id, tags=_tags(cfg, result.out)) as run:
             run.log_params({f"ingest.{k}": v for k, v in r["config"].items()})
             run.log_metrics({"studies_found": r["studies_found"], "scans_written": r["scans_written"],
@@ -65,7 +49,7 @@ def ingest_stage(cfg: Config, source: str | Path, out: str | Path, *, clinical: 
                              "duplicates": len(r["duplicates"]),
                              **{f"excluded_{k}": v for k, v in r["excluded"].items()}})
             for name in ("ingest_report.json", "ingest_report.md"):
-                run.log_artifact(staging / name, "ingest")
+                run.log_artifact(result.out / name, "ingest")
     return result
 
 
