@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shlex
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,9 +136,11 @@ def register_stage(
         version, promotion = register_version(
             tracker.client, name=name, run_id=run.run_id, metric=metric, value=value, margin=margin, tags=tags,
             card="(model card follows)")
+        reproduce = (f"blendsign run --source DICOM --annotations CSV --config {cfg.preset} --register {mode} "
+                     f"--metric {metric} --margin {margin:g}")  # no paths: folder names may identify patients
         card = model_card(name=name, version=version, mode=mode, preset=cfg.preset, metrics=metrics,
                           agreement=agreement, ingest=ingest_report, fingerprint=fingerprint, commit=commit,
-                          promotion=promotion, command="blendsign " + shlex.join(sys.argv[1:]))
+                          promotion=promotion, command=reproduce)
         tracker.client.update_model_version(name, version, description=card)
         write_text_atomic(out_dir / "model_card.md", card)
         run.log_artifact(out_dir / "model_card.md", "registry")
