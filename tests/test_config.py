@@ -32,6 +32,15 @@ def test_round_trip_and_flat() -> None:
     assert flat["synth.size"] == 64 and flat["preset"] == "ci"
     with pytest.raises(ValueError, match="unknown config field"):
         Config.from_dict({"synth": {"nope": 1}})
+    # a field an earlier version wrote (into checkpoints, registered models) is read and ignored
+    old = cfg.to_dict()
+    old["train"]["select_metric"] = "auc_blend_sign"
+    assert Config.from_dict(old) == cfg
+    with pytest.raises(ValueError, match=r"IngestConfig.workers must be int, got 'eight'"):
+        Config.from_dict({"ingest": {"workers": "eight"}})
+    with pytest.raises(ValueError, match="must be bool"):
+        Config.from_dict({"train": {"amp": 1}})
+    assert Config.from_dict({"train": {"lr": 1}}).train.lr == 1  # an int is a valid float
 
 
 def test_toml_site_file(tmp_path: Path) -> None:
@@ -41,6 +50,9 @@ def test_toml_site_file(tmp_path: Path) -> None:
     assert cfg.ingest.workers == 3 and cfg.synth == load_preset("demo").synth and cfg.preset == "demo+site"
     site.write_text("[ingest]\nwrokers = 3\n")
     with pytest.raises(ValueError, match="unknown config field"):
+        load_preset(str(site))
+    site.write_text("[ingest\nworkers = 3\n")
+    with pytest.raises(ValueError, match=r"site\.toml: not valid TOML"):
         load_preset(str(site))
     with pytest.raises(ValueError, match="unknown preset"):
         load_preset("fast")

@@ -189,8 +189,17 @@ class Config:
         return _build(cls, data)
 
 
+# Fields that earlier versions wrote (into checkpoints and registered models) and that no longer exist: read
+# and ignored, so that those models still load. Any other unknown field is an error (a typo in a TOML file).
+RETIRED: dict[str, frozenset[str]] = {
+    "TrainConfig": frozenset({"select_metric"}),  # until 2026-11-27: picked an epoch on the held-out fold
+}
+_SCALARS = (bool, int, float, str)
+
+
 def _build(cls: Any, data: dict[str, Any]) -> Any:
     known = {f.name: f for f in fields(cls)}
+    data = {k: v for k, v in data.items() if k not in RETIRED.get(cls.__name__, ())}
     unknown = set(data) - set(known)
     if unknown:
         raise ValueError(f"unknown config field(s) for {cls.__name__}: {sorted(unknown)}")
@@ -202,8 +211,21 @@ def _build(cls: Any, data: dict[str, Any]) -> Any:
         elif isinstance(default, tuple) and isinstance(value, list | tuple):
             kwargs[name] = _tuples(value)
         else:
+            _check_type(cls.__name__, name, default, value)
             kwargs[name] = value
     return cls(**kwargs)
+
+
+def _check_type(owner: str, name: str, default: Any, value: Any) -> None:
+    """A scalar field keeps its default's type (an int is a valid float)."""
+    if not isinstance(default, _SCALARS) or value is None:
+        return
+    want = type(default)
+    ok = isinstance(value, want) and (want is bool or not isinstance(value, bool))
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok:
+        raise ValueError(f"config field {owner}.{name} must be {want.__name__}, got {value!r}")
 
 
 def _tuples(value: Any) -> Any:
@@ -259,7 +281,10 @@ def load_preset(name: str) -> Config:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)} or a .toml file")
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} not found")
-    data = tomllib.loads(path.read_text())
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not valid TOML: {exc}") from None
     base = data.pop("preset", "paper")
     if base not in PRESETS:
         raise ValueError(f"{path}: preset must be one of {sorted(PRESETS)}, got {base!r}")
@@ -268,4 +293,7 @@ def load_preset(name: str) -> Config:
         if not isinstance(values, dict) or not isinstance(merged.get(section), dict):
             raise ValueError(f"{path}: [{section}] is not a config section")
         merged[section] = {**merged[section], **values}
-    return replace(Config.from_dict(merged), preset=f"{base}+{path.stem}")
+    try:
+        return replace(Config.from_dict(merged), preset=f"{base}+{path.stem}")
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
