@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,8 @@ import pytest
 from blendsign import CLASSES
 from blendsign.config import load_preset, override
 from blendsign.cv import ablation, cross_validate
+from blendsign.evaluate import evaluate
+from blendsign.folds import make_folds
 from blendsign.tracking import Tracker
 
 CFG = override(load_preset("ci"), train={"epochs": 1}, distill={"rounds": 0}, eval={"bootstrap": 50})
@@ -54,6 +57,11 @@ def test_cross_validation_end_to_end(cohort: dict[str, Path], tmp_path: Path) ->
     assert all(r.data.tags["mlflow.parentRunId"] == cv_run.info.run_id for r in fold_runs)
     artifacts = {a.path for a in tracker.client.list_artifacts(cv_run.info.run_id, "evaluation")}
     assert "evaluation/report.md" in artifacts and "evaluation/roc.png" in artifacts
+    # the same models against other folds would score slices they trained on: refused
+    make_folds(cohort["labels"], tmp_path / "other-folds", replace(CFG.folds, k=3, seed=CFG.folds.seed + 1))
+    with pytest.raises(ValueError, match="was not trained on fold 0's training slices"):
+        evaluate(CFG, **{**_dirs(cohort), "folds_dir": tmp_path / "other-folds"}, models_dir=tmp_path / "cv" / "models",
+                 out_dir=tmp_path / "other-eval", progress=False)
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ import torch
 from blendsign.config import load_preset, override
 from blendsign.data import load_index
 from blendsign.tracking import Tracker
-from blendsign.train import check_data, resolve_device, split_index, teacher_digest, train
+from blendsign.train import check_data, resolve_device, split_index, teacher_digest, train, trained_on, training_data
 
 CFG = load_preset("ci")
 
@@ -72,19 +72,24 @@ def test_resume_gives_the_uninterrupted_result(cohort: dict[str, Path], tmp_path
     assert moved.history == full.history
 
 
-def test_a_retrained_teacher_retrains_its_student(cohort: dict[str, Path], tmp_path: Path,
+def test_a_model_of_other_data_or_another_teacher_is_trained_anew(cohort: dict[str, Path], tmp_path: Path,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     cfg, out = override(CFG, train={"epochs": 1}), tmp_path / "round1"
     n = len(split_index(cohort["ingest"], cohort["labels"], cohort["folds"], 0)[0])
     first = np.tile(np.float32([0.8, 0.15, 0.05]), (n, 1))
     second = first[:, ::-1].copy()
     train(cfg, **_dirs(cohort), fold=0, out_dir=out, teacher=first, progress=False)
-    assert torch.load(out / "model.pt", weights_only=False)["teacher"] == teacher_digest(first)
+    assert trained_on(out / "model.pt")["teacher"] == teacher_digest(first)
     train(cfg, **_dirs(cohort), fold=0, out_dir=out, teacher=first, progress=False)  # same teacher: reused
     assert "other soft labels" not in caplog.text
     train(cfg, **_dirs(cohort), fold=0, out_dir=out, teacher=second, progress=False)
     assert "other soft labels" in caplog.text
-    assert torch.load(out / "model.pt", weights_only=False)["teacher"] == teacher_digest(second)
+    assert trained_on(out / "model.pt")["teacher"] == teacher_digest(second)
+    # another fold into the same folder: not the finished fold 0 handed back, but fold 1 trained there
+    data = trained_on(out / "model.pt")["data"]
+    again = train(cfg, **_dirs(cohort), fold=1, out_dir=out, progress=False)
+    assert "other data, labels or folds" in caplog.text and again.fold == 1
+    assert trained_on(out / "model.pt")["data"] == training_data(cfg, *_dirs(cohort).values(), 1)[2] != data
 
 
 def test_refusals_say_why(cohort: dict[str, Path]) -> None:

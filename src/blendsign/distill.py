@@ -30,7 +30,7 @@ from blendsign.engine import predict, softmax
 from blendsign.model import build_model
 from blendsign.storage import atomic_path, write_json_atomic, write_text_atomic
 from blendsign.tracking import Tracker
-from blendsign.train import TrainResult, inject_label_noise, resolve_device, split_index, train
+from blendsign.train import TrainResult, resolve_device, train, training_data
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +139,7 @@ def distill(
                          parent_run_id=parent_run_id, run_id=previous.get("fold_run_id")) as run:
             fold_run_id = run.run_id
     results: list[TrainResult] = []
-    train_index, _ = split_index(ingest_dir, labels_dir, folds_dir, fold)
-    if cfg.train.label_noise > 0:
-        train_index = inject_label_noise(train_index, cfg.train.label_noise, seed=cfg.train.seed)
+    train_index, _, _ = training_data(cfg, ingest_dir, labels_dir, folds_dir, fold)
     for r in range(rounds + 1):
         folder = fold_dir / f"round{r}"
         teacher = None

@@ -32,7 +32,7 @@ from blendsign.metrics import bootstrap_ci, calibration, per_class_metrics, scan
 from blendsign.storage import atomic_path, write_json_atomic, write_text_atomic
 from blendsign.targets import decode_boxes
 from blendsign.tracking import Tracker, finite
-from blendsign.train import resolve_device, split_index
+from blendsign.train import resolve_device, trained_on, training_data
 
 log = logging.getLogger(__name__)
 METRICS = ("sensitivity", "specificity", "f1", "auc")
@@ -108,9 +108,14 @@ def evaluate(
     fold_runs: dict[int, str | None] = {}
     for k in folds:
         fold_dir = models_dir / f"fold{k}"
-        model, trained = load_model(final_checkpoint(fold_dir), device)  # preprocessing as it was trained
+        checkpoint = final_checkpoint(fold_dir)
+        model, trained = load_model(checkpoint, device)  # preprocessing as it was trained
         fold_runs[k] = json.loads((fold_dir / "distill.json").read_text()).get("fold_run_id")
-        _, val = split_index(ingest_dir, labels_dir, folds_dir, k)
+        _, val, digest = training_data(trained, ingest_dir, labels_dir, folds_dir, k)
+        if trained_on(checkpoint).get("data") != digest:
+            raise ValueError(f"the fold {k} model {checkpoint} was not trained on fold {k}'s training slices of "
+                             f"these ingest, labels and folds folders: scoring it here could score slices it "
+                             "trained on. Evaluate with the folders it was trained with, or train anew.")
         assert val is not None
         ds = SliceDataset(val, trained.data, stride=model.stride, min_overlap=trained.loss.gaussian_min_overlap,
                           augment=False)

@@ -104,6 +104,31 @@ def split_index(
             load_index(ingest_dir, labels_dir, folds_dir, folds=[fold]))
 
 
+def training_data(cfg: Config, ingest_dir: str | Path, labels_dir: str | Path, folds_dir: str | Path | None,
+                  fold: int | None) -> tuple[SliceIndex, SliceIndex | None, str]:
+    """(training slices, held-out slices, digest) as ``train`` uses them for ``fold`` (label noise included).
+
+    The digest identifies what a model was trained on: the ingested dataset, the training slices with their
+    labels and boxes, and the held-out slices. A folder holding a model trained on anything else is trained
+    anew, and ``evaluate`` refuses to score a model on a split it was not trained for.
+    """
+    train_index, val_index = split_index(ingest_dir, labels_dir, folds_dir, fold)
+    if cfg.train.label_noise > 0:
+        train_index = inject_label_noise(train_index, cfg.train.label_noise, seed=cfg.train.seed)
+    digest = hashlib.sha256(json.loads((Path(ingest_dir) / "manifest.json").read_text())["dataset_fingerprint"]
+                            .encode())
+    for index in (train_index, val_index):
+        content = None if index is None else [list(index.instance_key), index.label.tolist(),
+                                              [b.tolist() for b in index.boxes]]
+        digest.update(json.dumps(content).encode())
+    return train_index, val_index, digest.hexdigest()
+
+
+def trained_on(checkpoint: str | Path) -> dict[str, str | None]:
+    """What a checkpoint's model was trained on: ``{"data": digest, "teacher": digest or None}``."""
+    return torch.load(checkpoint, map_location="cpu", weights_only=False).get("trained_on") or {}
+
+
 def inject_label_noise(index: SliceIndex, share: float, *, seed: int) -> SliceIndex:
     """Relabel a random ``share`` of the blend-sign slices as normal ICH (the ablation's reader noise).
 
@@ -159,17 +184,15 @@ def train(
         raise ValueError(f"batch_size {cfg.train.batch_size} does not split over {world} processes")
     cuda = device.type == "cuda"
 
-    taught_by = teacher_digest(teacher)
-    state = _load_existing(out_dir, cfg, resume, taught_by)
+    train_index, val_index, data_digest = training_data(cfg, ingest_dir, labels_dir, folds_dir, fold)
+    source = {"data": data_digest, "teacher": teacher_digest(teacher)}
+    state = _load_existing(out_dir, cfg, resume, source)
     if state is not None and state["epoch"] >= cfg.train.epochs:
         log.info("%s already holds a finished run with this config: nothing to do", out_dir)
         if rank == 0 and not (out_dir / "model.pt").exists():  # finished by a version that kept no model.pt
             _save({**state, "optimizer": None, "scheduler": None, "scaler": None}, out_dir / "model.pt")
         return TrainResult(out_dir, fold, state["epoch"], state["run_id"], state["history"])
 
-    train_index, val_index = split_index(ingest_dir, labels_dir, folds_dir, fold)
-    if cfg.train.label_noise > 0:
-        train_index = inject_label_noise(train_index, cfg.train.label_noise, seed=cfg.train.seed)
     check_data(train_index, val_index, fold)
 
     torch.manual_seed(cfg.train.seed)
@@ -241,7 +264,7 @@ def train(
                 ckpt = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
                         "history": history, "config": cfg.to_dict(), "run_id": run_id, "fold": fold,
-                        "teacher": taught_by}
+                        "trained_on": source}
                 if epoch + 1 == cfg.train.epochs:  # before last.pt says "finished"
                     _save({**ckpt, "optimizer": None, "scheduler": None, "scaler": None}, out_dir / "model.pt")
                 _save(ckpt, out_dir / "last.pt")
@@ -285,7 +308,7 @@ def teacher_digest(teacher: np.ndarray | None) -> str | None:
     return None if teacher is None else hashlib.sha256(np.ascontiguousarray(teacher, "<f4").tobytes()).hexdigest()
 
 
-def _load_existing(out_dir: Path, cfg: Config, resume: bool, teacher: str | None) -> dict[str, Any] | None:
+def _load_existing(out_dir: Path, cfg: Config, resume: bool, source: dict[str, str | None]) -> dict[str, Any] | None:
     """The checkpoint to continue from, or None to start fresh; refuses to mix configs."""
     last = out_dir / "last.pt"
     if not last.exists():
@@ -295,9 +318,10 @@ def _load_existing(out_dir: Path, cfg: Config, resume: bool, teacher: str | None
     state = torch.load(last, map_location="cpu", weights_only=False)
     if _training_part(state.get("config", {})) != _training_part(cfg.to_dict()):
         raise ValueError(f"{out_dir} holds a run with a different configuration; choose another output folder")
-    if state.get("teacher") != teacher:
-        log.warning("%s was trained on other soft labels (its teacher was retrained since): training it anew",
-                    out_dir)
+    if state.get("trained_on") != source:
+        what = "other soft labels (its teacher was retrained since)" if (state.get("trained_on") or {}).get(
+            "data") == source["data"] else "other data, labels or folds"
+        log.warning("%s holds a model trained on %s: training it anew", out_dir, what)
         (out_dir / "model.pt").unlink(missing_ok=True)
         return None
     if state["epoch"] < cfg.train.epochs and not resume:
