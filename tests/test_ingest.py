@@ -193,6 +193,43 @@ def test_clinical_csv_errors_name_the_line(tmp_path: Path, ct_writer: Callable[.
     bad.write_text("study,postop\n")
     with pytest.raises(ValueError, match="missing column"):
         ingest(tmp_path / "src", tmp_path / "out", CFG, clinical_csv=bad, progress=False)
+    bad.write_text("study_instance_uid,postoperative\n1.2.3.1,yes\n1.2.3.9,no\n1.2.3.1,0\n")
+    with pytest.raises(ValueError, match="lines 2 and 4 say different things"):
+        ingest(tmp_path / "src", tmp_path / "out", CFG, clinical_csv=bad, progress=False)
+    assert not (tmp_path / "out").exists() and not key_path_for(tmp_path / "out").exists()  # nothing written
+
+
+def test_wrong_arguments_are_refused_before_anything_is_written(tmp_path: Path, ct_writer: Callable[..., str],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(NotADirectoryError, match="is not a folder"):
+        ingest(tmp_path / "nope", out, CFG, progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no files under"):
+        ingest(tmp_path / "empty", out, CFG, progress=False)
+    make_study(tmp_path / "src", ct_writer)
+    with pytest.raises(FileNotFoundError, match="clinical list"):
+        ingest(tmp_path / "src", out, CFG, clinical_csv=tmp_path / "nope.csv", progress=False)
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        ingest(tmp_path / "src", out, replace(CFG, workers=0), progress=False)
+    assert not out.exists() and not key_path_for(out).exists()
+    # another key into an output ingested under the first: refused, not silently re-pseudonymised
+    monkeypatch.setenv(KEY_ENV, "a" * 32)
+    ingest(tmp_path / "src", out, CFG, progress=False)
+    monkeypatch.setenv(KEY_ENV, "b" * 32)
+    with pytest.raises(ValueError, match="another pseudonym key"):
+        ingest(tmp_path / "src", out, CFG, progress=False)
+
+
+def test_scans_the_source_no_longer_yields_are_removed_and_said(tmp_path: Path, ct_writer: Callable[..., str],
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    make_study(tmp_path / "src" / "s1", ct_writer, study="1.2.3.1", patient_id="P1")
+    make_study(tmp_path / "src" / "s2", ct_writer, study="1.2.3.2", patient_id="P2")
+    ingest(tmp_path / "src", tmp_path / "out", CFG, progress=False)
+    shutil.rmtree(tmp_path / "src" / "s2")
+    result = ingest(tmp_path / "src", tmp_path / "out", CFG, progress=False)
+    assert result.report["stale_scans_removed"] == 1 and len(list((tmp_path / "out" / "slices").iterdir())) == 1
+    assert "removed 1 scans this source no longer yields" in result.summary() and "removed 1 scans" in caplog.text
 
 
 # --- de-identification -------------------------------------------------------------------------------

@@ -125,7 +125,9 @@ class IngestResult:
             f"  studies found {r['studies_found']}; excluded "
             + (", ".join(f"{k} {v}" for k, v in r["excluded"].items() if v) or "none"),
             f"  files found {r['files_found']}; quarantined {len(r['quarantined'])}; "
-            f"duplicates {len(r['duplicates'])}; scans reused from a previous run {r['scans_reused']}",
+            f"duplicates {len(r['duplicates'])}; scans reused from a previous run {r['scans_reused']}"
+            + (f"; removed {r['stale_scans_removed']} scans this source no longer yields"
+               if r.get("stale_scans_removed") else ""),
             f"  report: {self.out / 'ingest_report.json'} (flow chart: ingest_report.md)",
         ]
         return "\n".join(lines)
@@ -347,14 +349,15 @@ def read_clinical(path: Path) -> set[str]:
         missing = {"study_instance_uid", "postoperative"} - set(reader.fieldnames or [])
         if missing:
             raise ValueError(f"{path.name}: missing column(s) {sorted(missing)}")
-        out = set()
+        said: dict[str, tuple[bool, int]] = {}
         for line, row in enumerate(reader, start=2):
-            value = (row["postoperative"] or "").strip().lower()
-            if value in truthy:
-                out.add(row["study_instance_uid"].strip())
-            elif value not in falsy:
+            value, uid = (row["postoperative"] or "").strip().lower(), (row["study_instance_uid"] or "").strip()
+            if value not in truthy | falsy:
                 raise ValueError(f"{path.name} line {line}: postoperative must be true/false, got {value!r}")
-    return out
+            if uid in said and said[uid][0] != (value in truthy):
+                raise ValueError(f"{path.name} lines {said[uid][1]} and {line} say different things of one study")
+            said[uid] = (value in truthy, line)
+    return {uid for uid, (postop, _) in said.items() if postop}
 
 
 # --- pass 2: pixels ----------------------------------------------------------------------------------
@@ -495,19 +498,28 @@ def ingest(
 ) -> IngestResult:
     """Ingest every DICOM file under ``source`` into ``out`` (see module docstring). Idempotent."""
     source, out = Path(source).resolve(), Path(out).resolve()
-    slices_dir = out / "slices"
-    slices_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(slices_dir)
-    pseudo = load_or_create_key(out)
-
+    if cfg.workers < 1:
+        raise ValueError(f"workers must be at least 1, got {cfg.workers}")
+    if not source.is_dir():
+        raise NotADirectoryError(f"DICOM source {source} is not a folder")
+    if clinical_csv and not Path(clinical_csv).is_file():
+        raise FileNotFoundError(f"clinical list {clinical_csv} not found")
     clinical = Path(clinical_csv) if clinical_csv else _find_clinical(source)
     postoperative = read_clinical(clinical) if clinical else set()
+    files = find_files(source, skip=[out, *([clinical] if clinical else [])])
+    if not files:
+        raise ValueError(f"no files under {source}: nothing to ingest")
+
+    slices_dir = out / "slices"
+    pseudo = load_or_create_key(out)
+    _check_same_key(out, pseudo)
+    slices_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(slices_dir)
     if clinical:
         log.info("clinical list: %s (%d postoperative studies)", clinical.name, len(postoperative))
     else:
         log.warning("no clinical.csv given or found beside %s: postoperative exclusion not applied", source)
 
-    files = find_files(source, skip=[out, *([clinical] if clinical else [])])
     log.info("found %d files under %s", len(files), source.name)
     headers: list[SliceHeader] = []
     quarantined: list[tuple[str, str]] = []
@@ -540,6 +552,12 @@ def ingest(
     stale = [p for p in slices_dir.glob("*.parquet") if p.stem not in written]
     for p in stale:  # a scan written by an earlier run that this source no longer yields
         p.unlink()
+    if stale:
+        log.warning("removed %d scans that an earlier run wrote into %s and this source no longer yields",
+                    len(stale), out.name)
+    if unmatched := len(postoperative - {h.study_uid for h in headers}):
+        log.warning("%d postoperative studies of %s match no study under %s", unmatched, clinical.name if clinical
+                    else "the clinical list", source.name)
     report = _report(source, plan, outcomes, failed, quarantined, len(files), len(stale), pseudo, cfg)
     manifest = _manifest(outcomes)
     report["dataset_fingerprint"] = manifest["dataset_fingerprint"]
@@ -576,6 +594,17 @@ def locate(source: str | Path, out: str | Path) -> list[dict[str, str]]:
               "reason": f"duplicate of {paths.get(d['duplicate_of'], d['duplicate_of'])}"}
              for d in report["duplicates"]]
     return rows
+
+
+def _check_same_key(out: Path, pseudo: Pseudonymizer) -> None:
+    """Refuse to mix pseudonyms: an output ingested under another key would be rewritten scan by scan."""
+    report = out / "ingest_report.json"
+    if not report.is_file():
+        return
+    previous = json.loads(report.read_text()).get("key_fingerprint")
+    if previous and previous != pseudo.fingerprint:
+        raise ValueError(f"{out} was ingested with another pseudonym key (fingerprint {previous}, now "
+                         f"{pseudo.fingerprint}): use that key, or another output folder")
 
 
 def _relative(path: str, source: Path) -> str:
