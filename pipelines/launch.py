@@ -97,14 +97,14 @@ def run_local(
     start = time.perf_counter()
     work = Path(work_dir).resolve()
     cfg = load_preset(preset)
+    if (annotations is None) != (source is None):
+        raise ValueError("give a DICOM source and its annotations together, or neither (the synthetic cohort)")
     if source is None:
         from blendsign.synth import synthesize
 
         log.info("%s", synthesize(work / "source", cfg.synth, progress=progress).summary())
         source, annotations = str(work / "source" / "dicom"), str(work / "source" / "annotations.csv")
         clinical = str(work / "source" / "clinical.csv")
-    if not annotations:
-        raise ValueError("annotations are required with a DICOM source")
     arguments = {
         "source_uri": str(source), "annotations_uri": str(annotations), "clinical_uri": str(clinical or ""),
         "preset": preset, "k": 0 if k is None else k, "rounds": -1 if rounds is None else rounds,
@@ -112,6 +112,7 @@ def run_local(
         "model_name": model_name, "promotion_metric": metric, "promotion_margin": float(margin),
         "register_mode": register_mode, "only_if_new_data": only_if_new_data,
     }
+    _check(arguments)
     root = work / "kfp"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), enable_caching=True,
                cache_root=str(root / ".cache"))
@@ -183,12 +184,21 @@ def _compiled(tmp: str, res: Resources | None) -> str:
     return str(compile_pipeline(Path(tmp) / "blendsign_pipeline.yaml", res))
 
 
-def submit(host: str, arguments: dict[str, Any], *, run_name: str | None = None, kfp_experiment: str = "blendsign",
-           namespace: str | None = None, enable_caching: bool | None = None, res: Resources | None = None) -> str:
-    """One run of the pipeline on ``host``; returns the run id."""
+def _check(arguments: dict[str, Any]) -> None:
+    """Parameter names, and the promotion metric's (used only at the end, after hours of training)."""
+    from blendsign.registry import check_promotion_metric
+
     unknown = set(arguments) - set(PARAMETERS)
     if unknown:
         raise ValueError(f"unknown pipeline parameter(s): {sorted(unknown)}")
+    if "promotion_metric" in arguments:
+        check_promotion_metric(arguments["promotion_metric"])
+
+
+def submit(host: str, arguments: dict[str, Any], *, run_name: str | None = None, kfp_experiment: str = "blendsign",
+           namespace: str | None = None, enable_caching: bool | None = None, res: Resources | None = None) -> str:
+    """One run of the pipeline on ``host``; returns the run id."""
+    _check(arguments)
     client = _client(host, namespace)
     with tempfile.TemporaryDirectory(prefix="blendsign-kfp-") as tmp:
         result = client.create_run_from_pipeline_package(
@@ -205,9 +215,7 @@ def schedule(host: str, cron: str, arguments: dict[str, Any], *, name: str = "bl
 
     ``only_if_new_data`` defaults to true here: a run that finds the champion's dataset ends early.
     """
-    unknown = set(arguments) - set(PARAMETERS)
-    if unknown:
-        raise ValueError(f"unknown pipeline parameter(s): {sorted(unknown)}")
+    _check(arguments)
     arguments = {"only_if_new_data": True, **arguments}
     client = _client(host, namespace)
     experiment = client.create_experiment(name=kfp_experiment, namespace=namespace)

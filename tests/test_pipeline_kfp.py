@@ -236,6 +236,10 @@ def test_schedule_creates_a_recurring_retraining_run(kfp_api: tuple[str, list], 
         launch.kfp_cron("0 3 * *")
     with pytest.raises(ValueError, match="unknown pipeline parameter"):
         launch.schedule(host, "0 3 * * *", {"sourceuri": "x"})
+    sent = len(calls)
+    with pytest.raises(ValueError, match="promotion metric 'cv_auc_blendsign' unknown"):  # not after hours
+        launch.submit(host, {"promotion_metric": "cv_auc_blendsign"})
+    assert len(calls) == sent  # refused before anything was sent
 
 
 # --- the whole pipeline on this machine (kfp.local) ------------------------------------------------------

@@ -5,10 +5,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from blendsign import CLASSES
-from blendsign.registry import decide, model_card, register_version
+from blendsign.config import load_preset
+from blendsign.metrics import per_class_metrics
+from blendsign.pipeline import run_pipeline
+from blendsign.registry import PROMOTION_METRICS, check_promotion_metric, decide, model_card, register_version
 from blendsign.tracking import Tracker
 
 
@@ -21,6 +25,24 @@ def test_gate(new: float, champion: float | None, margin: float, promoted: bool)
     p = decide(new, champion, metric="cv_auc_blend_sign", margin=margin, champion_version="3" if champion else None)
     assert p.promoted is promoted
     assert ("promoted" if promoted else "") in p.text
+
+
+def test_promotion_metrics_are_what_evaluation_computes() -> None:
+    probs = np.eye(3)[[0, 1, 2, 0]]
+    computed = {f"cv_{k}" for k in per_class_metrics(probs, np.array([0, 1, 2, 1]))}
+    assert computed == set(PROMOTION_METRICS)
+    assert check_promotion_metric("cv_f1_normal_ich") == "cv_f1_normal_ich"
+    with pytest.raises(ValueError, match="unknown; choose cv_<metric>_<class>"):
+        check_promotion_metric("auc_blend_sign")
+
+
+def test_run_refuses_annotations_without_their_source(tmp_path: Path) -> None:
+    tracker = Tracker.open("t", uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(ValueError, match="together, or neither"):
+        run_pipeline(load_preset("ci"), work_dir=tmp_path / "w", annotations=tmp_path / "a.csv", tracker=tracker)
+    with pytest.raises(ValueError, match="promotion metric"):
+        run_pipeline(load_preset("ci"), work_dir=tmp_path / "w", tracker=tracker, metric="cv_auc")
+    assert not (tmp_path / "w").exists()
 
 
 def _version(tracker: Tracker, name: str) -> str:

@@ -38,6 +38,16 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
+def _fold(text: str) -> int | None:
+    """``--fold``: a fold number, or ``all`` (None)."""
+    if text == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a fold number or 'all', not {text!r}") from None
+
+
 def _stage(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
     """A stage's sub-parser, with the common options (--config, -v, --no-progress)."""
     return sub.add_parser(name, help=help, description=help, parents=[_common()])
@@ -184,7 +194,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ingest", required=True, help="ingest output folder (slices/)")
     p.add_argument("--labels", required=True, help="fuse output folder (labels.parquet)")
     p.add_argument("--folds", default=None, help="folds output folder (folds.parquet)")
-    p.add_argument("--fold", default="0", help="held-out fold for validation, or 'all' to train on everything")
+    p.add_argument("--fold", type=_fold, default=0, help="held-out fold for validation (default 0), or 'all' to "
+                   "train on everything")
     p.add_argument("--out", required=True, help="checkpoint folder")
     p.add_argument("--resume", action="store_true", help="continue an unfinished run in --out")
     p.add_argument("--stop-after-epochs", type=int, default=None, help="train at most N epochs in this call")
@@ -212,7 +223,7 @@ def _run_train_staged(args: argparse.Namespace) -> int:
     model = {k: v for k, v in {"backbone": args.backbone, "weights": args.weights}.items() if v is not None}
     training = {k: v for k, v in {"device": args.device, "epochs": args.epochs}.items() if v is not None}
     cfg = override(cfg, model=model, train=training)
-    fold = None if args.fold == "all" else int(args.fold)
+    fold = args.fold
     if fold is not None and args.folds is None:
         raise ValueError("--folds is required unless --fold all")
     tracker = Tracker.open(args.experiment) if args.mlflow else None
@@ -263,7 +274,7 @@ def _staged(args: argparse.Namespace, stack: ExitStack) -> None:
 def _add_distill(sub: argparse._SubParsersAction) -> None:
     p = _stage(sub, "distill", "teacher + repeated self-knowledge distillation on one fold")
     _data_args(p)
-    p.add_argument("--fold", required=True, help="held-out fold, or 'all' (refit on everything)")
+    p.add_argument("--fold", type=_fold, required=True, help="held-out fold, or 'all' (refit on everything)")
     p.add_argument("--rounds", type=int, default=None, help="student rounds (default: the config's, 2)")
     p.set_defaults(func=_run_distill)
 
@@ -278,7 +289,7 @@ def _run_distill_staged(args: argparse.Namespace) -> int:
     from blendsign.distill import distill
 
     cfg, tracker = _setup(args)
-    fold = None if args.fold == "all" else int(args.fold)
+    fold = args.fold
     result = distill(cfg, **_dirs(args), fold=fold, out_dir=args.out, rounds=args.rounds, tracker=tracker,
                      progress=args.progress)
     print(result.summary())
@@ -555,8 +566,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
+    except (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError, IsADirectoryError) as exc:
         logging.getLogger("blendsign").error("%s", exc)
+        return 2
+    except Exception as exc:
+        if type(exc).__name__ != "MlflowException":  # (not imported here: the CLI starts without mlflow)
+            raise
+        from blendsign.tracking import tracking_uri
+
+        logging.getLogger("blendsign").error("MLflow (%s): %s", tracking_uri(), getattr(exc, "message", exc))
         return 2
 
 

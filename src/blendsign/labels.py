@@ -226,19 +226,22 @@ def _read_csv(path: str | Path, required: Sequence[str]) -> Iterator[tuple[int, 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such CSV file: {path}")
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in reader.fieldnames or []]
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; expected {list(required)}")
-        reader.fieldnames = header
-        problems = _Problems(path)
-        for rec in reader:
-            if None in rec or None in rec.values():
-                problems.add(f"wrong number of fields (expected {len(header)})", [reader.line_num])
-                continue
-            yield reader.line_num, {k: v.strip() for k, v in rec.items()}
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = [h.strip() for h in reader.fieldnames or []]
+            missing = [c for c in required if c not in header]
+            if missing:
+                raise ValueError(f"{path}: missing column(s) {missing}; expected {list(required)}")
+            reader.fieldnames = header
+            problems = _Problems(path)
+            for rec in reader:
+                if None in rec or None in rec.values():
+                    problems.add(f"wrong number of fields (expected {len(header)})", [reader.line_num])
+                    continue
+                yield reader.line_num, {k: v.strip() for k, v in rec.items()}
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not a UTF-8 text CSV ({exc.reason})") from None
     problems.raise_if_any()
 
 

@@ -103,15 +103,12 @@ def register_stage(
     """
     from blendsign.distill import distill, final_checkpoint
     from blendsign.orchestration import gather_fold_models
-    from blendsign.registry import model_card, register_version
+    from blendsign.registry import check_promotion_metric, model_card, register_version
     from blendsign.serving import log_model
 
     cv_dir, out_dir = Path(cv_dir), Path(out_dir)
     metrics = json.loads((cv_dir / "evaluation" / "metrics.json").read_text())
-    key = metric.removeprefix("cv_")
-    if key not in metrics["cv"]:
-        raise ValueError(f"promotion metric {metric!r} unknown; choose cv_<metric>_<class>, e.g. cv_auc_blend_sign")
-    value = metrics["cv"][key][0]
+    value = metrics["cv"][check_promotion_metric(metric).removeprefix("cv_")][0]
     if mode == "refit" and any((Path(t) / "all" / "distill.json").exists() for t in trained):
         checkpoints = [final_checkpoint(gather_fold_models(trained, out_dir, pattern="all") / "all")]
     elif mode == "refit":
@@ -192,15 +189,17 @@ def run_pipeline(
 ) -> PipelineResult:
     """The main job: every stage on this machine under one parent MLflow run (synthetic cohort by default)."""
     from blendsign.cv import cross_validate
+    from blendsign.registry import check_promotion_metric
     from blendsign.synth import synthesize
 
+    check_promotion_metric(metric)
+    if (annotations is None) != (source is None):
+        raise ValueError("give a DICOM source and its annotations together, or neither (the synthetic cohort)")
     work = Path(work_dir)
     if source is None:
         synth = synthesize(work / "source", cfg.synth, progress=progress)
         log.info("%s", synth.summary())
         source, annotations, clinical = work / "source" / "dicom", work / "source" / "annotations.csv", None
-    if annotations is None:
-        raise ValueError("annotations are required with a DICOM source")
     with tracker.run("pipeline", tags={"stage": "pipeline", "preset": cfg.preset}) as parent:
         parent.log_params(cfg.flat())
         ing = ingest_stage(cfg, source, work / "ingest", clinical=clinical, tracker=tracker,

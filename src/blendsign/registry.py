@@ -19,6 +19,18 @@ log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER = "champion", "challenger"
 
 
+PER_CLASS_METRICS = ("sensitivity", "specificity", "f1", "auc")  # blendsign.metrics.per_class_metrics, per class
+PROMOTION_METRICS = ("cv_accuracy", *(f"cv_{m}_{c}" for m in PER_CLASS_METRICS for c in CLASSES))
+
+
+def check_promotion_metric(metric: str) -> str:
+    """Refuse an unknown promotion metric before hours of training, not at registration."""
+    if metric not in PROMOTION_METRICS:
+        raise ValueError(f"promotion metric {metric!r} unknown; choose cv_<metric>_<class> with metric in "
+                         f"{list(PER_CLASS_METRICS)} and class in {list(CLASSES)}, e.g. cv_auc_blend_sign")
+    return metric
+
+
 @dataclass(frozen=True)
 class Promotion:
     promoted: bool
