@@ -140,7 +140,7 @@ def summary(record: dict[str, Any], *, seconds: float | None = None) -> str:
     from mlflow import MlflowClient
 
     from blendsign.orchestration import load_evaluation
-    from blendsign.tracking import LOCAL_DIR
+    from blendsign.tracking import LOCAL_DIR, ui_command
 
     name, uri = record["registered_model"], record["tracking_uri"]
     lines = [f"pipeline {record['status']}" + (f" in {seconds:.0f} s" if seconds is not None else "") + ": "
@@ -155,9 +155,8 @@ def summary(record: dict[str, Any], *, seconds: float | None = None) -> str:
         lines.append(f"this run: {name} v{record['model_version']} as {record['alias']}")
     if record.get("cv_uri") and Path(record["cv_uri"], "evaluation", "metrics.json").exists():
         lines += ["", load_evaluation(Path(record["cv_uri"]) / "evaluation").summary()]
-    ui = "make mlflow-ui" if uri.endswith(".blendsign/mlflow.db") else f"mlflow ui --backend-store-uri {uri}"
     lines += ["", f"MLflow: {uri} (experiment {record['experiment']}, parent run {record['parent_run_id']}); "
-              f"UI: {ui}", f"run record: {LOCAL_DIR / 'last_run.json'}"]
+              f"UI: {ui_command(uri)}", f"run record: {LOCAL_DIR / 'last_run.json'}"]
     return "\n".join(lines)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from blendsign.tracking import Tracker, finite
+from blendsign.tracking import Tracker, finite, ui_command
 
 
 def test_runs_end_with_their_outcome_and_resume_under_a_new_parent(tmp_path: Path) -> None:
@@ -30,3 +30,12 @@ def test_runs_end_with_their_outcome_and_resume_under_a_new_parent(tmp_path: Pat
 
 def test_finite_drops_what_mlflow_cannot_store() -> None:
     assert finite({"a": 1, "b": float("nan"), "c": float("inf"), "d": None, "e": 0.5}) == {"a": 1.0, "e": 0.5}
+
+
+def test_ui_command_points_at_the_store_in_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    own = f"sqlite:///{tmp_path / '.blendsign' / 'mlflow.db'}"
+    assert ui_command(own) == f"mlflow ui --host 127.0.0.1 --backend-store-uri {own}"  # no checkout here
+    (tmp_path / "Makefile").write_text("mlflow-ui: x\n")
+    assert ui_command(own) == "make mlflow-ui"
+    assert ui_command("http://mlflow:5000").startswith("open http://mlflow:5000")

@@ -21,7 +21,7 @@ from blendsign.folds import FoldsResult, make_folds
 from blendsign.ingest import IngestResult, ingest
 from blendsign.labels import FuseResult, fuse
 from blendsign.storage import write_json_atomic, write_text_atomic
-from blendsign.tracking import LOCAL_DIR, Tracker, finite, git_commit
+from blendsign.tracking import LOCAL_DIR, Tracker, finite, git_commit, ui_command
 
 if TYPE_CHECKING:  # torch and scikit-learn: not imported by the light pipeline steps
     from blendsign.evaluate import EvalResult
@@ -168,7 +168,7 @@ class PipelineResult:
             f"champion: {lr['model_uri']}",
             "", self.evaluation.summary(), "",
             f"MLflow: {lr['tracking_uri']} (experiment {lr['experiment']}, parent run {lr['parent_run_id']}); "
-            f"UI: make mlflow-ui",
+            f"UI: {ui_command(lr['tracking_uri'])}",
             f"run record: {LOCAL_DIR / 'last_run.json'}",
         ])
 

@@ -30,6 +30,16 @@ def tracking_uri() -> str:
     return f"sqlite:///{(LOCAL_DIR / 'mlflow.db').resolve()}"
 
 
+def ui_command(uri: str) -> str:
+    """How to browse ``uri``: ``make mlflow-ui`` in a checkout whose own store it is, else the mlflow command."""
+    own = f"sqlite:///{(LOCAL_DIR / 'mlflow.db').resolve()}"
+    if uri == own and Path("Makefile").is_file() and "mlflow-ui:" in Path("Makefile").read_text():
+        return "make mlflow-ui"
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} (the tracking server is the UI)"
+    return f"mlflow ui --host 127.0.0.1 --backend-store-uri {uri}"
+
+
 def git_commit() -> str:
     """The source tree's commit (``unknown`` outside a git checkout)."""
     try:
