@@ -209,7 +209,8 @@ def _write(tmp_path: Path, text: str, name: str = "annotations.csv") -> Path:
 
 def test_fuse_gold_labels_boxes_and_report(tmp_path: Path, ingest_dir: Path) -> None:
     out = tmp_path / "labels"
-    result = fuse(_write(tmp_path, ANNOTATIONS), ingest_dir, out, LabelConfig())
+    typo = "1.2.9.2,1.2.9.2.7,A,non_ich,,,,\n"  # line 19: a slice of an ingested study that matches no file
+    result = fuse(_write(tmp_path, ANNOTATIONS + typo), ingest_dir, out, LabelConfig())
     pz = Pseudonymizer(KEY.encode())
     rows = {r["instance_key"]: r for r in pq.read_table(out / "labels.parquet").to_pylist()}
     assert len(rows) == 5 and result.slices == 5
@@ -230,15 +231,16 @@ def test_fuse_gold_labels_boxes_and_report(tmp_path: Path, ingest_dir: Path) -> 
     report = json.loads((out / "agreement.json").read_text())
     assert report["gold_counts"] == {"non_ich": 2, "normal_ich": 2, "blend_sign": 1}
     assert report["contested"] == 1 and report["readers"] == 3 and report["kappa_slices"] == 4
-    assert report["unmatched_annotations"] == {"rows": 2, "slices": 1}
+    assert report["unmatched_annotations"] == {"rows": 3, "slices": 2, "rows_in_ingested_studies": 1,
+                                               "csv_lines": [19]}
     assert report["unannotated_ingested_slices"] == 1
     votes = np.array([[3, 0, 0], [0, 1, 2], [1, 1, 1], [2, 1, 0]])  # slices rated by all three readers
     assert report["fleiss_kappa"]["overall"] == pytest.approx(fleiss_kappa(votes))
     assert [report["fleiss_kappa"][c] for c in ("non_ich", "normal_ich", "blend_sign")] == pytest.approx(
         category_kappas(votes).tolist())
     md = (out / "agreement.md").read_text()
-    assert "| blend_sign | 1 |" in md and "8,864" in md and "447" in md
-    assert result.unmatched_rows == 2 and result.fused_boxes == 2 and "5 slices" in result.summary()
+    assert "| blend_sign | 1 |" in md and "8,864" in md and "447" in md and "CSV lines 19" in md
+    assert result.unmatched_rows == 3 and result.fused_boxes == 2 and "5 slices" in result.summary()
 
 
 def test_fuse_writes_no_uids_and_is_reproducible(tmp_path: Path, ingest_dir: Path) -> None:

@@ -32,7 +32,8 @@ def _print_json(obj: object) -> None:
 
 def _common() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", default="paper", help="preset: paper, demo or ci (default paper)")
+    common.add_argument("--config", default="paper",
+                        help="preset (paper, demo or ci; default paper) or a site .toml file (configs/)")
     common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     common.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return common
@@ -61,7 +62,8 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", type=Path, help="output folder")
     p.add_argument("--scans", type=int, default=None, help="usable scans to generate (preset default)")
     p.add_argument("--seed", type=int, default=None, help="random seed (same seed, same files)")
-    p.add_argument("--size", type=int, default=None, help="rows = columns of each slice (default 512)")
+    p.add_argument("--size", type=int, default=None,
+                   help="rows = columns of each slice (default: the preset's, 512 in paper)")
     p.set_defaults(func=_run_synth)
 
 
@@ -84,7 +86,7 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
     p = _stage(sub, "ingest", help="DICOM folder → de-identified Parquet slice dataset + flow report")
     p.add_argument("source", help="folder or s3:// prefix of DICOM files (searched recursively)")
     p.add_argument("out", help="output folder or s3:// prefix (slices/, ingest_report.json)")
-    p.add_argument("--workers", type=int, default=None, help="worker processes (default 1)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: the preset's)")
     p.add_argument("--clinical", default=None,
                    help="CSV study_instance_uid,postoperative (default: clinical.csv in or beside SOURCE)")
     p.set_defaults(func=_run_ingest)
@@ -168,8 +170,9 @@ def _add_folds(sub: argparse._SubParsersAction) -> None:
     p = _stage(sub, "folds", help="patient-level stratified cross-validation folds")
     p.add_argument("labels_dir", help="output of `blendsign fuse` (folder or s3:// prefix)")
     p.add_argument("out", help="output folder or s3:// prefix (folds.parquet, folds.json, folds.md)")
-    p.add_argument("--k", type=int, default=None, help="number of folds (default 5)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (same seed, same folds)")
+    p.add_argument("--k", type=int, default=None, help="number of folds (default: the preset's, 5 in paper)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed (same seed and pseudonym key, same folds: they follow the patient pseudonyms)")
     p.set_defaults(func=_run_folds)
 
 
@@ -275,7 +278,7 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
     p = _stage(sub, "distill", "teacher + repeated self-knowledge distillation on one fold")
     _data_args(p)
     p.add_argument("--fold", type=_fold, required=True, help="held-out fold, or 'all' (refit on everything)")
-    p.add_argument("--rounds", type=int, default=None, help="student rounds (default: the config's, 2)")
+    p.add_argument("--rounds", type=int, default=None, help="student rounds (default: the preset's, 2 in paper)")
     p.set_defaults(func=_run_distill)
 
 

@@ -19,6 +19,7 @@ import csv
 import io
 import itertools
 import json
+import logging
 import math
 import re
 from collections import defaultdict
@@ -33,6 +34,8 @@ import pyarrow as pa
 from blendsign.config import LabelConfig
 from blendsign.deid import Pseudonymizer, load_or_create_key
 from blendsign.storage import atomic_path, write_json_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
 
 
 def _check_counts(counts: np.ndarray) -> tuple[np.ndarray, int]:
@@ -195,6 +198,13 @@ BOX_COLUMNS: tuple[str, ...] = ("x_min", "y_min", "x_max", "y_max")
 _ROWS_SHOWN = 20  # row numbers listed per problem in an error message
 
 
+def _lines(rows: Iterable[int]) -> str:
+    """CSV line numbers for a message: the first few, and how many more."""
+    rs = sorted(set(rows))
+    return ", ".join(map(str, rs[:_ROWS_SHOWN])) + (f" (+{len(rs) - _ROWS_SHOWN} more)" if len(rs) > _ROWS_SHOWN
+                                                     else "")
+
+
 class _Problems:
     """Collects ``problem → CSV rows`` and raises them as one ``ValueError``."""
 
@@ -210,10 +220,7 @@ class _Problems:
             return
         lines = []
         for problem, rows in self.rows.items():
-            rs = sorted(set(rows))
-            more = f" (+{len(rs) - _ROWS_SHOWN} more)" if len(rs) > _ROWS_SHOWN else ""
-            shown = ", ".join(map(str, rs[:_ROWS_SHOWN]))
-            lines.append(f"  {problem}: row{'s' if len(rs) > 1 else ''} {shown}{more}")
+            lines.append(f"  {problem}: row{'s' if len(set(rows)) > 1 else ''} {_lines(rows)}")
         head = f"{self.source}: invalid input (rows are CSV line numbers, header = 1):\n"
         raise ValueError(head + "\n".join(lines))
 
@@ -382,8 +389,9 @@ class FuseResult:
     kappa: dict[str, float | None]  # non_ich, normal_ich, blend_sign, overall (None: undefined)
     kappa_slices: int  # slices rated by all readers (the κ sample)
     annotation_rows: int
-    unmatched_rows: int  # annotation rows whose slice is not in the ingest (excluded there)
+    unmatched_rows: int  # annotation rows whose slice is not in the ingest (excluded there, or a wrong UID)
     unmatched_slices: int
+    unmatched_in_ingested_studies: tuple[int, ...]  # CSV lines of those whose study *was* ingested: suspicious
     unannotated_slices: int  # ingested slices nobody annotated
     fused_boxes: int
 
@@ -425,6 +433,13 @@ def fuse(
     key_of = {sop: pz.instance(sop) for sop in sorted({a.sop_instance_uid for a in anns})}
     joined = [(key_of[a.sop_instance_uid], a) for a in anns if key_of[a.sop_instance_uid] in slices]
     unmatched = [a for a in anns if key_of[a.sop_instance_uid] not in slices]
+    ingested_scans = {s["scan_id"] for s in slices.values()}
+    suspicious = tuple(a.row for a in unmatched if a.study_instance_uid
+                       and pz.scan(a.study_instance_uid) in ingested_scans)
+    if suspicious:
+        log.warning("%d annotation rows name a slice that is not in the ingest although its study is (a quarantined "
+                    "file, or a SOPInstanceUID that matches no file?): CSV lines %s", len(suspicious),
+                    _lines(suspicious))
 
     problems = _Problems(annotations)
     for key, a in joined:
@@ -480,6 +495,7 @@ def fuse(
         annotation_rows=len(anns),
         unmatched_rows=len(unmatched),
         unmatched_slices=len({a.sop_instance_uid for a in unmatched}),
+        unmatched_in_ingested_studies=suspicious,
         unannotated_slices=len(slices) - len(records),
         fused_boxes=sum(len(r["boxes"]) for r in records),
     )
@@ -491,7 +507,8 @@ def fuse(
         "gold_counts": gold_counts,
         "contested": result.contested,
         "annotation_rows": result.annotation_rows,
-        "unmatched_annotations": {"rows": result.unmatched_rows, "slices": result.unmatched_slices},
+        "unmatched_annotations": {"rows": result.unmatched_rows, "slices": result.unmatched_slices,
+                                  "rows_in_ingested_studies": len(suspicious), "csv_lines": list(suspicious[:100])},
         "unannotated_ingested_slices": result.unannotated_slices,
         "boxes": {
             "reader_boxes": reader_boxes,
@@ -539,8 +556,11 @@ def agreement_markdown(result: FuseResult) -> str:
         "",
         f"- Contested slices (no plurality, e.g. a 1–1–1 split → normal_ich): {result.contested:,}",
         f"- Fused boxes: {result.fused_boxes:,}",
-        f"- Annotation rows for slices not in the ingest (excluded there): {result.unmatched_rows:,} "
-        f"({result.unmatched_slices:,} slices)",
+        f"- Annotation rows for slices not in the ingest: {result.unmatched_rows:,} "
+        f"({result.unmatched_slices:,} slices); of these, rows of studies that *were* ingested (a quarantined "
+        f"file, or a SOPInstanceUID that matches no file?): {len(result.unmatched_in_ingested_studies):,}"
+        + (f", CSV lines {_lines(result.unmatched_in_ingested_studies)}" if result.unmatched_in_ingested_studies
+           else ""),
         f"- Ingested slices without any annotation: {result.unannotated_slices:,}",
         "",
     ]
