@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from blendsign import CLASSES
-from blendsign.evaluate import METRICS
+from blendsign import CLASSES, METRICS
 from blendsign.orchestration import (
     REFIT,
     RunRef,
@@ -27,6 +27,7 @@ from blendsign.orchestration import (
     training_jobs,
 )
 from blendsign.retrain import RetrainDecision
+from blendsign.storage import write_json_atomic
 
 
 def test_pipeline_config_applies_k_and_rounds() -> None:
@@ -78,14 +79,16 @@ def test_job_arguments_put_folds_under_cross_validation_and_the_refit_under_the_
 def _evaluation(folder: Path) -> Path:
     cv = {f"{m}_{c}": [0.8, 0.1] for m in METRICS for c in CLASSES}
     cv["auc_non_ich"] = [float("nan"), float("nan")]
-    folder.mkdir(parents=True)
-    (folder / "metrics.json").write_text(json.dumps({"per_fold": {"0": {}, "1": {}}, "cv": cv,
-                                                     "ci": {k: [0.7, 0.9] for k in cv}, "scan": {"auc_any_ich": 0.9}}))
+    write_json_atomic(folder / "metrics.json", {"per_fold": {"0": {}, "1": {}}, "cv": cv,
+                                                "ci": {k: [0.7, 0.9] for k in cv}, "scan": {"auc_any_ich": 0.9}})
     return folder
 
 
 def test_evaluation_from_its_folder(tmp_path: Path) -> None:
     ev = load_evaluation(_evaluation(tmp_path / "evaluation"))
+    text = (tmp_path / "evaluation" / "metrics.json").read_text()
+    assert "NaN" not in text and json.loads(text)["cv"]["auc_non_ich"] == [None, None]  # strict JSON: null
+    assert all(math.isnan(v) for v in ev.cv["auc_non_ich"])  # read back as NaN
     assert sorted(ev.per_fold) == [0, 1] and "0.800 ± 0.100 [0.700, 0.900]" in ev.summary()
     metrics = cv_metrics(tmp_path / "evaluation")
     assert metrics["cv_auc_blend_sign"] == 0.8 and "cv_auc_non_ich" not in metrics  # NaN left out

@@ -8,3 +8,6 @@ __version__ = "0.1.0"
 
 CLASSES: tuple[str, str, str] = ("non_ich", "normal_ich", "blend_sign")
 """Slice classes in label-index order (paper §Data collection and labeling)."""
+
+METRICS: tuple[str, ...] = ("sensitivity", "specificity", "f1", "auc")
+"""Per-class metrics, one class against the rest (paper §Evaluation metrics)."""

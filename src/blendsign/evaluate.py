@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from blendsign import CLASSES
+from blendsign import CLASSES, METRICS
 from blendsign.config import Config
 from blendsign.data import SliceDataset, load_index, make_loader
 from blendsign.distill import final_checkpoint, load_model
@@ -35,7 +35,6 @@ from blendsign.tracking import Tracker, finite
 from blendsign.train import resolve_device, trained_on, training_data
 
 log = logging.getLogger(__name__)
-METRICS = ("sensitivity", "specificity", "f1", "auc")
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 from collections.abc import Iterable, Iterator, Mapping
@@ -150,12 +151,26 @@ def gather_fold_models(model_dirs: Iterable[str | Path], dest: str | Path, patte
     return dest
 
 
+def read_metrics(evaluation_dir: str | Path) -> dict[str, Any]:
+    """``metrics.json`` of an ``evaluate`` output, undefined values (JSON null) back to NaN."""
+    m = json.loads((Path(evaluation_dir) / "metrics.json").read_text())
+
+    def nan(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: nan(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [nan(x) for x in v]
+        return math.nan if v is None else v
+
+    return {k: nan(v) if k in ("per_fold", "cv", "ci", "scan") else v for k, v in m.items()}
+
+
 def load_evaluation(evaluation_dir: str | Path) -> Any:
     """The :class:`blendsign.evaluate.EvalResult` of an ``evaluate`` output folder (``metrics.json``)."""
     from blendsign.evaluate import EvalResult
 
     folder = Path(evaluation_dir)
-    m = json.loads((folder / "metrics.json").read_text())
+    m = read_metrics(folder)
     return EvalResult(folder, {int(k): v for k, v in m["per_fold"].items()},
                       {k: tuple(v) for k, v in m["cv"].items()}, {k: tuple(v) for k, v in m["ci"].items()},
                       m["scan"])
@@ -163,7 +178,7 @@ def load_evaluation(evaluation_dir: str | Path) -> Any:
 
 def cv_metrics(evaluation_dir: str | Path) -> dict[str, float]:
     """``cv_<metric>_<class>`` means over folds (finite ones), as on the parent MLflow run."""
-    cv = json.loads((Path(evaluation_dir) / "metrics.json").read_text())["cv"]
+    cv = read_metrics(evaluation_dir)["cv"]
     return finite({f"cv_{k}": v[0] for k, v in cv.items()})
 
 

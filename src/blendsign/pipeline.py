@@ -102,12 +102,12 @@ def register_stage(
     ``mode="fold-ensemble"``: the K fold models as one model averaging their probabilities.
     """
     from blendsign.distill import distill, final_checkpoint
-    from blendsign.orchestration import gather_fold_models
+    from blendsign.orchestration import gather_fold_models, read_metrics
     from blendsign.registry import check_promotion_metric, model_card, register_version
     from blendsign.serving import log_model
 
     cv_dir, out_dir = Path(cv_dir), Path(out_dir)
-    metrics = json.loads((cv_dir / "evaluation" / "metrics.json").read_text())
+    metrics = read_metrics(cv_dir / "evaluation")
     value = metrics["cv"][check_promotion_metric(metric).removeprefix("cv_")][0]
     if mode == "refit" and any((Path(t) / "all" / "distill.json").exists() for t in trained):
         checkpoints = [final_checkpoint(gather_fold_models(trained, out_dir, pattern="all") / "all")]

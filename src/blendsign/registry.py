@@ -13,21 +13,20 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from blendsign import CLASSES
+from blendsign import CLASSES, METRICS
 
 log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER = "champion", "challenger"
 
 
-PER_CLASS_METRICS = ("sensitivity", "specificity", "f1", "auc")  # blendsign.metrics.per_class_metrics, per class
-PROMOTION_METRICS = ("cv_accuracy", *(f"cv_{m}_{c}" for m in PER_CLASS_METRICS for c in CLASSES))
+PROMOTION_METRICS = ("cv_accuracy", *(f"cv_{m}_{c}" for m in METRICS for c in CLASSES))
 
 
 def check_promotion_metric(metric: str) -> str:
     """Refuse an unknown promotion metric before hours of training, not at registration."""
     if metric not in PROMOTION_METRICS:
         raise ValueError(f"promotion metric {metric!r} unknown; choose cv_<metric>_<class> with metric in "
-                         f"{list(PER_CLASS_METRICS)} and class in {list(CLASSES)}, e.g. cv_auc_blend_sign")
+                         f"{list(METRICS)} and class in {list(CLASSES)}, e.g. cv_auc_blend_sign")
     return metric
 
 
