@@ -86,6 +86,14 @@ def test_make_folds_outputs_and_balance(tmp_path: Path) -> None:
     md = (tmp_path / "folds" / "folds.md").read_text()
     assert "| fold | patients | scans | non_ich | normal_ich | blend_sign | slices |" in md
     assert "| **all** | 50 | 100 | 240 | 40 | 20 | 300 |" in md and "5 patient-level folds" in result.summary()
+    assert "Warning" not in md
+
+
+def test_a_fold_without_a_class_is_flagged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    labels = write_labels(tmp_path / "labels", cohort(50))
+    make_folds(labels, tmp_path / "folds", FoldConfig(k=12, seed=3))  # 10 blend-sign patients over 12 folds
+    md = (tmp_path / "folds" / "folds.md").read_text()
+    assert md.count("holds no blend_sign slice") == 2 and caplog.text.count("holds no blend_sign slice") == 2
 
 
 def test_make_folds_deterministic(tmp_path: Path) -> None:

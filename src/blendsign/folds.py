@@ -7,6 +7,7 @@ training and the test part of any split. Folds are stratified by each scan's wor
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from blendsign.config import FoldConfig
 from blendsign.labels import CLASSES
 from blendsign.storage import atomic_path, write_json_atomic, write_text_atomic
 
+log = logging.getLogger(__name__)
 SEVERITY: dict[str, int] = {c: i for i, c in enumerate(CLASSES)}  # non_ich < normal_ich < blend_sign
 
 
@@ -105,13 +107,20 @@ class FoldsResult:
 
 
 def folds_markdown(table: tuple[dict[str, int], ...] | list[dict[str, int]]) -> str:
-    """The per-fold table as Markdown (slice counts per gold class)."""
+    """The per-fold table as Markdown (slice counts per gold class), with a warning for a class a fold lacks."""
     cols = ["fold", "patients", "scans", *CLASSES, "slices"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
     lines += ["| " + " | ".join(str(row[c]) for c in cols) + " |" for row in table]
     total = {c: sum(row[c] for row in table) for c in cols[1:]}
     lines.append("| **all** | " + " | ".join(str(total[c]) for c in cols[1:]) + " |")
+    lines += [f"\n**Warning:** {w}" for w in missing_classes(table)]
     return "\n".join(lines) + "\n"
+
+
+def missing_classes(table: tuple[dict[str, int], ...] | list[dict[str, int]]) -> list[str]:
+    """A line per fold that holds no slice of a class: its sensitivity and AUC for that class are undefined."""
+    return [f"fold {row['fold']} holds no {c} slice: its {c} sensitivity and AUC are undefined (fewer folds, or "
+            "more scans, fix it)" for row in table for c in CLASSES if row[c] == 0]
 
 
 def make_folds(labels_dir: str | Path, out_dir: str | Path, cfg: FoldConfig | None = None) -> FoldsResult:
@@ -134,6 +143,8 @@ def make_folds(labels_dir: str | Path, out_dir: str | Path, cfg: FoldConfig | No
     scans["fold"] = assign_folds(scans, cfg.k, cfg.seed)
     table = tuple(fold_counts(labels, scans, cfg.k))
     result = FoldsResult(out_dir, cfg.k, cfg.seed, int(scans["patient_key"].nunique()), len(scans), table)
+    for warning in missing_classes(table):
+        log.warning("%s", warning)
 
     schema = pa.schema([("scan_id", pa.string()), ("patient_key", pa.string()), ("scan_label", pa.string()),
                         ("fold", pa.int32())])
