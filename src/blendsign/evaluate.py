@@ -172,6 +172,9 @@ def evaluate(
     report = ["# Cross-validated evaluation", "", f"{len(folds)} folds, {len(labels)} slices of "
               f"{metrics['scans']} scans; decision rule: argmax of the class probabilities.", "",
               "Per class, one-vs-rest: mean ± sd over folds [95% CI, bootstrap over scans, pooled out-of-fold].",
+              "The mean is over the folds' own values (the paper's protocol); the CI is of all out-of-fold "
+              "predictions pooled, which ranks across folds too, so the mean can fall outside it when folds "
+              "disagree in calibration.",
               "", result.table(), "", "Scan level (most suspicious slice per scan): "
               + ", ".join(f"{k} {v:.3f}" for k, v in scan.items()), "",
               "Expected calibration error: " + ", ".join(f"{c} {cal[c]['ece']:.3f}" for c in CLASSES), "",
