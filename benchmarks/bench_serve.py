@@ -3,7 +3,8 @@
     python benchmarks/bench_serve.py [--repeats 3] [--backbone resnet50] [--slices 40] [--batch-size 8]
 
 One 40-slice scan of real 512×512 head CT (pydicom-data's ``693_UNCI.dcm`` repeated with distinct
-SOPInstanceUIDs; pydicom's ``CT_small.dcm`` upsampled to 512² when pydicom-data is absent) is scored by the
+SOPInstanceUIDs; pydicom's ``CT_small.dcm`` upsampled to 512², its contrast tag removed, when pydicom-data is
+absent) is scored by the
 ``paper`` model (random weights) logged to a temporary MLflow store: in process (``serving.load(...).predict``
 on the DICOM bytes) and over HTTP (one JSON request of base64 text to ``/invocations`` on 127.0.0.1), the two
 interleaved, after one warm-up each. Prints p50/p95 latency per scan and slices/s; the last line is
@@ -42,6 +43,7 @@ def scan_slices(n: int) -> list[bytes]:
     if int(ds.Rows) != 512:  # CT_small is 128²: upsample its stored values 4×
         ds.PixelData = np.kron(ds.pixel_array, np.ones((4, 4), dtype=ds.pixel_array.dtype)).tobytes()
         ds.Rows, ds.Columns = 512, 512
+        del ds.ContrastBolusAgent  # CT_small is contrast-enhanced, which the model declines
     out = []
     for i in range(n):
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()

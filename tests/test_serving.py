@@ -27,9 +27,12 @@ from blendsign.model import build_model
 from blendsign.targets import decode_boxes
 from blendsign.tracking import Tracker
 from blendsign.transforms import preprocess
-from tests.conftest import real_file
+from tests.conftest import real_file, write_ct
 
-GOOD = ("J2K_pixelrep_mismatch.dcm", "693_UNCI.dcm", "CT_small.dcm")  # JPEG 2000 512², native 512², native 128²
+# JPEG 2000 512², native 512², native 128² (CT_small is contrast-enhanced, which the model declines: its
+# contrast tag is removed to score its pixels; see test_bad_rows for the untouched file)
+GOOD = ("J2K_pixelrep_mismatch.dcm", "693_UNCI.dcm", "CT_small.dcm")
+PLAIN = "CT_small.dcm"
 
 
 def make_checkpoint(path: Path, seed: int = 0) -> Config:
@@ -72,7 +75,14 @@ def _global_tracking_uri() -> str | None:
 
 
 def dicom_bytes(name: str) -> bytes:
-    return real_file(name).read_bytes()
+    """A real file's bytes; ``PLAIN`` without its ContrastBolusAgent."""
+    if name != PLAIN:
+        return real_file(name).read_bytes()
+    ds = pydicom.dcmread(real_file(name))
+    del ds.ContrastBolusAgent
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    return buffer.getvalue()
 
 
 def b64(data: bytes) -> str:
@@ -144,9 +154,19 @@ def test_predict_real_slices(served: dict[str, Any], model: Any) -> None:
     json.dumps(out["boxes"].tolist())  # plain lists
 
 
-def test_bad_rows_get_errors_and_spare_the_others(model: Any) -> None:
+def _ct(tmp_path: Path, name: str, **kw: Any) -> bytes:
+    hu = np.full((32, 32), 30, dtype=np.int16)
+    write_ct(tmp_path / name, hu, study="1.2.3", series=f"1.2.3.{len(name)}", **kw)
+    return (tmp_path / name).read_bytes()
+
+
+def test_bad_rows_get_errors_and_spare_the_others(model: Any, tmp_path: Path) -> None:
     good = dicom_bytes("693_UNCI.dcm")
     rows = [
+        _ct(tmp_path, "scout", image_type=("ORIGINAL", "PRIMARY", "LOCALIZER")),
+        _ct(tmp_path, "cta", contrast="IOPAMIDOL"),
+        _ct(tmp_path, "coronal", orientation=(1, 0, 0, 0, 0, -1)),
+        real_file("CT_small.dcm").read_bytes(),  # as pydicom ships it: contrast-enhanced
         good,
         np.random.default_rng(0).bytes(4096),
         dicom_bytes("MR_small.dcm"),
@@ -157,7 +177,8 @@ def test_bad_rows_get_errors_and_spare_the_others(model: Any) -> None:
         b64(b"just text"),
         good,
     ]
-    reasons = ["", "not a DICOM", "not a CT image (Modality MR)", "not a CT image (Modality RTPLAN)",
+    reasons = ["localizer image", "contrast image", "non-axial image", "contrast image",
+               "", "not a DICOM", "not a CT image (Modality MR)", "not a CT image (Modality RTPLAN)",
                "no pixel data", "not valid base64", "outside 1–4096 px", "not a DICOM", ""]
     inner = model.unwrap_python_model()
     inner.batch_size = 4  # bad rows spread over several batches

@@ -41,9 +41,10 @@ from pydicom.errors import InvalidDicomError
 from torch import Tensor
 
 from blendsign import CLASSES, __version__
-from blendsign.config import Config, DataConfig
-from blendsign.dicom import UnusableFileError, hu_from_dataset
+from blendsign.config import Config, DataConfig, IngestConfig
+from blendsign.dicom import UnusableFileError, header_from_dataset, hu_from_dataset
 from blendsign.explain import cam_to_png, grad_cam
+from blendsign.ingest import series_role
 from blendsign.model import BlendSignNet, build_model
 from blendsign.targets import decode_boxes
 from blendsign.transforms import preprocess, window
@@ -103,10 +104,11 @@ def _dataset(data: bytes) -> Dataset:
     return ds
 
 
-def read_slice(value: Any) -> np.ndarray:
+def read_slice(value: Any, ingest: IngestConfig | None = None) -> np.ndarray:
     """One cell (DICOM bytes or base64 text) → HU ``[rows, cols]`` int16, as training reads it.
 
-    Raises ``RowError`` with the reason (not DICOM, not CT, no pixel data, undecodable, absurd size, …).
+    Raises ``RowError`` with the reason (not DICOM, not CT, an image ingestion sets aside under ``ingest``'s
+    rules — a localizer, a contrast-enhanced or non-axial series —, no pixel data, undecodable, absurd size, …).
     """
     ds = _dataset(_as_bytes(value))
     modality = str(ds.get("Modality", "") or "").upper()
@@ -124,6 +126,13 @@ def read_slice(value: Any) -> np.ndarray:
         raise RowError(f"image size {rows}×{cols} outside 1–{MAX_SIDE} px")
     if frames != 1 or samples != 1:
         raise RowError(f"expected one grey 2-D frame, got {frames} frame(s) of {samples} sample(s)")
+    try:
+        role = series_role([header_from_dataset(ds, "request")], ingest or IngestConfig())
+    except UnusableFileError as exc:
+        raise RowError(str(exc)) from None
+    if role != "axial":
+        raise RowError(f"{role.replace('_', '-')} image: the model reads non-contrast axial CT slices, the ones "
+                       "ingestion keeps")
     try:
         return hu_from_dataset(ds)
     except UnusableFileError as exc:
@@ -144,6 +153,7 @@ def to_model_input(hu: np.ndarray, cfg: DataConfig) -> Tensor:
 class _Ensemble:
     models: tuple[BlendSignNet, ...]
     data: DataConfig
+    ingest: IngestConfig  # which images the models were trained on
     stride: int
 
     @torch.no_grad()
@@ -220,7 +230,7 @@ class BlendSignModel(mlflow.pyfunc.PythonModel):
         loaded = [_load_checkpoint(p) for p in paths]
         _check_compatible([cfg for _, cfg in loaded])
         models = tuple(m for m, _ in loaded)
-        self._ensemble = _Ensemble(models, loaded[0][1].data, models[0].stride)
+        self._ensemble = _Ensemble(models, loaded[0][1].data, loaded[0][1].ingest, models[0].stride)
 
     def _loaded(self) -> _Ensemble:
         if self._ensemble is None:
@@ -263,7 +273,7 @@ class BlendSignModel(mlflow.pyfunc.PythonModel):
         shapes: list[tuple[int, int]] = []
         for i, value in enumerate(values):
             try:
-                hu = read_slice(value)
+                hu = read_slice(value, ens.ingest)
                 inputs.append(to_model_input(hu, ens.data))
             except RowError as exc:
                 rows[i]["error"] = str(exc)
@@ -341,12 +351,13 @@ def signature() -> Any:
 
 
 def example_slice() -> bytes:
-    """A real, small (128×128) CT slice: pydicom's bundled ``CT_small.dcm`` (no download)."""
+    """A real non-contrast head-CT slice (512², JPEG 2000 lossless): pydicom's bundled
+    ``J2K_pixelrep_mismatch.dcm`` (no download). ``CT_small.dcm`` is contrast-enhanced: the model declines it."""
     from pydicom.data import get_testdata_file
 
-    path = get_testdata_file("CT_small.dcm")
+    path = get_testdata_file("J2K_pixelrep_mismatch.dcm")
     if path is None:
-        raise FileNotFoundError("pydicom's CT_small.dcm test file is missing")
+        raise FileNotFoundError("pydicom's J2K_pixelrep_mismatch.dcm test file is missing")
     return Path(str(path)).read_bytes()
 
 
