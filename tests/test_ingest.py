@@ -18,9 +18,10 @@ import pydicom
 import pytest
 from pydicom.pixels import apply_rescale
 
+from blendsign import cli
 from blendsign.config import IngestConfig
 from blendsign.deid import KEY_ENV, key_path_for
-from blendsign.ingest import SLICE_SCHEMA, ingest, locate
+from blendsign.ingest import SLICE_SCHEMA, ingest, locate, locate_slices
 from tests.conftest import IDENTIFIERS, real_file
 
 CFG = IngestConfig()
@@ -318,6 +319,22 @@ def test_a_scan_that_lost_a_slice_is_redone_and_reported_again(tmp_path: Path,
     third = ingest(tmp_path / "src", out, CFG, progress=False).report
     assert third["slices_written"] == 5 and not third["quarantined"]
     assert ingest(tmp_path / "src", out, CFG, progress=False).report["scans_reused"] == 1
+
+
+def test_slices_are_located_by_their_instance_key(tmp_path: Path, ct_writer: Callable[..., str],
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    truth = make_study(tmp_path / "src", ct_writer)
+    out = tmp_path / "out"
+    ingest(tmp_path / "src", out, CFG, progress=False)
+    rows = read_slices(out)
+    keys = [r["instance_key"] for r in rows]
+    located = locate_slices(tmp_path / "src", out, [*keys, "0" * 24])
+    assert located.pop("0" * 24) is None
+    for key, sop in zip(keys, truth, strict=True):  # rows in z order, truth in z order
+        assert pydicom.dcmread(tmp_path / "src" / located[key]).SOPInstanceUID == sop
+    (tmp_path / "review.csv").write_text("scan_id,instance_key\nx," + keys[0] + "\n")
+    assert cli.main(["locate", str(tmp_path / "src"), str(out), "--slices", str(tmp_path / "review.csv")]) == 0
+    assert capsys.readouterr().out.strip() == f"{keys[0]}\t{located[keys[0]]}"
 
 
 def test_two_workers_give_the_same_dataset(tmp_path: Path, ct_writer: Callable[..., str]) -> None:

@@ -112,18 +112,39 @@ def _add_locate(sub: argparse._SubParsersAction) -> None:
                        "path, reason and pseudonym (tab-separated), using the ingest's key.", parents=[_common()])
     p.add_argument("source", help="the DICOM folder that was ingested")
     p.add_argument("out", help="the ingest output folder (holds ingest_report.json)")
+    p.add_argument("--slices", nargs="+", metavar="KEY_OR_CSV", default=None,
+                   help="instead: the source files of these slices, by instance_key, or every instance_key of "
+                   "a CSV (a distillation round's review.csv, say)")
     p.set_defaults(func=_run_locate)
 
 
 def _run_locate(args: argparse.Namespace) -> int:
-    from blendsign.ingest import locate
+    from blendsign.ingest import locate, locate_slices
 
+    if args.slices:
+        keys = [k for item in args.slices for k in _instance_keys(item)]
+        for key, path in locate_slices(args.source, args.out, keys).items():
+            print(f"{key}\t{path or '(not under SOURCE)'}")
+        return 0
     rows = locate(args.source, args.out)
     for r in rows:
         print(f"{r['file']}\t{r['reason']}\t{r['pseudonym']}")
     if not rows:
         print("nothing was quarantined or duplicated")
     return 0
+
+
+def _instance_keys(item: str) -> list[str]:
+    """A key, or the ``instance_key`` column of a CSV file."""
+    import csv
+
+    if not item.endswith(".csv"):
+        return [item]
+    with Path(item).open(newline="") as f:
+        reader = csv.DictReader(f)
+        if "instance_key" not in (reader.fieldnames or []):
+            raise ValueError(f"{item} has no instance_key column")
+        return [row["instance_key"] for row in reader]
 
 
 # --- import-annotations / fuse / folds ---------------------------------------------------------------

@@ -614,6 +614,20 @@ def _relative(path: str, source: Path) -> str:
         return Path(path).name
 
 
+def locate_slices(source: str | Path, out: str | Path, keys: Iterable[str]) -> dict[str, str | None]:
+    """The source file of each slice named by its ``instance_key`` (``review.md``, predictions), by path under
+    ``source`` (None: no file there has it). Reads every header of ``source`` with the ingest's key."""
+    source, out = Path(source).resolve(), Path(out).resolve()
+    wanted = set(keys)
+    pseudo = load_or_create_key(out, create=False)
+    report = out / "ingest_report.json"
+    if report.is_file() and json.loads(report.read_text()).get("key_fingerprint") != pseudo.fingerprint:
+        raise ValueError(f"the pseudonym key found is not the one {out.name} was ingested with")
+    headers, _ = read_headers([str(p) for p in find_files(source, skip=[out])])
+    found = {pseudo.instance(h.sop_uid): _relative(h.path, source) for h in headers}
+    return {k: found.get(k) for k in sorted(wanted)}
+
+
 def _file_name(path: str, source: Path, pseudo: Pseudonymizer) -> str:
     """How reports and logs name a source file: a keyed pseudonym of its path under ``source``."""
     return f"file-{pseudo.file(_relative(path, source))}"
