@@ -45,7 +45,7 @@ class TrainResult:
 
     @property
     def checkpoint(self) -> Path:
-        """The trained model: the final epoch's weights (§3.4: 50 epochs, then evaluated; no epoch is chosen)."""
+        """The trained model: the final epoch's weights (paper §Training details: 50 epochs; none is chosen)."""
         return self.out_dir / "model.pt"
 
     def held_out(self, metric: str = "auc_blend_sign") -> float | None:
@@ -189,8 +189,6 @@ def train(
     state = _load_existing(out_dir, cfg, resume, source)
     if state is not None and state["epoch"] >= cfg.train.epochs:
         log.info("%s already holds a finished run with this config: nothing to do", out_dir)
-        if rank == 0 and not (out_dir / "model.pt").exists():  # finished by a version that kept no model.pt
-            _save({**state, "optimizer": None, "scheduler": None, "scaler": None}, out_dir / "model.pt")
         return TrainResult(out_dir, fold, state["epoch"], state["run_id"], state["history"])
 
     check_data(train_index, val_index, fold)
