@@ -584,8 +584,7 @@ def locate(source: str | Path, out: str | Path) -> list[dict[str, str]]:
         raise FileNotFoundError(f"{out} is not an ingest output (no ingest_report.json)")
     report = json.loads(report_path.read_text())
     pseudo = load_or_create_key(out, create=False)
-    if pseudo.fingerprint != report["key_fingerprint"]:
-        raise ValueError(f"the pseudonym key found is not the one {out.name} was ingested with")
+    _check_same_key(out, pseudo)
     paths = {_file_name(str(p), source, pseudo): _relative(str(p), source) for p in find_files(source, skip=[out])}
     unknown = "(not under SOURCE any more)"
     rows = sorted(({"file": paths.get(q["file"], unknown), "pseudonym": q["file"], "reason": q["reason"]}
@@ -620,9 +619,7 @@ def locate_slices(source: str | Path, out: str | Path, keys: Iterable[str]) -> d
     source, out = Path(source).resolve(), Path(out).resolve()
     wanted = set(keys)
     pseudo = load_or_create_key(out, create=False)
-    report = out / "ingest_report.json"
-    if report.is_file() and json.loads(report.read_text()).get("key_fingerprint") != pseudo.fingerprint:
-        raise ValueError(f"the pseudonym key found is not the one {out.name} was ingested with")
+    _check_same_key(out, pseudo)
     headers, _ = read_headers([str(p) for p in find_files(source, skip=[out])])
     found = {pseudo.instance(h.sop_uid): _relative(h.path, source) for h in headers}
     return {k: found.get(k) for k in sorted(wanted)}

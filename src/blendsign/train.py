@@ -126,7 +126,8 @@ def training_data(cfg: Config, ingest_dir: str | Path, labels_dir: str | Path, f
 
 def trained_on(checkpoint: str | Path) -> dict[str, str | None]:
     """What a checkpoint's model was trained on: ``{"data": digest, "teacher": digest or None}``."""
-    return torch.load(checkpoint, map_location="cpu", weights_only=False).get("trained_on") or {}
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)  # mmap: weights not read
+    return state.get("trained_on") or {}
 
 
 def inject_label_noise(index: SliceIndex, share: float, *, seed: int) -> SliceIndex:
