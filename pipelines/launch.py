@@ -89,6 +89,7 @@ def run_local(
 
     from blendsign.config import load_preset
     from blendsign.deid import KEY_ENV
+    from blendsign.pipeline import check_run_inputs
     from blendsign.storage import write_json_atomic
     from blendsign.tracking import LOCAL_DIR
     from blendsign.tracking import tracking_uri as default_tracking_uri
@@ -97,8 +98,7 @@ def run_local(
     start = time.perf_counter()
     work = Path(work_dir).resolve()
     cfg = load_preset(preset)
-    if (annotations is None) != (source is None):
-        raise ValueError("give a DICOM source and its annotations together, or neither (the synthetic cohort)")
+    check_run_inputs(source, annotations, metric)
     if source is None:
         from blendsign.synth import synthesize
 

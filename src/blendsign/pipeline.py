@@ -173,6 +173,16 @@ class PipelineResult:
         ])
 
 
+def check_run_inputs(source: object, annotations: object, metric: str) -> None:
+    """What a whole run (here or on Kubeflow) refuses before any work: a source without its annotations (or
+    the reverse), and a promotion metric that would only fail at registration, after hours of training."""
+    from blendsign.registry import check_promotion_metric
+
+    if (annotations is None) != (source is None):
+        raise ValueError("give a DICOM source and its annotations together, or neither (the synthetic cohort)")
+    check_promotion_metric(metric)
+
+
 def run_pipeline(
     cfg: Config,
     *,
@@ -189,12 +199,9 @@ def run_pipeline(
 ) -> PipelineResult:
     """The main job: every stage on this machine under one parent MLflow run (synthetic cohort by default)."""
     from blendsign.cv import cross_validate
-    from blendsign.registry import check_promotion_metric
     from blendsign.synth import synthesize
 
-    check_promotion_metric(metric)
-    if (annotations is None) != (source is None):
-        raise ValueError("give a DICOM source and its annotations together, or neither (the synthetic cohort)")
+    check_run_inputs(source, annotations, metric)
     work = Path(work_dir)
     if source is None:
         synth = synthesize(work / "source", cfg.synth, progress=progress)
