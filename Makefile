@@ -8,7 +8,7 @@ PRESET ?= demo
 # what the demo registers: the fold ensemble (no retraining); `make demo REGISTER=refit` trains the refit too
 REGISTER ?= fold-ensemble
 
-.PHONY: setup demo test lint bench clean-demo mlflow-server mlflow-ui
+.PHONY: setup demo test lint browser pipelines bench clean-demo mlflow-server mlflow-ui
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,10 +20,18 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/blendsign pipeline run --local --config $(PRESET) --work $(DEMO) --register $(REGISTER)
 	@echo
-	@echo "Demo output under $(DEMO)/: source/ (synthetic DICOM + annotations) and kfp/<run>/<step>/ (each"
+	@echo "Demo output under $(DEMO)/: source/ (synthetic DICOM + annotations), kfp/<run>/<step>/ (each"
 	@echo "pipeline step's artifacts: ingest/dataset, fuse/labels, folds/split, the fold models,"
-	@echo "evaluate/cv/evaluation with the report and figures, register/model with the model card)."
-	@echo "Browse the runs and the registry: make mlflow-ui"
+	@echo "evaluate/cv/evaluation with report.html and the figures, register/card: the model card) and"
+	@echo "runs/<run id>/ (the training jobs' checkpoints and final models). Browse the runs and the registry:"
+	@echo "make mlflow-ui"
+
+# The committed pipeline specs (default profile, paper preset): upload one in the Kubeflow UI.
+pipelines: $(STAMP)
+	env -u BLENDSIGN_IMAGE -u BLENDSIGN_CPU_IMAGE $(BIN)/blendsign pipeline compile --backend current \
+		--output pipelines/blendsign_pipeline.yaml
+	env -u BLENDSIGN_IMAGE -u BLENDSIGN_CPU_IMAGE $(BIN)/blendsign pipeline compile --backend compat \
+		--output pipelines/blendsign_pipeline_kfp2.5.yaml
 
 mlflow-server: $(STAMP)
 	BIN=$(BIN) mlflow/server.sh
@@ -34,7 +42,13 @@ mlflow-ui: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks components pipelines docker
 
-test: $(STAMP) lint
+# Debian's chromium for the HTML report's screenshot test, if absent and installable (root, apt-get); never fails
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+		echo "chromium not installed: the HTML screenshot test will be skipped"; }
+
+test: $(STAMP) lint browser
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

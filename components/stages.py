@@ -1,49 +1,63 @@
-"""One KFP v2 component per stage, each a thin wrapper over the library function the CLI calls.
+"""One KFP v2 component per pipeline step, each a thin wrapper over the ``blendsign.pipeline`` function that
+``blendsign run`` calls too.
 
-Every component imports ``blendsign`` inside its body (KFP ships only the function's source to the pod)
-and runs in the project image (``components.images``), which has the package installed; no logic lives
-here. Data moves as directory artifacts (``Dataset``, ``Model``); reports as ``Markdown``; the parent
-MLflow run as a small JSON ``Artifact`` (``blendsign.orchestration.RunRef``), an artifact rather than a
-parameter because it enters the ParallelFor over folds.
+Every component imports ``blendsign`` inside its body (KFP ships only the function's source to the pod) and
+runs in the project image (``blendsign.components.images``), which has the package installed; no logic lives
+here. Data moves as directory artifacts (``Dataset``, ``Model``); the ingested dataset's manifest and report
+as a small ``Artifact`` that the light steps read instead of the dataset; reports as ``Markdown`` and
+``HTML``; the parent MLflow run as a small JSON ``Artifact`` (``blendsign.run_tree.RunRef``), an artifact
+rather than a parameter because it enters the training loop.
 
 No ``from __future__ import annotations`` here: KFP reads the real annotations.
 """
 
-from kfp import dsl
-from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Model, Output
+from typing import NamedTuple
 
-from components.images import BASE_IMAGE, CPU_IMAGE
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
+
+from blendsign.components.images import BASE_IMAGE, CPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def check_inputs(source_uri: str, annotations_uri: str, clinical_uri: str, preset: str, k: int, rounds: int,
+                 promotion_metric: str, promotion_margin: float, register_mode: str, tracking_uri: str,
+                 work_uri: str, report: Output[Markdown]) -> NamedTuple("Checked", clinical_uri=str, tracking_uri=str):
+    """Refuse a run that would fail later (parameters, inputs, clinical list, key, tracking server, work prefix)."""
+    from pathlib import Path
+
+    from blendsign.pipeline import check_run
+
+    checked = check_run(source=source_uri, annotations=annotations_uri, clinical=clinical_uri, preset=preset, k=k,
+                        rounds=rounds, metric=promotion_metric, margin=promotion_margin, register_mode=register_mode,
+                        tracking_uri=tracking_uri, work_uri=work_uri, on_cluster="://" in report.uri)
+    Path(report.path).write_text(checked.markdown())
+    return (checked.clinical, checked.tracking_uri)
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def snapshot(source_uri: str, annotations_uri: str, clinical_uri: str) -> str:
     """Digest of what lies under the input URIs: ingestion's cache key (new data, new digest)."""
-    from blendsign.retrain import source_digest
+    from blendsign.pipeline import snapshot
 
-    return source_digest(source_uri, annotations_uri, clinical_uri)
+    return snapshot(source_uri, annotations_uri, clinical_uri)
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def ingest(source_uri: str, clinical_uri: str, source_digest: str, preset: str, tracking_uri: str, experiment: str,
-           dataset: Output[Dataset], report: Output[Markdown]):
+           dataset: Output[Dataset], manifest: Output[Artifact], report: Output[Markdown]):
     """DICOM (local folder or s3:// prefix) → de-identified Parquet slices; the exclusion flow as report."""
-    from contextlib import ExitStack
-    from pathlib import Path
+    import shutil
 
-    from blendsign.config import load_preset
-    from blendsign.orchestration import require_pseudonym_key
-    from blendsign.pipeline import ingest_stage
-    from blendsign.storage import local_input
+    from blendsign.ingest import export_summary
+    from blendsign.pipeline import ingest_step, pipeline_config
     from blendsign.tracking import Tracker
 
     print(f"ingest {source_uri} (input snapshot {source_digest})")
-    require_pseudonym_key(dataset.uri)
-    with ExitStack() as stack:
-        source = stack.enter_context(local_input(source_uri))
-        clinical = stack.enter_context(local_input(clinical_uri)) if clinical_uri else None
-        ingest_stage(load_preset(preset), source, dataset.path, clinical=clinical, progress=False,
-                     tracker=Tracker.open(experiment, uri=tracking_uri or None))
-    Path(report.path).write_text((Path(dataset.path) / "ingest_report.md").read_text())
+    result = ingest_step(pipeline_config(preset), source_uri, dataset.path, clinical=clinical_uri,
+                         tracker=Tracker.open(experiment, uri=tracking_uri))
+    export_summary(result.out, manifest.path)  # what the light steps read instead of the dataset
+    shutil.copyfile(result.out / "ingest_report.md", report.path)
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
@@ -53,139 +67,165 @@ def fuse(annotations_uri: str, preset: str, tracking_uri: str, experiment: str, 
     import shutil
     from pathlib import Path
 
-    from blendsign.config import load_preset
-    from blendsign.pipeline import fuse_stage
-    from blendsign.storage import local_input
+    from blendsign.pipeline import fuse_step, pipeline_config
     from blendsign.tracking import Tracker
 
-    with local_input(annotations_uri) as annotations:
-        fuse_stage(load_preset(preset), annotations, ingested.path, labels.path,
-                   tracker=Tracker.open(experiment, uri=tracking_uri or None))
+    fuse_step(pipeline_config(preset), annotations_uri, ingested.path, labels.path,
+              tracker=Tracker.open(experiment, uri=tracking_uri))
     shutil.copyfile(Path(labels.path) / "agreement.md", agreement.path)
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def folds(preset: str, k: int, register_mode: str, tracking_uri: str, experiment: str, ingested: Input[Dataset],
-          labels: Input[Dataset], split: Output[Dataset], table: Output[Markdown]) -> list:
-    """Patient-level stratified K folds; returns the training jobs the ParallelFor iterates (folds, refit)."""
+def folds(preset: str, k: int, register_mode: str, tracking_uri: str, experiment: str, labels: Input[Dataset],
+          manifest: Input[Artifact], split: Output[Dataset], table: Output[Markdown]) -> list:
+    """Patient-level stratified K folds; returns the training jobs the loop runs (the folds, then -1: the refit)."""
     import shutil
     from pathlib import Path
 
-    from blendsign.orchestration import pipeline_config, training_jobs
-    from blendsign.pipeline import folds_stage
+    from blendsign.pipeline import folds_step, pipeline_config, training_jobs
     from blendsign.tracking import Tracker
 
-    folds_stage(pipeline_config(preset, k=k), labels.path, split.path, ingest_dir=ingested.path,
-                tracker=Tracker.open(experiment, uri=tracking_uri or None))
+    folds_step(pipeline_config(preset, k=k), labels.path, split.path, manifest=manifest.path,
+               tracker=Tracker.open(experiment, uri=tracking_uri))
     shutil.copyfile(Path(split.path) / "folds.md", table.path)
     return training_jobs(split.path, register_mode)
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def start_run(preset: str, k: int, rounds: int, tracking_uri: str, experiment: str, source_uri: str,
-              kfp_run: str, ingested: Input[Dataset], run: Output[Artifact]):
-    """Open the parent MLflow run (and its cross-validation child); pass them on as an artifact."""
-    from blendsign.orchestration import open_pipeline_run, pipeline_config
+def start_run(preset: str, k: int, rounds: int, tracking_uri: str, experiment: str, source_uri: str, work_uri: str,
+              kfp_run_id: str, kfp_run_name: str, manifest: Input[Artifact], run: Output[Artifact],
+              mlflow: Output[Markdown]):
+    """Open the parent MLflow run (and its cross-validation child), tagged with this Kubeflow run's id; pass
+    them on as an artifact, and say where they are."""
+    from pathlib import Path
 
-    ref = open_pipeline_run(pipeline_config(preset, k=k, rounds=rounds), ingest_dir=ingested.path,
-                            tracking_uri=tracking_uri, experiment=experiment,
-                            tags={"source_uri": source_uri, "kfp_run": kfp_run})
+    from blendsign.pipeline import pipeline_config, start_run
+
+    ref = start_run(pipeline_config(preset, k=k, rounds=rounds), manifest=manifest.path, tracking_uri=tracking_uri,
+                    experiment=experiment, run_id=kfp_run_id, work_uri=work_uri,
+                    tags={"source_uri": source_uri, "kfp_run_id": kfp_run_id, "kfp_run_name": kfp_run_name,
+                          "orchestrator": "kubeflow"})
     ref.write(run.path)
+    Path(mlflow.path).write_text(ref.markdown())
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def check_new_data(model_name: str, only_if_new_data: bool, ingested: Input[Dataset], run: Input[Artifact],
+def check_new_data(model_name: str, only_if_new_data: bool, manifest: Input[Artifact], run: Input[Artifact],
                    decision: Output[Artifact], summary: Output[Markdown]) -> str:
     """``retrain`` or ``skip``: is this dataset's fingerprint new to the registered model?"""
     from pathlib import Path
 
-    from blendsign.orchestration import RunRef
-    from blendsign.retrain import decide, write_decision
+    from blendsign.pipeline import RunRef, check_new_data
+    from blendsign.retrain import write_decision
 
-    result = decide(ingested.path, client=RunRef.read(run.path).tracker().client, model_name=model_name,
-                    only_if_new_data=only_if_new_data)
+    result = check_new_data(RunRef.read(run.path), manifest=manifest.path, model_name=model_name,
+                            only_if_new_data=only_if_new_data)
     write_decision(result, decision.path)
     Path(summary.path).write_text(result.markdown())
     return result.status
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
-def train_teacher(fold: int, preset: str, k: int, rounds: int, ingested: Input[Dataset], labels: Input[Dataset],
-                  split: Input[Dataset], run: Input[Artifact], teacher: Output[Model]):
+def train_teacher(job: int, preset: str, k: int, rounds: int, device: str, ingested: Input[Dataset],
+                  labels: Input[Dataset], split: Input[Dataset], run: Input[Artifact], summary: Output[Markdown]):
     """The teacher (distillation round 0) of a training job: a fold (trained on the other folds, validated
-    on this one) or the refit on all scans (``fold`` = ``orchestration.REFIT``)."""
-    from blendsign.distill import distill
-    from blendsign.orchestration import RunRef, job_arguments, pipeline_config
+    on this one) or the refit on all scans (``job`` = -1). Its checkpoints stay in the run's work folder,
+    where ``distill`` continues."""
+    from pathlib import Path
 
-    ref = RunRef.read(run.path)
-    with ref.step("train_teacher") as tracker:
-        distill(pipeline_config(preset, k=k, rounds=rounds), ingest_dir=ingested.path, labels_dir=labels.path,
-                out_dir=teacher.path, rounds=0, tracker=tracker, progress=False,
-                **job_arguments(ref, fold, split.path))
+    from blendsign.pipeline import RunRef, job_markdown, pipeline_config, train_job
 
-
-@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
-def distill(fold: int, preset: str, k: int, rounds: int, ingested: Input[Dataset], labels: Input[Dataset],
-            split: Input[Dataset], run: Input[Artifact], teacher: Input[Model], model: Output[Model]):
-    """Self-knowledge distillation rounds 1..R of a training job, starting from its teacher."""
-    import shutil
-
-    from blendsign.distill import distill
-    from blendsign.orchestration import RunRef, job_arguments, pipeline_config
-
-    ref = RunRef.read(run.path)
-    shutil.copytree(teacher.path, model.path, dirs_exist_ok=True)  # round 0 is found finished, not retrained
-    with ref.step("distill") as tracker:
-        distill(pipeline_config(preset, k=k, rounds=rounds), ingest_dir=ingested.path, labels_dir=labels.path,
-                out_dir=model.path, tracker=tracker, progress=False, **job_arguments(ref, fold, split.path))
+    result = train_job(pipeline_config(preset, k=k, rounds=rounds, device=device), RunRef.read(run.path), job,
+                       ingest_dir=ingested.path, labels_dir=labels.path, folds_dir=split.path, rounds=0)
+    Path(summary.path).write_text(job_markdown(job, result))
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
-def evaluate(preset: str, k: int, rounds: int, ingested: Input[Dataset], labels: Input[Dataset],
+def distill(job: int, preset: str, k: int, rounds: int, device: str, ingested: Input[Dataset],
+            labels: Input[Dataset], split: Input[Dataset], run: Input[Artifact], model: Output[Model],
+            summary: Output[Markdown]):
+    """Self-knowledge distillation rounds 1..R of a training job, from its teacher's checkpoint in the run's
+    work folder; the final model (``distill.json`` and one ``model.pt``) as output."""
+    from pathlib import Path
+
+    from blendsign.pipeline import RunRef, job_markdown, job_metadata, pipeline_config, train_job
+
+    result = train_job(pipeline_config(preset, k=k, rounds=rounds, device=device), RunRef.read(run.path), job,
+                       ingest_dir=ingested.path, labels_dir=labels.path, folds_dir=split.path, export=model.path)
+    model.metadata.update(job_metadata(job, result))
+    Path(summary.path).write_text(job_markdown(job, result))
+
+
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
+def evaluate(preset: str, k: int, rounds: int, device: str, ingested: Input[Dataset], labels: Input[Dataset],
              split: Input[Dataset], run: Input[Artifact], models: Input[list[Model]], cv: Output[Dataset],
-             metrics: Output[Metrics], report: Output[Markdown]):
-    """Every fold's final model on its held-out fold: metrics with CIs, figures (``cv/evaluation``)."""
-    import shutil
+             metrics: Output[Metrics], report: Output[Markdown], report_html: Output[HTML],
+             roc_non_ich: Output[ClassificationMetrics], roc_normal_ich: Output[ClassificationMetrics],
+             roc_blend_sign: Output[ClassificationMetrics], confusion: Output[ClassificationMetrics]):
+    """Every fold's final model (collected from the loop) on its held-out fold: metrics with CIs, figures,
+    the HTML report, ROC curves and the confusion matrix for the Kubeflow UI."""
     from pathlib import Path
 
-    from blendsign.evaluate import evaluate
-    from blendsign.orchestration import RunRef, cv_metrics, gather_fold_models, pipeline_config
+    from blendsign.pipeline import RunRef, evaluate_step, pipeline_config
+    from blendsign.report import fill_kfp_outputs
 
-    ref = RunRef.read(run.path)
-    out = Path(cv.path)
-    with ref.step("evaluate") as tracker:
-        gather_fold_models([m.path for m in models], out / "models")
-        evaluate(pipeline_config(preset, k=k, rounds=rounds), ingest_dir=ingested.path, labels_dir=labels.path,
-                 folds_dir=split.path, models_dir=out / "models", out_dir=out / "evaluation", tracker=tracker,
-                 run_id=ref.cv_run_id, progress=False)
-    for name, value in cv_metrics(out / "evaluation").items():
-        metrics.log_metric(name, value)
-    shutil.copyfile(out / "evaluation" / "report.md", report.path)
+    evaluate_step(pipeline_config(preset, k=k, rounds=rounds, device=device), RunRef.read(run.path),
+                  ingest_dir=ingested.path, labels_dir=labels.path, folds_dir=split.path, out=cv.path,
+                  model_sources=[m.path for m in models])
+    fill_kfp_outputs(Path(cv.path) / "evaluation", metrics=metrics, html=report_html, markdown=report,
+                     roc_non_ich=roc_non_ich, roc_normal_ich=roc_normal_ich, roc_blend_sign=roc_blend_sign,
+                     confusion=confusion)
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
-def register(preset: str, k: int, rounds: int, model_name: str, promotion_metric: str, promotion_margin: float,
-             register_mode: str, ingested: Input[Dataset], labels: Input[Dataset], split: Input[Dataset],
-             run: Input[Artifact], cv: Input[Dataset], models: Input[list[Model]], model: Output[Model],
-             card: Output[Markdown]) -> str:
-    """The refit trained in the loop (or the fold ensemble) registered behind the champion gate; returns the
-    run record (JSON)."""
-    import json
-    import shutil
+def evaluate_from_work(preset: str, k: int, rounds: int, device: str, ingested: Input[Dataset],
+                       labels: Input[Dataset], split: Input[Dataset], run: Input[Artifact], cv: Output[Dataset],
+                       metrics: Output[Metrics], report: Output[Markdown], report_html: Output[HTML],
+                       roc_non_ich: Output[ClassificationMetrics], roc_normal_ich: Output[ClassificationMetrics],
+                       roc_blend_sign: Output[ClassificationMetrics], confusion: Output[ClassificationMetrics]):
+    """``evaluate`` for backends without fan-in (before 2.14): the fold models are read from the run's work
+    prefix, where each training job exported its final model."""
     from pathlib import Path
 
-    from blendsign.orchestration import RunRef, finish_pipeline_run, pipeline_config
-    from blendsign.pipeline import register_stage
+    from blendsign.pipeline import RunRef, evaluate_step, pipeline_config
+    from blendsign.report import fill_kfp_outputs
 
-    ref = RunRef.read(run.path)
-    with ref.step("register") as tracker:
-        registered = register_stage(pipeline_config(preset, k=k, rounds=rounds), cv_dir=cv.path,
-                                    ingest_dir=ingested.path, labels_dir=labels.path, folds_dir=split.path,
-                                    out_dir=model.path, tracker=tracker, parent_run_id=ref.parent_run_id,
-                                    mode=register_mode, name=model_name, metric=promotion_metric,
-                                    margin=promotion_margin, trained=[m.path for m in models], progress=False)
-    shutil.copyfile(Path(model.path) / "model_card.md", card.path)
-    record = finish_pipeline_run(ref, evaluation_dir=Path(cv.path) / "evaluation", registered=registered)
+    evaluate_step(pipeline_config(preset, k=k, rounds=rounds, device=device), RunRef.read(run.path),
+                  ingest_dir=ingested.path, labels_dir=labels.path, folds_dir=split.path, out=cv.path)
+    fill_kfp_outputs(Path(cv.path) / "evaluation", metrics=metrics, html=report_html, markdown=report,
+                     roc_non_ich=roc_non_ich, roc_normal_ich=roc_normal_ich, roc_blend_sign=roc_blend_sign,
+                     confusion=confusion)
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def register(preset: str, k: int, rounds: int, model_name: str, promotion_metric: str, promotion_margin: float,
+             register_mode: str, manifest: Input[Artifact], labels: Input[Dataset], run: Input[Artifact],
+             cv: Input[Dataset], models: Input[list[Model]], card: Output[Markdown]) -> str:
+    """The refit trained in the loop (or the fold ensemble) registered behind the champion gate; ends the
+    parent MLflow run and returns the run record (JSON)."""
+    import json
+
+    from blendsign.pipeline import RunRef, pipeline_config, register_step
+
+    record = register_step(pipeline_config(preset, k=k, rounds=rounds), RunRef.read(run.path), cv_dir=cv.path,
+                           ingest_dir=manifest.path, labels_dir=labels.path, card_path=card.path, mode=register_mode,
+                           name=model_name, metric=promotion_metric, margin=promotion_margin,
+                           model_sources=[m.path for m in models])
+    return json.dumps({**record, "cv_uri": cv.uri})  # the artifact's URI (on a cluster: the object store)
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def register_from_work(preset: str, k: int, rounds: int, model_name: str, promotion_metric: str,
+                       promotion_margin: float, register_mode: str, manifest: Input[Artifact], labels: Input[Dataset],
+                       run: Input[Artifact], cv: Input[Dataset], card: Output[Markdown]) -> str:
+    """``register`` for backends without fan-in: the refit is read from the run's work prefix."""
+    import json
+
+    from blendsign.pipeline import RunRef, pipeline_config, register_step
+
+    record = register_step(pipeline_config(preset, k=k, rounds=rounds), RunRef.read(run.path), cv_dir=cv.path,
+                           ingest_dir=manifest.path, labels_dir=labels.path, card_path=card.path, mode=register_mode,
+                           name=model_name, metric=promotion_metric, margin=promotion_margin)
     return json.dumps({**record, "cv_uri": cv.uri})
 
 
@@ -194,10 +234,27 @@ def no_new_data(decision: Input[Artifact], run: Input[Artifact]) -> str:
     """The early end of a run without new data: the parent MLflow run says why; the champion stays."""
     import json
 
-    from blendsign.orchestration import RunRef, end_skipped_run
+    from blendsign.pipeline import RunRef, no_new_data
     from blendsign.retrain import read_decision
 
-    return json.dumps(end_skipped_run(RunRef.read(run.path), read_decision(decision.path)))
+    return json.dumps(no_new_data(RunRef.read(run.path), read_decision(decision.path)))
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def end_run(tracking_uri: str, experiment: str, kfp_run_id: str, status: dsl.PipelineTaskFinalStatus):
+    """The exit handler: end the MLflow runs this Kubeflow run left RUNNING, with its final state."""
+    from blendsign.pipeline import end_run
+
+    end_run(tracking_uri=tracking_uri, experiment=experiment, run_id=kfp_run_id, state=status.state)
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def end_run_without_status(tracking_uri: str, experiment: str, kfp_run_id: str):
+    """The exit handler for backends that cannot pass the final status (before 2.14): what is still RUNNING
+    at the end belongs to a step that did not finish, and ends FAILED."""
+    from blendsign.pipeline import end_run
+
+    end_run(tracking_uri=tracking_uri, experiment=experiment, run_id=kfp_run_id)
 
 
 STAGES = {
@@ -209,5 +266,6 @@ STAGES = {
     "evaluate": evaluate,
     "register": register,
 }
-"""The seven stage components of issue 7, by stage name (helpers: snapshot, start_run, check_new_data,
-no_new_data)."""
+"""The seven stage components by stage name (helpers: check_inputs, snapshot, start_run, check_new_data,
+no_new_data, end_run; variants for older backends: evaluate_from_work, register_from_work,
+end_run_without_status)."""

@@ -1,96 +1,116 @@
-"""The blendsign Kubeflow pipeline: the stages of ``blendsign run`` as pods.
+"""The blendsign Kubeflow pipeline: the steps of ``blendsign run`` as pods, wired here and nowhere else.
 
-snapshot → ingest → fuse → folds (cached on their inputs) → start_run (parent MLflow run) → check_new_data
-→ if ``retrain``: ParallelFor over the training jobs (train_teacher → distill), which are the K folds plus,
-with ``register_mode=refit``, the refit on all scans → Collected models → evaluate (the folds) → register
-(the refit, or the fold ensemble); else: no_new_data (the run ends early, the champion stays).
+Exit handler (end_run) around: check_inputs → snapshot → ingest → fuse → folds (cached on their inputs) →
+start_run (parent MLflow run) → check_new_data → if ``retrain``: a loop over the training jobs (train_teacher →
+distill; the K folds and, with ``register_mode=refit``, the refit on all scans) → evaluate (the folds) →
+register (the refit, or the fold ensemble); else: no_new_data (the run ends early, the champion stays).
 
-Resources (GPU type and count, CPU and memory) are fixed when compiling (:class:`Resources`, options of
-``blendsign pipeline compile``): kfp 2.17's local runner cannot resolve resource settings that come from
-pipeline parameters inside a ParallelFor. Credentials come from one Kubernetes secret whose name is the
-``credentials_secret`` parameter (keys: :data:`SECRET_KEYS`).
+Pods are set by a cluster profile (``profile.py``: resources, placement, timeouts, retries, images), the
+``/dev/shm`` of the loader tasks by the preset the pipeline is compiled for, the backend features by the
+variant (``backends.py``). Credentials come from one Kubernetes secret, named by the ``credentials_secret``
+parameter and mounted as files (keys: ``blendsign.credentials.KEYS``).
 
 No ``from __future__ import annotations``: KFP reads the pipeline function's real annotations.
 """
 
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from components import stages
 from kfp import compiler, dsl, kubernetes
 from kfp.dsl.graph_component import GraphComponent
 
+from blendsign.components import stages
+from blendsign.components.images import BASE_IMAGE, CPU_IMAGE
+from blendsign.credentials import DIR_ENV
+from blendsign.pipelines.backends import DEFAULT_VARIANT, VARIANTS, Variant
+from blendsign.pipelines.profile import ClusterProfile, TaskProfile
+from blendsign.tracking import IMAGE_ENV
+
 PIPELINE_NAME = "blendsign"
-DEFAULT_YAML = Path(__file__).with_name("blendsign_pipeline.yaml")
+CREDENTIALS_DIR = "/etc/blendsign/credentials"
+SCRATCH_DIR = "/scratch"
+COMMITTED = {"current": Path(__file__).with_name("blendsign_pipeline.yaml"),
+             "compat": Path(__file__).with_name("blendsign_pipeline_kfp2.5.yaml")}
+"""The compiled YAMLs kept in the repository (``make pipelines``): default profile, ``paper`` preset."""
 
-SECRET_KEYS = (
-    "AWS_ACCESS_KEY_ID",  # S3: data prefixes and the MLflow artifact store
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_ENDPOINT_URL",  # S3-compatible store (MinIO, Ceph); absent for AWS itself
-    "MLFLOW_TRACKING_URI",  # used when the tracking_uri parameter is empty
-    "MLFLOW_TRACKING_USERNAME",  # MLflow server with basic auth
-    "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_S3_ENDPOINT_URL",
-    "BLENDSIGN_PSEUDONYM_KEY",  # de-identification key: the same for every run, never stored with the data
-)
-"""Keys of the credentials secret, each exposed as the environment variable of the same name (all optional:
-a key the secret lacks is simply not set)."""
+DESCRIPTION = ("Head-CT blend-sign classifier: DICOM to a champion-gated registered model (ingest, label fusion, "
+               "patient-level folds, per-fold teacher + repeated self-knowledge distillation, cross-validated "
+               "evaluation with ROC, confusion matrix and an HTML report, MLflow registry). docs/pipeline.md")
 
 
-@dataclass(frozen=True)
-class Resources:
-    """Per-task requests and limits, fixed at compile time."""
+def _shm_size(preset: str) -> str:
+    """``/dev/shm`` for the loader tasks of ``preset`` (``blendsign.data.shared_memory_bytes``), in MiB."""
+    from blendsign.config import load_preset
+    from blendsign.data import shared_memory_bytes
 
-    gpu_type: str = "nvidia.com/gpu"  # accelerator resource of the training tasks
-    gpus: int = 1  # per training task (0: CPU only); >1 needs the torchrun launcher (docs/pipeline.md)
-    train_cpu: str = "16"  # 8 data-loader workers and the main process (bench_train_gpu: the loader sets the pace)
-    train_memory: str = "32Gi"
-    # OMP_NUM_THREADS of the GPU tasks' main process: torch would start a thread per core of the node.
-    threads: int = 8
-    data_cpu: str = "4"  # ingest, fuse, folds
-    data_memory: str = "16Gi"
-    light_cpu: str = "1"  # snapshot, start_run, check_new_data, no_new_data
-    light_memory: str = "2Gi"
-    retries: int = 2  # train_teacher and distill (a preempted GPU node, a transient store error); not register,
-    # whose retry after a partial registration would register a second version
+    cfg = load_preset(preset)
+    mib = -(-shared_memory_bytes(cfg.data, cfg.train.batch_size) // 2**20)
+    return f"{max(mib, 64)}Mi"
 
 
-def _limits(task: dsl.PipelineTask, cpu: str, memory: str) -> dsl.PipelineTask:
-    return task.set_cpu_request(cpu).set_cpu_limit(cpu).set_memory_request(memory).set_memory_limit(memory)
+def build_pipeline(profile: ClusterProfile | None = None, variant: Variant | str = DEFAULT_VARIANT,
+                   preset: str = "paper", *, local: bool = False) -> GraphComponent:
+    """The pipeline for ``profile`` (default: :class:`ClusterProfile`), ``variant`` (``current`` or ``compat``)
+    and ``preset`` (the ``preset`` parameter's default, and what sizes ``/dev/shm``). ``local``: for kfp.local,
+    which runs every task in this environment (no image is recorded on the MLflow runs)."""
+    profile = profile or ClusterProfile()
+    variant = VARIANTS[variant] if isinstance(variant, str) else variant
+    gpu_image, cpu_image = profile.image or BASE_IMAGE, profile.cpu_image or CPU_IMAGE
+    if profile.image and not profile.cpu_image:
+        cpu_image = f"{profile.image}-cpu" if "@" not in profile.image else profile.image
+    shm = _shm_size(preset)
 
+    def pod(task: dsl.PipelineTask, cls: str, secret: Any, *, loader: bool = False,
+            name: str = "", cache: bool = False) -> dsl.PipelineTask:
+        t: TaskProfile = profile.task(cls)
+        image = gpu_image if t.gpus else cpu_image
+        task.set_container_image(image)
+        task.set_cpu_request(t.cpu).set_memory_request(t.memory).set_memory_limit(t.memory)
+        if t.cpu_limit:
+            task.set_cpu_limit(t.cpu_limit)
+        if t.gpus:
+            task.set_accelerator_type(t.gpu_resource).set_accelerator_limit(t.gpus)
+        task.set_caching_options(cache)
+        task.set_env_variable("OMP_NUM_THREADS", str(t.omp_threads))
+        task.set_env_variable(DIR_ENV, CREDENTIALS_DIR)
+        if not local:
+            task.set_env_variable(IMAGE_ENV, image)
+        kubernetes.use_secret_as_volume(task, secret_name=secret, mount_path=CREDENTIALS_DIR, optional=True)
+        kubernetes.set_timeout(task, t.timeout_seconds)
+        for key, value in t.node_selector.items():
+            kubernetes.add_node_selector(task, label_key=key, label_value=value)
+        for tol in t.tolerations:
+            kubernetes.add_toleration(task, key=tol.key or None, operator=tol.operator, value=tol.value or None,
+                                      effect=tol.effect or None, toleration_seconds=tol.seconds)
+        if t.image_pull_secrets:
+            kubernetes.set_image_pull_secrets(task, list(t.image_pull_secrets))
+        if t.image_pull_policy:
+            kubernetes.set_image_pull_policy(task, t.image_pull_policy)
+        if t.scratch:
+            kubernetes.add_ephemeral_volume(task, volume_name="scratch", mount_path=SCRATCH_DIR,
+                                            access_modes=["ReadWriteOnce"], size=t.scratch,
+                                            storage_class_name=t.scratch_storage_class or None)
+            task.set_env_variable("TMPDIR", SCRATCH_DIR)
+        if loader:  # DataLoader workers pass batches through shared memory; the runtime's default is 64 MiB
+            kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
+                                       size_limit=shm)
+        if t.retries:
+            task.set_retry(t.retries, backoff_duration=t.retry_backoff, backoff_factor=2.0,
+                           backoff_max_duration=t.retry_window)
+        if name and variant.display_names:
+            task.set_display_name(name)
+        return task
 
-def build_pipeline(res: Resources | None = None) -> GraphComponent:
-    """The pipeline with resources ``res`` (default: :class:`Resources`)."""
-    res = res or Resources()
+    train_device = "cuda" if profile.train.gpus else "cpu"
+    eval_device = "cuda" if profile.evaluate.gpus else "cpu"
 
-    def secret(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
-        return kubernetes.use_secret_as_env(task, secret_name=name, secret_key_to_env={k: k for k in SECRET_KEYS},
-                                            optional=True)
-
-    def light(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
-        return secret(_limits(task, res.light_cpu, res.light_memory).set_caching_options(False), name)
-
-    def data(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
-        return secret(_limits(task, res.data_cpu, res.data_memory).set_caching_options(True), name)
-
-    def gpu(task: dsl.PipelineTask, name: str, *, retry: bool) -> dsl.PipelineTask:
-        task = _limits(task, res.train_cpu, res.train_memory).set_caching_options(False)
-        task.set_env_variable("OMP_NUM_THREADS", str(res.threads))
-        if res.gpus > 0:
-            task.set_accelerator_type(res.gpu_type).set_accelerator_limit(res.gpus)
-        if retry and res.retries > 0:
-            task.set_retry(res.retries, backoff_duration="60s", backoff_factor=2.0)
-        return secret(task, name)
-
-    @dsl.pipeline(name=PIPELINE_NAME, description="Head-CT blend-sign classifier: DICOM to a champion-gated "
-                  "registered model (ingest, fuse, folds, per-fold teacher + self-knowledge distillation, "
-                  "cross-validated evaluation, registry)")
+    @dsl.pipeline(name=PIPELINE_NAME, description=DESCRIPTION)
     def blendsign_pipeline(
-        source_uri: str = "",
-        annotations_uri: str = "",
+        source_uri: str,
+        annotations_uri: str,
+        work_uri: str = "",
         clinical_uri: str = "",
-        preset: str = "paper",  # k = 0, rounds = -1: the preset's values
+        preset: str = preset,
         k: int = 0,
         rounds: int = -1,
         tracking_uri: str = "",
@@ -101,52 +121,98 @@ def build_pipeline(res: Resources | None = None) -> GraphComponent:
         register_mode: str = "refit",
         only_if_new_data: bool = False,
         credentials_secret: str = "blendsign-credentials",
-    ) -> str:
-        snap = light(stages.snapshot(source_uri=source_uri, annotations_uri=annotations_uri,
-                                     clinical_uri=clinical_uri), credentials_secret)
-        tracking = {"tracking_uri": tracking_uri, "experiment": experiment}
-        ing = data(stages.ingest(source_uri=source_uri, clinical_uri=clinical_uri, source_digest=snap.output,
-                                 preset=preset, **tracking), credentials_secret)
-        ingested = ing.outputs["dataset"]
-        fus = data(stages.fuse(annotations_uri=annotations_uri, preset=preset, ingested=ingested, **tracking),
-                   credentials_secret)
-        labels = fus.outputs["labels"]
-        fld = data(stages.folds(preset=preset, k=k, register_mode=register_mode, ingested=ingested,
-                                labels=labels, **tracking), credentials_secret)
-        split = fld.outputs["split"]
-        start = light(stages.start_run(preset=preset, k=k, rounds=rounds, source_uri=source_uri,
-                                       kfp_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, ingested=ingested, **tracking),
-                      credentials_secret)
-        run = start.outputs["run"]
-        check = light(stages.check_new_data(model_name=model_name, only_if_new_data=only_if_new_data,
-                                            ingested=ingested, run=run), credentials_secret)
-        common = {"preset": preset, "k": k, "rounds": rounds, "ingested": ingested, "labels": labels,
-                  "split": split, "run": run}
-        with dsl.If(check.outputs["Output"] == "retrain", name="new-data"):
-            with dsl.ParallelFor(fld.outputs["Output"], name="folds-loop") as fold:
-                teacher = gpu(stages.train_teacher(fold=fold, **common), credentials_secret, retry=True)
-                student = gpu(stages.distill(fold=fold, teacher=teacher.outputs["teacher"], **common),
-                              credentials_secret, retry=True)
-            ev = gpu(stages.evaluate(models=dsl.Collected(student.outputs["model"]), **common), credentials_secret,
-                     retry=False)
-            reg = gpu(stages.register(model_name=model_name, promotion_metric=promotion_metric,
-                                      promotion_margin=promotion_margin, register_mode=register_mode,
-                                      cv=ev.outputs["cv"],
-                                      models=dsl.Collected(student.outputs["model"]), **common), credentials_secret,
-                      retry=False)
-        with dsl.Else(name="no-new-data"):
-            skip = light(stages.no_new_data(decision=check.outputs["decision"], run=run), credentials_secret)
-        return dsl.OneOf(reg.outputs["Output"], skip.output)
+    ):
+        """Train, evaluate and register the blend-sign model on one DICOM export.
+
+        Args:
+            source_uri: The DICOM export: an s3:// prefix (or a folder inside the image or a mounted volume).
+            annotations_uri: The readers' annotation CSV (native format, see README), s3:// or a path.
+            work_uri: An s3:// prefix for this run's training checkpoints and exported models (required on a
+                cluster: a retried or pre-empted training pod resumes from there).
+            clinical_uri: clinical.csv with the postoperative studies to exclude; empty: found in or beside the
+                source, else no postoperative exclusion.
+            preset: paper, demo, ci, or a site TOML inside the image (configs/); /dev/shm is sized for the
+                preset the pipeline was compiled with.
+            k: Cross-validation folds (0: the preset's; the paper's 5).
+            rounds: Self-knowledge distillation rounds after the teacher (-1: the preset's; the paper's 2).
+            tracking_uri: The MLflow tracking server (http(s)://); empty: MLFLOW_TRACKING_URI from the secret.
+            experiment: The MLflow experiment.
+            model_name: The registered model in the MLflow registry.
+            promotion_metric: The champion gate's metric, cv_<metric>_<class> (e.g. cv_auc_blend_sign).
+            promotion_margin: A new version becomes champion only if it beats the champion by more than this.
+            register_mode: refit (retrain on all scans, beside the folds) or fold-ensemble (the K fold models).
+            only_if_new_data: End early, training nothing, when the registry already holds this dataset.
+            credentials_secret: The Kubernetes secret with S3, MLflow and pseudonym-key credentials.
+        """
+        secret = credentials_secret
+        if variant.exit_status:
+            exit_task = stages.end_run(tracking_uri=tracking_uri, experiment=experiment,
+                                       kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+        else:
+            exit_task = stages.end_run_without_status(tracking_uri=tracking_uri, experiment=experiment,
+                                                      kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+        pod(exit_task, "light", secret, name="end MLflow runs")
+        named = variant.display_names  # 2.5.0 keys tasks by display name: the compat variant names nothing
+        with dsl.ExitHandler(exit_task, name="pipeline" if named else None):
+            checked = pod(stages.check_inputs(
+                source_uri=source_uri, annotations_uri=annotations_uri, clinical_uri=clinical_uri, preset=preset,
+                k=k, rounds=rounds, promotion_metric=promotion_metric, promotion_margin=promotion_margin,
+                register_mode=register_mode, tracking_uri=tracking_uri, work_uri=work_uri), "light", secret,
+                name="check inputs")
+            clinical, tracking = checked.outputs["clinical_uri"], checked.outputs["tracking_uri"]
+            snap = pod(stages.snapshot(source_uri=source_uri, annotations_uri=annotations_uri,
+                                       clinical_uri=clinical), "light", secret, name="snapshot inputs")
+            ing = pod(stages.ingest(source_uri=source_uri, clinical_uri=clinical, source_digest=snap.output,
+                                    preset=preset, tracking_uri=tracking, experiment=experiment), "data", secret,
+                      name="ingest DICOM", cache=True)
+            manifest = ing.outputs["manifest"]
+            fus = pod(stages.fuse(annotations_uri=annotations_uri, preset=preset, ingested=ing.outputs["dataset"],
+                                  tracking_uri=tracking, experiment=experiment), "data", secret,
+                      name="fuse labels", cache=True)
+            fld = pod(stages.folds(preset=preset, k=k, register_mode=register_mode, labels=fus.outputs["labels"],
+                                   manifest=manifest, tracking_uri=tracking, experiment=experiment), "data", secret,
+                      name="patient folds", cache=True)
+            start = pod(stages.start_run(preset=preset, k=k, rounds=rounds, tracking_uri=tracking,
+                                         experiment=experiment, source_uri=source_uri, work_uri=work_uri,
+                                         kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                                         kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, manifest=manifest),
+                        "light", secret, name="start MLflow run")
+            run = start.outputs["run"]
+            check = pod(stages.check_new_data(model_name=model_name, only_if_new_data=only_if_new_data,
+                                              manifest=manifest, run=run), "light", secret, name="new data?")
+            data = {"preset": preset, "k": k, "rounds": rounds, "ingested": ing.outputs["dataset"],
+                    "labels": fus.outputs["labels"], "split": fld.outputs["split"], "run": run}
+            with dsl.If(check.outputs["Output"] == "retrain", name="new data" if named else None):
+                loop = {"name": "training jobs: folds, then the refit"} if named else {}
+                with dsl.ParallelFor(fld.outputs["Output"], **loop) as job:
+                    teacher = pod(stages.train_teacher(job=job, device=train_device, **data), "train", secret,
+                                  loader=True, name="teacher")
+                    student = pod(stages.distill(job=job, device=train_device, **data), "train", secret,
+                                  loader=True, name="students").after(teacher)
+                registry = {"preset": preset, "k": k, "rounds": rounds, "model_name": model_name,
+                            "promotion_metric": promotion_metric, "promotion_margin": promotion_margin,
+                            "register_mode": register_mode, "manifest": manifest, "labels": fus.outputs["labels"],
+                            "run": run}
+                if variant.fan_in:
+                    ev = stages.evaluate(device=eval_device, models=dsl.Collected(student.outputs["model"]), **data)
+                    reg = stages.register(cv=ev.outputs["cv"], models=dsl.Collected(student.outputs["model"]),
+                                          **registry)
+                else:  # no fan-in before 2.14: wait for the loop, read the models from the run's work prefix
+                    ev = stages.evaluate_from_work(device=eval_device, **data).after(student)
+                    reg = stages.register_from_work(cv=ev.outputs["cv"], **registry).after(student)
+                pod(ev, "evaluate", secret, loader=True, name="evaluate")
+                pod(reg, "register", secret, name="register")
+            with dsl.Else(name="no new data" if named else None):
+                pod(stages.no_new_data(decision=check.outputs["decision"], run=run), "light", secret,
+                    name="no new data")
 
     return blendsign_pipeline
 
 
-blendsign_pipeline = build_pipeline()
-
-
-def compile_pipeline(output: str | Path = DEFAULT_YAML, res: Resources | None = None) -> Path:
+def compile_pipeline(output: str | Path, profile: ClusterProfile | None = None,
+                     variant: Variant | str = DEFAULT_VARIANT, preset: str = "paper") -> Path:
     """Write the pipeline spec (YAML) to ``output``."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(blendsign_pipeline if res is None else build_pipeline(res), str(output))
+    compiler.Compiler().compile(build_pipeline(profile, variant, preset), str(output))
     return output

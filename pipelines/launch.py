@@ -1,6 +1,7 @@
 """Run the pipeline on this machine (kfp.local), submit it to a Kubeflow Pipelines endpoint, or schedule it.
 
-``blendsign pipeline run --local | submit | schedule`` call these functions.
+``blendsign pipeline run --local | submit | schedule`` call these functions. ``submit`` and ``schedule`` ask the
+server for its version first and send the variant it runs (``backends.py``), or refuse before uploading.
 """
 
 from __future__ import annotations
@@ -10,17 +11,20 @@ import json
 import logging
 import os
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pipelines.blendsign_pipeline import Resources, compile_pipeline
+from blendsign.pipelines.backends import VARIANTS, Variant, check_variant, server_version, text, variant_for
+from blendsign.pipelines.blendsign_pipeline import build_pipeline, compile_pipeline
+from blendsign.pipelines.profile import ClusterProfile
 
 log = logging.getLogger(__name__)
 
-PARAMETERS = ("source_uri", "annotations_uri", "clinical_uri", "preset", "k", "rounds", "tracking_uri",
+PARAMETERS = ("source_uri", "annotations_uri", "work_uri", "clinical_uri", "preset", "k", "rounds", "tracking_uri",
               "experiment", "model_name", "promotion_metric", "promotion_margin", "register_mode",
               "only_if_new_data", "credentials_secret")
 """The pipeline's parameters (see ``blendsign_pipeline.build_pipeline``)."""
@@ -35,18 +39,20 @@ class LocalRun:
 
 
 @contextlib.contextmanager
-def _env(name: str, value: str | None) -> Iterator[None]:
-    """Set ``name`` for the block (subprocess tasks inherit it), then restore it."""
-    old = os.environ.get(name)
-    if value is not None:
-        os.environ[name] = value
+def _env(**values: str | None) -> Iterator[None]:
+    """Set environment variables for the block (subprocess tasks inherit them), then restore them."""
+    old = {name: os.environ.get(name) for name in values}
+    for name, value in values.items():
+        if value is not None:
+            os.environ[name] = value
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _pseudonym_key(work: Path) -> str:
@@ -81,24 +87,24 @@ def run_local(
     """The whole pipeline on this machine with kfp.local (SubprocessRunner in this environment).
 
     Without ``source`` the embedded synthetic cohort of ``preset`` is written first (``work/source``).
-    Task outputs go to ``work/kfp`` (ingest, fuse and folds are cached there on their inputs).
+    Task outputs go to ``work/kfp`` (ingest, fuse and folds are cached there on their inputs), the training
+    jobs' checkpoints and models to ``work/runs/<run id>``.
     """
-    import time
-
     from kfp import local
 
     from blendsign.config import load_preset
     from blendsign.deid import KEY_ENV
-    from blendsign.pipeline import check_run_inputs
+    from blendsign.pipeline import RECORD_ENV, check_settings
     from blendsign.storage import write_json_atomic
     from blendsign.tracking import LOCAL_DIR
     from blendsign.tracking import tracking_uri as default_tracking_uri
-    from pipelines.blendsign_pipeline import Resources, build_pipeline
 
     start = time.perf_counter()
     work = Path(work_dir).resolve()
     cfg = load_preset(preset)
-    check_run_inputs(source, annotations, metric)
+    if (annotations is None) != (source is None):
+        raise ValueError("give a DICOM source and its annotations together, or neither (the synthetic cohort)")
+    check_settings(metric=metric, register_mode=register_mode, k=k, rounds=rounds, margin=margin)
     if source is None:
         from blendsign.synth import synthesize
 
@@ -106,13 +112,13 @@ def run_local(
         source, annotations = str(work / "source" / "dicom"), str(work / "source" / "annotations.csv")
         clinical = str(work / "source" / "clinical.csv")
     arguments = {
-        "source_uri": str(source), "annotations_uri": str(annotations), "clinical_uri": str(clinical or ""),
-        "preset": preset, "k": 0 if k is None else k, "rounds": -1 if rounds is None else rounds,
-        "tracking_uri": tracking_uri or default_tracking_uri(), "experiment": experiment,
-        "model_name": model_name, "promotion_metric": metric, "promotion_margin": float(margin),
-        "register_mode": register_mode, "only_if_new_data": only_if_new_data,
+        "source_uri": str(source), "annotations_uri": str(annotations), "work_uri": str(work / "runs"),
+        "clinical_uri": str(clinical or ""), "preset": preset, "k": 0 if k is None else k,
+        "rounds": -1 if rounds is None else rounds, "tracking_uri": tracking_uri or default_tracking_uri(),
+        "experiment": experiment, "model_name": model_name, "promotion_metric": metric,
+        "promotion_margin": float(margin), "register_mode": register_mode, "only_if_new_data": only_if_new_data,
     }
-    _check(arguments)
+    _check_names(arguments)
     root = work / "kfp"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), enable_caching=True,
                cache_root=str(root / ".cache"))
@@ -121,15 +127,25 @@ def run_local(
     # side by side (kfp.local runs two loop iterations at once) then share the cores about as well as with
     # one thread each, and a job left alone uses them all, where spinning threads would slow both several-fold.
     cores = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 2)
-    pipeline = build_pipeline(Resources(threads=cores))
-    with warnings.catch_warnings(), _env(KEY_ENV, _pseudonym_key(work)), \
-            _env("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE")):
-        # kfp.local: resources, accelerators and secrets are cluster settings (warned about per task);
+    profile = ClusterProfile()
+    profile = replace(profile, **{c: replace(profile.task(c), threads=cores, gpus=0)
+                                  for c in ("light", "data", "train", "evaluate", "register")})
+    pipeline = build_pipeline(profile, "current", preset, local=True)
+    record_file = work / "kfp" / f".run-record-{os.getpid()}.json"
+    record_file.unlink(missing_ok=True)
+    with warnings.catch_warnings(), _env(**{KEY_ENV: _pseudonym_key(work), RECORD_ENV: str(record_file),
+                                            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+                                            "BLENDSIGN_PROGRESS_SECONDS": os.environ.get(
+                                                "BLENDSIGN_PROGRESS_SECONDS", "30" if progress else "3600")}):
+        # kfp.local: resources, accelerators, volumes and secrets are cluster settings (warned about per task);
         # the image name is not run here (the current environment is).
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
-        task = pipeline(**arguments)
-    record = json.loads(task.output)
+        pipeline(**arguments)
+    if not record_file.is_file():
+        raise RuntimeError(f"the local pipeline run ended without a run record ({record_file}); see its log above")
+    record = json.loads(record_file.read_text())
+    record_file.unlink()
     write_json_atomic(LOCAL_DIR / "last_run.json", record)
     seconds = time.perf_counter() - start
     return LocalRun(record, work, seconds, summary(record, seconds=seconds))
@@ -139,7 +155,7 @@ def summary(record: dict[str, Any], *, seconds: float | None = None) -> str:
     """What a person wants at the end of a run: the champion, the CV metrics, where MLflow is."""
     from mlflow import MlflowClient
 
-    from blendsign.orchestration import load_evaluation
+    from blendsign.evaluate import EvalResult
     from blendsign.tracking import LOCAL_DIR, ui_command
 
     name, uri = record["registered_model"], record["tracking_uri"]
@@ -154,7 +170,8 @@ def summary(record: dict[str, Any], *, seconds: float | None = None) -> str:
     if record.get("status") == "registered":
         lines.append(f"this run: {name} v{record['model_version']} as {record['alias']}")
     if record.get("cv_uri") and Path(record["cv_uri"], "evaluation", "metrics.json").exists():
-        lines += ["", load_evaluation(Path(record["cv_uri"]) / "evaluation").summary()]
+        evaluation = Path(record["cv_uri"]) / "evaluation"
+        lines += ["", EvalResult.load(evaluation).summary(), f"HTML report: {evaluation / 'report.html'}"]
     lines += ["", f"MLflow: {uri} (experiment {record['experiment']}, parent run {record['parent_run_id']}); "
               f"UI: {ui_command(uri)}", f"run record: {LOCAL_DIR / 'last_run.json'}"]
     return "\n".join(lines)
@@ -179,49 +196,76 @@ def _client(host: str, namespace: str | None) -> Any:
     return kfp.Client(host=host, namespace=namespace or "kubeflow")
 
 
-def _compiled(tmp: str, res: Resources | None) -> str:
-    return str(compile_pipeline(Path(tmp) / "blendsign_pipeline.yaml", res))
-
-
-def _check(arguments: dict[str, Any]) -> None:
-    """Parameter names, and the promotion metric's (used only at the end, after hours of training)."""
-    from blendsign.registry import check_promotion_metric
-
+def _check_names(arguments: dict[str, Any]) -> None:
     unknown = set(arguments) - set(PARAMETERS)
     if unknown:
         raise ValueError(f"unknown pipeline parameter(s): {sorted(unknown)}")
-    if "promotion_metric" in arguments:
-        check_promotion_metric(arguments["promotion_metric"])
+
+
+def _check(arguments: dict[str, Any]) -> None:
+    """What can be refused before anything is sent: parameter names and the parameters' own values (the run's
+    first step checks the rest: inputs, tracking server, work prefix)."""
+    from blendsign.pipeline import check_settings
+
+    _check_names(arguments)
+    check_settings(metric=arguments.get("promotion_metric", "cv_auc_blend_sign"),
+                   register_mode=arguments.get("register_mode", "refit"), k=arguments.get("k"),
+                   rounds=arguments.get("rounds"), margin=arguments.get("promotion_margin", 0.0))
+
+
+def backend_variant(host: str, backend: str | None = None) -> Variant:
+    """The variant to send to ``host``: ``backend`` if given (refused when the server is too old for it), else
+    the newest the server's version runs; the server is always asked, before anything is uploaded."""
+    version = server_version(host, headers=_auth_headers())
+    variant = VARIANTS[backend] if backend else variant_for(version)
+    check_variant(variant, version)
+    log.info("Kubeflow Pipelines %s at %s: sending the %r pipeline (backend %s+)", text(version), host,
+             variant.name, text(variant.minimum))
+    return variant
+
+
+def _auth_headers() -> dict[str, str]:
+    """A bearer token for the health request, as kfp.Client finds one in a pod (``KF_PIPELINES_SA_TOKEN_PATH``)."""
+    path = Path(os.environ.get("KF_PIPELINES_SA_TOKEN_PATH", "/var/run/secrets/kubeflow/pipelines/token"))
+    return {"Authorization": f"Bearer {path.read_text().strip()}"} if path.is_file() else {}
+
+
+def _compiled(tmp: str, profile: ClusterProfile | None, variant: Variant, preset: str) -> str:
+    return str(compile_pipeline(Path(tmp) / "blendsign_pipeline.yaml", profile, variant, preset))
 
 
 def submit(host: str, arguments: dict[str, Any], *, run_name: str | None = None, kfp_experiment: str = "blendsign",
-           namespace: str | None = None, enable_caching: bool | None = None, res: Resources | None = None) -> str:
+           namespace: str | None = None, enable_caching: bool | None = None, profile: ClusterProfile | None = None,
+           backend: str | None = None) -> str:
     """One run of the pipeline on ``host``; returns the run id."""
     _check(arguments)
+    variant = backend_variant(host, backend)
     client = _client(host, namespace)
     with tempfile.TemporaryDirectory(prefix="blendsign-kfp-") as tmp:
         result = client.create_run_from_pipeline_package(
-            _compiled(tmp, res), arguments=arguments, run_name=run_name, experiment_name=kfp_experiment,
-            namespace=namespace, enable_caching=enable_caching)
+            _compiled(tmp, profile, variant, arguments.get("preset", "paper")), arguments=arguments,
+            run_name=run_name, experiment_name=kfp_experiment, namespace=namespace, enable_caching=enable_caching)
     log.info("submitted run %s to %s", result.run_id, host)
     return str(result.run_id)
 
 
 def schedule(host: str, cron: str, arguments: dict[str, Any], *, name: str = "blendsign-retraining",
              kfp_experiment: str = "blendsign", namespace: str | None = None, max_concurrency: int = 1,
-             res: Resources | None = None) -> str:
+             profile: ClusterProfile | None = None, backend: str | None = None) -> str:
     """A recurring run of the pipeline on ``host`` (scheduled retraining); returns the recurring run id.
 
     ``only_if_new_data`` defaults to true here: a run that finds the champion's dataset ends early.
     """
-    _check(arguments)
     arguments = {"only_if_new_data": True, **arguments}
+    _check(arguments)
+    cron = kfp_cron(cron)
+    variant = backend_variant(host, backend)
     client = _client(host, namespace)
     experiment = client.create_experiment(name=kfp_experiment, namespace=namespace)
     with tempfile.TemporaryDirectory(prefix="blendsign-kfp-") as tmp:
         job = client.create_recurring_run(
-            experiment_id=experiment.experiment_id, job_name=name, cron_expression=kfp_cron(cron),
-            params=arguments, pipeline_package_path=_compiled(tmp, res), max_concurrency=max_concurrency,
-            no_catchup=True)
-    log.info("scheduled %s on %s (%s)", name, host, kfp_cron(cron))
+            experiment_id=experiment.experiment_id, job_name=name, cron_expression=cron, params=arguments,
+            pipeline_package_path=_compiled(tmp, profile, variant, arguments.get("preset", "paper")),
+            max_concurrency=max_concurrency, no_catchup=True)
+    log.info("scheduled %s on %s (%s)", name, host, cron)
     return str(job.recurring_run_id)

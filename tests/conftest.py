@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,8 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from blendsign.storage import s3_client
 
 # Identifying values written into every file made by ``write_ct``; de-identification tests look for them.
 IDENTIFIERS = {
@@ -123,3 +126,42 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     fuse(root / "src" / "annotations.csv", root / "ingest", root / "labels", cfg.labels)
     make_folds(root / "labels", root / "folds", replace(cfg.folds, k=3))
     return {"root": root, "ingest": root / "ingest", "labels": root / "labels", "folds": root / "folds"}
+
+
+# --- a real S3-compatible server (moto's server mode) on 127.0.0.1 ----------------------------------------
+
+BUCKET = "blendsign-test"
+ACCESS_KEY = "AKIABLENDSIGNTEST0001"
+SECRET_KEY = "blendsign/secret+Key/never-logged-0123456789"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1 (a free port), started once and stopped at the end of the session."""
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one INFO record per request otherwise
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3(s3_endpoint: str) -> Iterator[Any]:
+    """The standard AWS/MLflow environment pointing at the server (for this module only) and a bucket."""
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION",
+                    "BLENDSIGN_ARTIFACT_ROOT", "MLFLOW_ARTIFACT_ROOT", "MLFLOW_TRACKING_URI"):
+            mp.delenv(var, raising=False)
+        mp.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+        mp.setenv("MLFLOW_S3_ENDPOINT_URL", s3_endpoint)
+        mp.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        mp.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        client = s3_client()
+        client.create_bucket(Bucket=BUCKET)
+        yield client

@@ -1,5 +1,6 @@
-"""The Kubeflow pipeline: compiled spec, committed YAML, thin components, submit/schedule against a recording
-HTTP server, and (slow) the whole pipeline on this machine with kfp.local."""
+"""The Kubeflow pipeline: the compiled spec of each variant (resources, /dev/shm, profile keys, backend features,
+exit handler, UI outputs, labels), the committed YAMLs, thin components, submit/schedule against a recording
+Kubeflow API stand-in that reports a backend version, and (slow) the whole pipeline here with kfp.local."""
 
 from __future__ import annotations
 
@@ -23,27 +24,35 @@ import pyarrow.parquet as pq
 import pydicom
 import pytest
 import yaml
-from components import BASE_IMAGE, CPU_IMAGE, STAGES, stages
-from pipelines import launch
-from pipelines.blendsign_pipeline import DEFAULT_YAML, SECRET_KEYS, Resources, compile_pipeline
 
-from blendsign import cli
 from blendsign import pipeline as lib_pipeline
+from blendsign.components import images, stages
+from blendsign.components.stages import STAGES
+from blendsign.config import load_preset
+from blendsign.credentials import DIR_ENV
+from blendsign.data import shared_memory_bytes
+from blendsign.pipelines import launch
+from blendsign.pipelines.backends import VARIANTS, features_used, minimum_backend
+from blendsign.pipelines.blendsign_pipeline import COMMITTED, CREDENTIALS_DIR, compile_pipeline
+from blendsign.pipelines.profile import ClusterProfile, load_profile
 
 ROOT = Path(__file__).resolve().parents[1]
-GPU_EXECUTORS = {"exec-train-teacher", "exec-distill", "exec-evaluate", "exec-register"}
-PARAMETERS = {"source_uri", "annotations_uri", "clinical_uri", "preset", "k", "rounds", "tracking_uri", "experiment",
-              "model_name", "promotion_metric", "promotion_margin", "register_mode", "only_if_new_data",
-              "credentials_secret"}
+GPU_EXECUTORS = {"exec-train-teacher", "exec-distill", "exec-evaluate"}
+LOADER_EXECUTORS = {"exec-train-teacher", "exec-distill", "exec-evaluate", "exec-evaluate-from-work"}
+PARAMETERS = {"source_uri", "annotations_uri", "work_uri", "clinical_uri", "preset", "k", "rounds", "tracking_uri",
+              "experiment", "model_name", "promotion_metric", "promotion_margin", "register_mode",
+              "only_if_new_data", "credentials_secret"}
 
 
-def _compiled(tmp_path: Path, res: Resources | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    spec, platform = yaml.safe_load_all(compile_pipeline(tmp_path / "p.yaml", res).read_text())
+def _compiled(tmp_path: Path, profile: ClusterProfile | None = None, variant: str = "current",
+              preset: str = "paper") -> tuple[dict[str, Any], dict[str, Any]]:
+    spec, platform = yaml.safe_load_all(compile_pipeline(tmp_path / f"{variant}.yaml", profile, variant, preset)
+                                        .read_text())
     return spec, platform
 
 
 def _tasks(dag: dict[str, Any], components: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Every task of the pipeline, nested DAGs (condition, loop) included."""
+    """Every task of the pipeline, nested DAGs (exit handler, conditions, loop) included."""
     for name, task in dag["tasks"].items():
         yield name, task
         inner = components[task["componentRef"]["name"]].get("dag")
@@ -51,91 +60,242 @@ def _tasks(dag: dict[str, Any], components: dict[str, Any]) -> Iterator[tuple[st
             yield from _tasks(inner, components)
 
 
-def test_compiled_spec(tmp_path: Path) -> None:
-    spec, platform = _compiled(tmp_path)
-    executors = spec["deploymentSpec"]["executors"]
-    for stage in STAGES:
-        assert f"exec-{stage.replace('_', '-')}" in executors, stage
+def _k8s(platform: dict[str, Any]) -> dict[str, Any]:
+    return platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_compiled_spec_resources_shm_secrets_and_retries(tmp_path: Path, variant: str) -> None:
+    spec, platform = _compiled(tmp_path, variant=variant)
+    executors, k8s = spec["deploymentSpec"]["executors"], _k8s(platform)
     assert set(spec["root"]["inputDefinitions"]["parameters"]) == PARAMETERS
+    shm = f"{-(-shared_memory_bytes(load_preset('paper').data, 16) // 2**20)}Mi"  # 8 workers at 512 px
     for name, ex in executors.items():
-        c = ex["container"]
-        assert c["image"] == (BASE_IMAGE if name in GPU_EXECUTORS else CPU_IMAGE), name
+        c, config = ex["container"], k8s[name]
+        gpu = name in GPU_EXECUTORS or name == "exec-evaluate-from-work"
+        assert c["image"] == (images.BASE_IMAGE if gpu else images.CPU_IMAGE), name
         assert "pip install" not in " ".join(c["command"]), name  # install_kfp_package=False: the image has it
         r = c["resources"]
-        assert {"resourceCpuRequest", "resourceCpuLimit", "resourceMemoryRequest", "resourceMemoryLimit"} <= set(r)
-        if name in GPU_EXECUTORS:
+        assert "resourceCpuLimit" not in r and r["resourceMemoryLimit"] == r["resourceMemoryRequest"], name
+        if gpu:
             assert r["accelerator"]["resourceType"] == "nvidia.com/gpu" and r["accelerator"]["resourceCount"] == "1"
-            assert c["env"] == [{"name": "OMP_NUM_THREADS", "value": "8"}]  # not the node's cores
-            assert float(r["resourceCpuLimit"]) == 16  # 8 loader workers + the main process
+            assert float(r["resourceCpuRequest"]) <= 7 and r["resourceMemoryLimit"] == "24Gi"  # an 8-vCPU node
+            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in config["tolerations"]
         else:
             assert "accelerator" not in r, name
-        secret = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"][name]["secretAsEnv"][0]
-        assert {e["envVar"] for e in secret["keyToEnv"]} == set(SECRET_KEYS)
-        assert "credentials_secret" in json.dumps(secret["secretNameParameter"])
-
+        env = {e["name"]: e["value"] for e in c["env"]}
+        assert env["OMP_NUM_THREADS"] == str(int(float(r["resourceCpuRequest"]))) or env["OMP_NUM_THREADS"] == "1"
+        assert env[DIR_ENV] == CREDENTIALS_DIR and env["BLENDSIGN_IMAGE_REF"] == c["image"]
+        assert config["secretAsVolume"] == [{"mountPath": CREDENTIALS_DIR, "optional": True, "secretNameParameter": {
+            "componentInputParameter": config["secretAsVolume"][0]["secretNameParameter"]["componentInputParameter"]}}]
+        assert "credentials_secret" in json.dumps(config["secretAsVolume"]) and "secretAsEnv" not in config
+        assert int(config["activeDeadlineSeconds"]) > 0, name  # no pod Pending or hanging for ever
+        mounts = {m["mountPath"]: m for m in config.get("emptyDirMounts", [])}
+        if name in LOADER_EXECUTORS:
+            assert mounts["/dev/shm"] == {"volumeName": "dshm", "mountPath": "/dev/shm", "medium": "Memory",
+                                          "sizeLimit": shm}
+        else:
+            assert "/dev/shm" not in mounts, name
     tasks = dict(_tasks(spec["root"]["dag"], spec["components"]))
     cached = {n for n, t in tasks.items() if t.get("cachingOptions", {}).get("enableCache")}
     assert cached == {"ingest", "fuse", "folds"}
-    retried = {n for n, t in tasks.items() if t.get("retryPolicy", {}).get("maxRetryCount") == 2}
-    assert retried == {"train-teacher", "distill"}
-    loop = next(t for t in tasks.values() if "parameterIterator" in t)
-    assert loop["parameterIterator"]["items"]["inputParameter"].endswith("folds-Output")
-    conditions = [t["triggerPolicy"]["condition"] for t in tasks.values() if "triggerPolicy" in t]
-    assert any("retrain" in c for c in conditions)
-    models = spec["components"]["comp-evaluate"]["inputDefinitions"]["artifacts"]["models"]
-    assert models["isArtifactList"] is True  # dsl.Collected over the folds
-    assert set(spec["root"]["outputDefinitions"]["parameters"]) == {"Output"}  # OneOf(register, no_new_data)
-
-    cpu_only, _ = _compiled(tmp_path, Resources(gpus=0))
-    assert all("accelerator" not in ex["container"]["resources"]
-               for ex in cpu_only["deploymentSpec"]["executors"].values())
+    retries = {n: t["retryPolicy"] for n, t in tasks.items() if "retryPolicy" in t}
+    assert retries["train-teacher"]["maxRetryCount"] == 3 and retries["distill"]["maxRetryCount"] == 3
+    assert retries["distill"]["backoffMaxDuration"] == ClusterProfile().train.retry_window  # covers 4 × 24 h
+    assert int(retries["distill"]["backoffMaxDuration"][:-1]) > 4 * 24 * 3600
+    register = next(n for n in tasks if n.startswith("register"))
+    assert register not in retries  # a retried registration would add a second version
+    assert "exec-register" not in GPU_EXECUTORS  # registers on CPU: the refit trained in the loop
 
 
-def test_committed_yaml_is_current(tmp_path: Path) -> None:
-    """`blendsign pipeline compile` output is committed; recompile (default images) and compare."""
-    assert DEFAULT_YAML.is_file(), "run `blendsign pipeline compile` and commit pipelines/blendsign_pipeline.yaml"
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_the_secret_name_resolves_in_every_dag(tmp_path: Path, variant: str) -> None:
+    """The driver resolves ``secretNameParameter`` among the inputs of the task's parent DAG (driver/k8s.go):
+    every DAG holding a task that mounts the secret must receive the parameter."""
+    spec, platform = _compiled(tmp_path, variant=variant)
+    executors = _k8s(platform)
+    dags = {"root": spec["root"], **{n: c for n, c in spec["components"].items() if "dag" in c}}
+    checked = 0
+    for dag in dags.values():
+        inputs = set(dag.get("inputDefinitions", {}).get("parameters", {}))
+        for task in dag["dag"]["tasks"].values():
+            executor = spec["components"][task["componentRef"]["name"]].get("executorLabel")
+            for mount in executors.get(executor, {}).get("secretAsVolume", []):
+                assert mount["secretNameParameter"]["componentInputParameter"] in inputs, task["taskInfo"]
+                checked += 1
+    assert checked == len(executors)  # every task mounts it
+
+
+def test_gpu_tasks_require_cuda_unless_compiled_for_cpu(tmp_path: Path) -> None:
+    def devices(spec: dict[str, Any]) -> set[str]:
+        tasks = dict(_tasks(spec["root"]["dag"], spec["components"]))
+        return {t["inputs"]["parameters"]["device"]["runtimeValue"]["constant"]
+                for t in tasks.values() if "device" in t.get("inputs", {}).get("parameters", {})}
+
+    assert devices(_compiled(tmp_path)[0]) == {"cuda"}  # a GPU pod without CUDA fails, never trains on the CPU
+    cpu, _ = _compiled(tmp_path, ClusterProfile().with_gpus(0))
+    assert devices(cpu) == {"cpu"}
+    assert all("accelerator" not in ex["container"]["resources"] for ex in cpu["deploymentSpec"]["executors"].values())
+
+
+def test_every_profile_key_reaches_the_pods(tmp_path: Path) -> None:
+    site = tmp_path / "site.toml"
+    site.write_text("""image = "registry.example.org/ml/blendsign@sha256:0123"
+cpu_image = "registry.example.org/ml/blendsign-cpu@sha256:4567"
+[defaults]
+image_pull_secrets = ["regcred"]
+image_pull_policy = "Always"
+[train]
+cpu = "14"
+cpu_limit = "15"
+memory = "96Gi"
+gpus = 2
+gpu_resource = "nvidia.com/mig-3g.40gb"
+node_selector = { "nvidia.com/gpu.product" = "NVIDIA-H200" }
+tolerations = [{ key = "dedicated", operator = "Equal", value = "ml", effect = "NoExecute", seconds = 600 }]
+timeout = "12h"
+retries = 1
+retry_backoff = "5m"
+threads = 12
+scratch = "300Gi"
+scratch_storage_class = "fast-nvme"
+""")
+    spec, platform = _compiled(tmp_path, load_profile(site), preset="demo")
+    ex, config = spec["deploymentSpec"]["executors"]["exec-distill"]["container"], _k8s(platform)["exec-distill"]
+    assert ex["image"] == "registry.example.org/ml/blendsign@sha256:0123"
+    r = ex["resources"]
+    assert (r["resourceCpuRequest"], r["resourceCpuLimit"], r["resourceMemoryLimit"]) == ("14", "15", "96Gi")
+    assert r["accelerator"]["resourceType"] == "nvidia.com/mig-3g.40gb" and r["accelerator"]["resourceCount"] == "2"
+    assert config["nodeSelector"] == {"labels": {"nvidia.com/gpu.product": "NVIDIA-H200"}}
+    assert config["tolerations"] == [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoExecute",
+                                      "tolerationSeconds": "600"}]
+    assert config["activeDeadlineSeconds"] == str(12 * 3600)
+    assert config["imagePullPolicy"] == "Always"
+    assert config["imagePullSecret"] == [{"secretName": "regcred", "secretNameParameter": {
+        "runtimeValue": {"constant": "regcred"}}}]
+    assert config["genericEphemeralVolume"] == [{"volumeName": "scratch", "mountPath": "/scratch",
+                                                 "accessModes": ["ReadWriteOnce"], "size": "300Gi",
+                                                 "storageClassName": "fast-nvme"}]
+    env = {e["name"]: e["value"] for e in ex["env"]}
+    assert env["OMP_NUM_THREADS"] == "12" and env["TMPDIR"] == "/scratch"
+    shm = next(m for m in config["emptyDirMounts"] if m["mountPath"] == "/dev/shm")
+    assert shm["sizeLimit"] == f"{-(-shared_memory_bytes(load_preset('demo').data, 16) // 2**20)}Mi"  # the preset's
+    tasks = dict(_tasks(spec["root"]["dag"], spec["components"]))
+    assert tasks["distill"]["retryPolicy"] == {"maxRetryCount": 1, "backoffDuration": "300s", "backoffFactor": 2.0,
+                                               "backoffMaxDuration": f"{2 * 12 * 3600 + 300}s"}
+    assert spec["root"]["inputDefinitions"]["parameters"]["preset"]["defaultValue"] == "demo"
+    light = spec["deploymentSpec"]["executors"]["exec-check-inputs"]["container"]
+    assert light["image"] == "registry.example.org/ml/blendsign-cpu@sha256:4567"
+    assert _k8s(platform)["exec-check-inputs"]["imagePullSecret"][0]["secretName"] == "regcred"
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_no_feature_beyond_the_variants_minimum_backend(tmp_path: Path, variant: str) -> None:
+    spec, platform = _compiled(tmp_path, variant=variant)
+    assert minimum_backend(spec, platform) <= VARIANTS[variant].minimum
+    used = {f.name for f in features_used(spec, platform)}
+    if variant == "compat":  # what 2.5.0 rejects, fails or drops with a stopped pod
+        assert used == set()
+        text = json.dumps(spec)
+        assert "isArtifactList" not in text and "TASK_FINAL_STATUS" not in text
+    else:
+        assert {"artifact fan-in (dsl.Collected)", "fan-in from a named loop",
+                "exit status (PipelineTaskFinalStatus)"} <= used
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_exit_handler_ends_the_mlflow_runs_whatever_happened(tmp_path: Path, variant: str) -> None:
+    spec, _ = _compiled(tmp_path, variant=variant)
+    root = spec["root"]["dag"]["tasks"]
+    exit_task = next(t for n, t in root.items() if n.startswith("end-run"))
+    handler = next(n for n in root if n.startswith("exit-handler"))
+    assert exit_task["dependentTasks"] == [handler]
+    assert exit_task["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"  # runs after a failure too
+    params = exit_task["inputs"]["parameters"]
+    assert params["kfp_run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+    assert ("status" in params) is (variant == "current")
+    inside = {n for n, _ in _tasks(spec["components"][root[handler]["componentRef"]["name"]]["dag"],
+                                   spec["components"])}
+    assert {"check-inputs", "ingest", "train-teacher", "distill", "no-new-data"} <= inside  # everything is guarded
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_ui_outputs_labels_and_descriptions(tmp_path: Path, variant: str) -> None:
+    spec, _ = _compiled(tmp_path, variant=variant)
+    evaluate = "comp-evaluate" if variant == "current" else "comp-evaluate-from-work"
+    outputs = spec["components"][evaluate]["outputDefinitions"]["artifacts"]
+    kinds = {name: o["artifactType"]["schemaTitle"] for name, o in outputs.items()}
+    assert kinds == {"cv": "system.Dataset", "metrics": "system.Metrics", "report": "system.Markdown",
+                     "report_html": "system.HTML", "roc_non_ich": "system.ClassificationMetrics",
+                     "roc_normal_ich": "system.ClassificationMetrics", "roc_blend_sign": "system.ClassificationMetrics",
+                     "confusion": "system.ClassificationMetrics"}
+    for job_step in ("comp-train-teacher", "comp-distill"):  # each loop iteration says which job it was
+        assert spec["components"][job_step]["outputDefinitions"]["artifacts"]["summary"]["artifactType"][
+            "schemaTitle"] == "system.Markdown"
+    assert spec["components"]["comp-start-run"]["outputDefinitions"]["artifacts"]["mlflow"]  # the MLflow link
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert all(p.get("description") for p in params.values())
+    assert "blend-sign" in spec["pipelineInfo"]["description"]
+    assert not params["source_uri"].get("isOptional") and "defaultValue" not in params["source_uri"]  # required
+    assert not params["annotations_uri"].get("isOptional") and "defaultValue" not in params["annotations_uri"]
+    tasks = dict(_tasks(spec["root"]["dag"], spec["components"]))
+    labels = {t["taskInfo"]["name"] for t in tasks.values()}
+    if variant == "current":
+        assert {"training jobs: folds, then the refit", "teacher", "students", "evaluate"} <= labels
+    else:  # 2.5.0 cannot resolve the outputs of a renamed task
+        assert all(t["taskInfo"]["name"] == n for n, t in tasks.items())
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_committed_yaml_is_current(tmp_path: Path, variant: str) -> None:
+    """`make pipelines` output is committed; recompile (default images and profile) and compare."""
+    committed = COMMITTED[variant]
+    assert committed.is_file(), "run `make pipelines` and commit pipelines/*.yaml"
     env = {k: v for k, v in os.environ.items() if k not in ("BLENDSIGN_IMAGE", "BLENDSIGN_CPU_IMAGE")}
     fresh = tmp_path / "fresh.yaml"
-    subprocess.run([sys.executable, "-m", "blendsign.cli", "pipeline", "compile", "--output", str(fresh)],
-                   cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
-    assert fresh.read_text() == DEFAULT_YAML.read_text(), \
-        "pipelines/blendsign_pipeline.yaml is stale: run `blendsign pipeline compile` and commit it"
+    subprocess.run([sys.executable, "-m", "blendsign.cli", "pipeline", "compile", "--backend", variant, "--output",
+                    str(fresh)], cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
+    assert fresh.read_text() == committed.read_text(), f"{committed.name} is stale: run `make pipelines`, commit it"
 
 
-# stage → (library module, function, the CLI code that calls the same function: `blendsign run` or the stage's command)
-LIBRARY = {
-    "ingest": ("blendsign.pipeline", "ingest_stage", lib_pipeline.run_pipeline),
-    "fuse": ("blendsign.pipeline", "fuse_stage", lib_pipeline.run_pipeline),
-    "folds": ("blendsign.pipeline", "folds_stage", lib_pipeline.run_pipeline),
-    "train_teacher": ("blendsign.distill", "distill", cli),
-    "distill": ("blendsign.distill", "distill", cli),
-    "evaluate": ("blendsign.evaluate", "evaluate", cli),
-    "register": ("blendsign.pipeline", "register_stage", lib_pipeline.run_pipeline),
+def test_compile_writes_where_it_is_told_never_into_the_checkout(tmp_path: Path) -> None:
+    before = {p: p.stat().st_mtime_ns for p in COMMITTED.values()}
+    subprocess.run([sys.executable, "-m", "blendsign.cli", "pipeline", "compile", "--config", "demo"], cwd=tmp_path,
+                   check=True, capture_output=True, timeout=300)
+    spec = next(yaml.safe_load_all((tmp_path / "blendsign_pipeline.yaml").read_text()))
+    assert spec["root"]["inputDefinitions"]["parameters"]["preset"]["defaultValue"] == "demo"  # --config counts
+    assert {p: p.stat().st_mtime_ns for p in COMMITTED.values()} == before
+
+
+# component → the blendsign.pipeline step it calls; run_pipeline (`blendsign run`) calls the same steps
+STEPS = {
+    "check_inputs": "check_run", "snapshot": "snapshot", "ingest": "ingest_step", "fuse": "fuse_step",
+    "folds": "folds_step", "start_run": "start_run", "check_new_data": "check_new_data", "train_teacher": "train_job",
+    "distill": "train_job", "evaluate": "evaluate_step", "evaluate_from_work": "evaluate_step",
+    "register": "register_step", "register_from_work": "register_step", "no_new_data": "no_new_data",
+    "end_run": "end_run", "end_run_without_status": "end_run",
 }
 
 
-@pytest.mark.parametrize("stage", sorted(LIBRARY))
-def test_components_are_thin_wrappers_over_the_cli_functions(stage: str) -> None:
-    module, func, cli_code = LIBRARY[stage]
-    source = inspect.getsource(STAGES[stage].python_func)
-    tree = ast.parse(source)
-    body = tree.body[0]
+@pytest.mark.parametrize("name", sorted(STEPS))
+def test_components_are_thin_wrappers_over_the_steps_blendsign_run_calls(name: str) -> None:
+    func = STEPS[name]
+    component = getattr(stages, name)
+    body = ast.parse(inspect.getsource(component.python_func)).body[0]
     assert isinstance(body, ast.FunctionDef)
     imported = {(n.module, a.name) for n in ast.walk(body) if isinstance(n, ast.ImportFrom) for a in n.names}
     called = {n.func.id for n in ast.walk(body) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
-    assert (module, func) in imported and func in called, f"{stage} must call {module}.{func}"
+    assert ("blendsign.pipeline", func) in imported and func in called, f"{name} must call blendsign.pipeline.{func}"
     assert not any(m and m.split(".")[0] in ("torch", "numpy", "pandas", "sklearn") for m, _ in imported)
     statements = [n for n in body.body if not isinstance(n, ast.Import | ast.ImportFrom | ast.Expr)]
-    assert len(statements) <= 6, f"{stage}: {len(statements)} statements is more than a thin wrapper"
-    cli_source = inspect.getsource(cli_code)
-    assert f"{func}(" in cli_source
-    assert module == "blendsign.pipeline" or f"from {module} import {func}" in cli_source
+    assert len(statements) <= 4, f"{name}: {len(statements)} statements is more than a thin wrapper"
+    assert getattr(lib_pipeline, func).__wrapped__  # a @step: credentials loaded first
+    if func != "snapshot":  # (Kubeflow's cache key: nothing to cache in one process)
+        assert f"{func}(" in inspect.getsource(lib_pipeline.run_pipeline), f"blendsign run must call {func} too"
 
 
-def test_helper_components_call_the_library() -> None:
-    for component, needle in ((stages.snapshot, "source_digest("), (stages.start_run, "open_pipeline_run("),
-                              (stages.check_new_data, "decide("), (stages.no_new_data, "end_skipped_run(")):
-        assert needle in inspect.getsource(component.python_func)
+def test_stages_are_the_seven_of_the_method() -> None:
+    assert list(STAGES) == ["ingest", "fuse", "folds", "train_teacher", "distill", "evaluate", "register"]
 
 
 # --- submit / schedule against a recording KFP API server ------------------------------------------------
@@ -143,6 +303,7 @@ def test_helper_components_call_the_library() -> None:
 
 class _Recorder(BaseHTTPRequestHandler):
     calls: ClassVar[list[tuple[str, str, Any]]] = []
+    version: ClassVar[str] = "2.17.0"
     replies: ClassVar[dict[str, dict[str, str]]] = {
         "experiments": {"experiment_id": "exp-1", "display_name": "blendsign"},
         "recurringruns": {"recurring_run_id": "rr-1", "display_name": "blendsign-retraining"},
@@ -154,7 +315,10 @@ class _Recorder(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(n)) if n else None
         self.calls.append((self.command, self.path, body))
         resource = self.path.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
-        out = {} if self.command == "GET" else self.replies.get(resource, {})
+        if resource == "healthz":  # what a real API server answers (apiserver/main.go)
+            out: dict[str, Any] = {"commit_sha": "abc", "tag_name": self.version, "multi_user": False}
+        else:
+            out = {} if self.command == "GET" else self.replies.get(resource, {})
         data = json.dumps(out).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -175,7 +339,7 @@ class _Recorder(BaseHTTPRequestHandler):
 @pytest.fixture
 def kfp_api() -> Iterator[tuple[str, list[tuple[str, str, Any]]]]:
     """A Kubeflow Pipelines API stand-in on 127.0.0.1 that records requests; stops after the test (or 120 s)."""
-    _Recorder.calls = []
+    _Recorder.calls, _Recorder.version = [], "2.17.0"
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
     thread.start()
@@ -196,50 +360,83 @@ def _posted(calls: list[tuple[str, str, Any]], resource: str) -> dict[str, Any]:
     return bodies[0]
 
 
-def _assert_spec(body: dict[str, Any], tmp_path: Path) -> None:
-    spec, platform = _compiled(tmp_path)
+def _assert_spec(body: dict[str, Any], tmp_path: Path, variant: str) -> None:
+    spec, platform = _compiled(tmp_path, variant=variant)
     assert body["pipeline_spec"]["pipeline_spec"] == spec
     assert body["pipeline_spec"]["platform_spec"] == platform
 
 
-def test_submit_sends_the_compiled_pipeline_and_parameters(kfp_api: tuple[str, list], tmp_path: Path,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+SUBMIT = ["--source", "s3://scans/dicom/", "--annotations", "s3://scans/annotations.csv", "--work",
+          "s3://scans/blendsign-work/", "--config", "paper"]
+
+
+@pytest.mark.parametrize(("version", "variant"), [("2.17.0", "current"), ("2.16.1", "current"),
+                                                  ("2.14.4", "compat"), ("2.5.0", "compat")])
+def test_submit_asks_the_server_its_version_and_sends_the_variant_it_runs(
+        kfp_api: tuple[str, list], tmp_path: Path, capsys: pytest.CaptureFixture[str], version: str,
+        variant: str) -> None:
     host, calls = kfp_api
-    argv = ["pipeline", "submit", "--host", host, "--source", "s3://scans/dicom/", "--annotations",
-            "s3://scans/annotations.csv", "--config", "paper", "--k", "5", "--rounds", "2",
+    _Recorder.version = version
+    argv = ["pipeline", "submit", "--host", host, *SUBMIT, "--k", "5", "--rounds", "2",
             "--tracking-uri", "http://mlflow:5000", "--run-name", "nightly", "--secret", "bs-creds"]
-    assert cli.main(argv) == 0
+    assert cli_main(argv) == 0
     assert "submitted run run-1" in capsys.readouterr().out
+    assert calls[0][:2] == ("GET", "/apis/v2beta1/healthz")  # asked first
     body = _posted(calls, "runs")
     assert body["display_name"] == "nightly" and body["experiment_id"] == "exp-1"
     assert body["runtime_config"]["parameters"] == {
-        "source_uri": "s3://scans/dicom/", "annotations_uri": "s3://scans/annotations.csv", "clinical_uri": "",
-        "preset": "paper", "k": 5, "rounds": 2, "tracking_uri": "http://mlflow:5000", "experiment": "blendsign",
-        "model_name": "blendsign", "promotion_metric": "cv_auc_blend_sign", "promotion_margin": 0.0,
-        "register_mode": "refit", "credentials_secret": "bs-creds", "only_if_new_data": False}
-    _assert_spec(body, tmp_path)
+        "source_uri": "s3://scans/dicom/", "annotations_uri": "s3://scans/annotations.csv",
+        "work_uri": "s3://scans/blendsign-work/", "clinical_uri": "", "preset": "paper", "k": 5, "rounds": 2,
+        "tracking_uri": "http://mlflow:5000", "experiment": "blendsign", "model_name": "blendsign",
+        "promotion_metric": "cv_auc_blend_sign", "promotion_margin": 0.0, "register_mode": "refit",
+        "credentials_secret": "bs-creds", "only_if_new_data": False}
+    _assert_spec(body, tmp_path, variant)
+
+
+def test_an_unsupported_backend_is_refused_before_anything_is_uploaded(kfp_api: tuple[str, list],
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    host, calls = kfp_api
+    _Recorder.version = "2.4.1"
+    assert cli_main(["pipeline", "submit", "--host", host, *SUBMIT]) == 2
+    assert "backend is version 2.4.1" in caplog.text and "needs 2.5.0 or newer" in caplog.text
+    _Recorder.version = "2.14.0"
+    assert cli_main(["pipeline", "schedule", "--host", host, "--cron", "0 3 * * 1", "--backend", "current",
+                     *SUBMIT]) == 2
+    assert "backend is version 2.14.0; the 'current' pipeline needs 2.16.0 or newer" in caplog.text
+    assert "--backend compat" in caplog.text
+    assert [m for m, _, _ in calls] == ["GET", "GET"]  # the two health requests, nothing posted
 
 
 def test_schedule_creates_a_recurring_retraining_run(kfp_api: tuple[str, list], tmp_path: Path) -> None:
     host, calls = kfp_api
     job = launch.schedule(host, "0 3 * * 1", {"source_uri": "s3://scans/dicom/",
-                                              "annotations_uri": "s3://scans/annotations.csv"})
+                                              "annotations_uri": "s3://scans/annotations.csv",
+                                              "work_uri": "s3://scans/work/"})
     assert job == "rr-1"
     body = _posted(calls, "recurringruns")
     assert body["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * 1"  # KFP's six fields, seconds first
     assert body["max_concurrency"] == 1 and body["no_catchup"] is True and body["mode"] == "ENABLE"
     assert body["experiment_id"] == "exp-1" and body["display_name"] == "blendsign-retraining"
     assert body["runtime_config"]["parameters"] == {"only_if_new_data": True, "source_uri": "s3://scans/dicom/",
-                                                    "annotations_uri": "s3://scans/annotations.csv"}
-    _assert_spec(body, tmp_path)
+                                                    "annotations_uri": "s3://scans/annotations.csv",
+                                                    "work_uri": "s3://scans/work/"}
+    _assert_spec(body, tmp_path, "current")
     with pytest.raises(ValueError, match="5 fields"):
         launch.kfp_cron("0 3 * *")
+    sent = len(calls)
     with pytest.raises(ValueError, match="unknown pipeline parameter"):
         launch.schedule(host, "0 3 * * *", {"sourceuri": "x"})
-    sent = len(calls)
     with pytest.raises(ValueError, match="promotion metric 'cv_auc_blendsign' unknown"):  # not after hours
         launch.submit(host, {"promotion_metric": "cv_auc_blendsign"})
-    assert len(calls) == sent  # refused before anything was sent
+    with pytest.raises(ValueError, match="register mode must be one of"):
+        launch.submit(host, {"register_mode": "ensemble"})
+    assert len(calls) == sent  # refused before anything was sent, the server not even asked
+
+
+def cli_main(argv: list[str]) -> int:
+    from blendsign import cli
+
+    return cli.main(argv)
 
 
 # --- the whole pipeline on this machine (kfp.local) ------------------------------------------------------
@@ -292,6 +489,25 @@ def local_run(cohort: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
         os.chdir(old_cwd)
 
 
+def run_tree(tracking_uri: str, experiment: str, parent_run_id: str) -> dict[str, Any]:
+    """The MLflow runs under a parent run, as nested run names, and every run's status."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id], max_results=1000)
+
+    def children(run_id: str) -> dict[str, Any]:
+        return {r.info.run_name: children(r.info.run_id) for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == run_id}
+
+    return {"tree": children(parent_run_id), "statuses": {r.info.status for r in runs}}
+
+
+EXPECTED_TREE = {"cross-validation": {"fold0": {"fold0-round0": {}, "fold0-round1": {}},
+                                      "fold1": {"fold1-round0": {}, "fold1-round1": {}}},
+                 "refit": {"refit-round0": {}, "refit-round1": {}}, "register": {}}
+
+
 @pytest.mark.slow
 def test_local_run_registers_a_champion_with_the_mlflow_tree(local_run: dict[str, Any]) -> None:
     from mlflow import MlflowClient
@@ -300,34 +516,67 @@ def test_local_run_registers_a_champion_with_the_mlflow_tree(local_run: dict[str
     assert local_run["last_run"] == record
     assert record["status"] == "registered" and record["promoted"] is True
     assert record["model_uri"] == "models:/blendsign-kfp@champion"
-    assert {"tracking_uri", "experiment", "parent_run_id", "registered_model", "model_version"} <= set(record)
+    assert {"tracking_uri", "experiment", "parent_run_id", "registered_model", "model_version",
+            "pipeline_run_id"} <= set(record)
     assert "2-fold cross-validation" in local_run["first"].summary and "champion: blendsign-kfp v1" in \
         local_run["first"].summary
 
     client = MlflowClient(tracking_uri=record["tracking_uri"])
     champion = client.get_model_version_by_alias("blendsign-kfp", "champion")
     assert str(champion.version) == str(record["model_version"])
-    runs = client.search_runs([client.get_experiment_by_name("kfp-local").experiment_id], max_results=500)
-    by_id = {r.info.run_id: r for r in runs}
-    parent = by_id[record["parent_run_id"]]
+    parent = client.get_run(record["parent_run_id"])
     fingerprint = parent.data.tags["data_fingerprint"]
     assert champion.tags["data_fingerprint"] == fingerprint and parent.data.tags["status"] == "registered"
     assert "cv_auc_blend_sign" in parent.data.metrics and parent.info.status == "FINISHED"
-
-    def children(run_id: str) -> dict[str, Any]:
-        return {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == run_id}
-
-    top = children(parent.info.run_id)
-    assert set(top) == {"cross-validation", "refit", "register"}
-    assert [r.info.run_name for r in runs].count("refit") == 1  # trained once, in the loop, not again by register
-    folds = children(top["cross-validation"].info.run_id)
-    assert set(folds) == {"fold0", "fold1"}
-    assert set(children(folds["fold0"].info.run_id)) == {"fold0-round0", "fold0-round1"}
-    assert "cv_auc_blend_sign" in top["cross-validation"].data.metrics
+    assert parent.data.tags["kfp_run_id"] == parent.data.tags["pipeline_run_id"] == record["pipeline_run_id"]
+    tree = run_tree(record["tracking_uri"], "kfp-local", parent.info.run_id)
+    assert tree == {"tree": EXPECTED_TREE, "statuses": {"FINISHED"}}  # the exit handler found nothing RUNNING
+    runs = client.search_runs([parent.info.experiment_id], max_results=500)
+    assert all(r.data.tags.get("pipeline_run_id") == record["pipeline_run_id"] for r in runs
+               if r.data.tags.get("stage") not in ("ingest", "fuse", "folds"))  # what the exit handler searches
     stage_runs = {r.info.run_name for r in runs if r.data.tags.get("data_fingerprint") == fingerprint
                   and "mlflow.parentRunId" not in r.data.tags}
     assert {"ingest", "fuse", "folds", "pipeline"} <= stage_runs  # cached stages: linked by the fingerprint
-    assert all(r.info.status == "FINISHED" for r in runs)
+
+
+@pytest.mark.slow
+def test_local_run_steps_hand_on_only_what_the_next_reads(local_run: dict[str, Any]) -> None:
+    kfp_root = local_run["work"] / "work" / "kfp"
+    run_dir = next(p for p in kfp_root.iterdir() if p.name.startswith("blendsign-"))
+    loop_files = [p.relative_to(run_dir).as_posix() for p in run_dir.glob("for-loop-*/**/*") if p.is_file()]
+    models = sorted(f for f in loop_files if f.endswith(".pt"))
+    assert models and all(f.endswith("model.pt") and "/model/" in f for f in models), models  # no last.pt, teacher
+    assert len(models) == 3  # one final model per training job (2 folds + the refit)
+    manifest = next(run_dir.glob("ingest/manifest"))
+    assert sorted(p.name for p in manifest.iterdir()) == ["ingest_report.json", "manifest.json"]  # no slices
+    html = next(run_dir.glob("evaluate/report_html"))
+    text = html.read_text()
+    assert text.count("data:image/png;base64,") >= 4 and "src=\"roc.png\"" not in text  # self-contained
+    roc = json.loads(next(run_dir.glob("evaluate/executor_output.json")).read_text())["artifacts"]["roc_blend_sign"]
+    assert roc["artifacts"][0]["metadata"]["confidenceMetrics"]  # the UI's ROC curve
+    work = local_run["work"] / "work" / "runs" / local_run["first"].record["pipeline_run_id"]
+    assert sorted(p.name for p in (work / "models").iterdir()) == ["all", "fold0", "fold1"]
+    assert (work / "jobs" / "fold0" / "round1" / "last.pt").is_file()  # the checkpoints a retry resumes from
+
+
+@pytest.mark.slow
+def test_blendsign_run_builds_the_same_run_tree(cohort: dict[str, Path], tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """`blendsign run` (one process) and the Kubeflow pipeline share one code path for the MLflow tree."""
+    from blendsign.config import override
+    from blendsign.pipeline import run_pipeline
+    from blendsign.tracking import Tracker
+
+    monkeypatch.chdir(tmp_path)
+    src = cohort["root"] / "src"
+    cfg = override(load_preset("ci"), folds={"k": 2}, distill={"rounds": 1})
+    tracker = Tracker.open("one-process", uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    result = run_pipeline(cfg, work_dir=tmp_path / "work", source=src / "dicom", annotations=src / "annotations.csv",
+                          clinical=src / "clinical.csv", tracker=tracker, model_name="one-process", progress=False)
+    assert result.record["status"] == "registered"
+    assert run_tree(tracker.uri, "one-process", result.record["parent_run_id"]) == {
+        "tree": EXPECTED_TREE, "statuses": {"FINISHED"}}
+    assert json.loads((tmp_path / ".blendsign" / "last_run.json").read_text()) == result.record
 
 
 IDENTIFYING_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "InstitutionName", "InstitutionAddress",

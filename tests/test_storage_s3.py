@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -27,50 +26,14 @@ from blendsign.storage import (
     is_s3,
     local_input,
     parquet_filesystem,
-    s3_client,
     split_s3,
     sync_up,
 )
 from blendsign.synth import synthesize
-from tests.conftest import real_file
+from tests.conftest import ACCESS_KEY, BUCKET, SECRET_KEY, real_file
 
-moto_server = pytest.importorskip("moto.server")
-
-BUCKET = "blendsign-test"
-ACCESS_KEY = "AKIABLENDSIGNTEST0001"
-SECRET_KEY = "blendsign/secret+Key/never-logged-0123456789"
 PSEUDONYM_KEY = "s3-test-pseudonym-key-0123456789abcdef"
 REAL_FILES = ("CT_small.dcm", "J2K_pixelrep_mismatch.dcm", "693_UNCI.dcm")
-
-
-@pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    """moto's S3 server on 127.0.0.1 (a free port), started once and stopped at the end of the session."""
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one INFO record per request otherwise
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def s3(s3_endpoint: str) -> Iterator[Any]:
-    """The standard AWS/MLflow environment pointing at the server (for this module only) and a bucket."""
-    with pytest.MonkeyPatch.context() as mp:
-        for var in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION",
-                    "BLENDSIGN_ARTIFACT_ROOT", "MLFLOW_ARTIFACT_ROOT", "MLFLOW_TRACKING_URI"):
-            mp.delenv(var, raising=False)
-        mp.setenv("AWS_ENDPOINT_URL", s3_endpoint)
-        mp.setenv("MLFLOW_S3_ENDPOINT_URL", s3_endpoint)
-        mp.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-        mp.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        client = s3_client()
-        client.create_bucket(Bucket=BUCKET)
-        yield client
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,6 @@ import sys
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING
 
 from blendsign import __version__
@@ -408,6 +407,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--margin", type=float, default=0.0, help="promotion margin over the champion")
     p.add_argument("--experiment", default="blendsign", help="MLflow experiment")
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the config's)")
+    p.add_argument("--only-if-new-data", action="store_true",
+                   help="end early, training nothing, when the registered model already holds this dataset")
     p.set_defaults(func=_run_run)
 
 
@@ -419,7 +420,7 @@ def _run_run(args: argparse.Namespace) -> int:
     result = run_pipeline(cfg, work_dir=args.work, source=args.source, annotations=args.annotations,
                           clinical=args.clinical, tracker=tracker, register_mode=args.register_mode,
                           model_name=args.model_name, metric=args.metric, margin=args.margin,
-                          progress=args.progress)
+                          only_if_new_data=args.only_if_new_data, progress=args.progress)
     print(result.summary())
     return 0
 
@@ -427,27 +428,13 @@ def _run_run(args: argparse.Namespace) -> int:
 # --- pipeline: the Kubeflow pipeline (compile, run --local, submit, schedule) ---------------------------
 
 
-def _pipeline_modules() -> tuple[ModuleType, ModuleType]:
-    """``pipelines.blendsign_pipeline`` and ``pipelines.launch`` from the repository checkout (they live at
-    its root, beside ``components/``, not in the installed package)."""
-    import importlib
-
-    roots = [Path.cwd(), Path(__file__).resolve().parents[2]]
-    root = next((r for r in roots if (r / "pipelines" / "blendsign_pipeline.py").is_file()), None)
-    if root is None:
-        raise FileNotFoundError("pipelines/blendsign_pipeline.py not found: run `blendsign pipeline` from a "
-                                "checkout of the repository")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    return importlib.import_module("pipelines.blendsign_pipeline"), importlib.import_module("pipelines.launch")
-
-
 def _pipeline_params(p: argparse.ArgumentParser, *, local: bool) -> None:
     src = "local path" if local else "s3:// URI or a path inside the image"
-    p.add_argument("--source", default=None, help=f"DICOM {src}" + (" (default: synthesise the cohort)" if local
-                                                                    else ""))
-    p.add_argument("--annotations", default=None, help=f"native annotation CSV ({src})")
-    p.add_argument("--clinical", default=None, help=f"clinical.csv ({src}; postoperative list)")
+    p.add_argument("--source", default=None, required=not local,
+                   help=f"DICOM {src}" + (" (default: synthesise the cohort)" if local else ""))
+    p.add_argument("--annotations", default=None, required=not local, help=f"native annotation CSV ({src})")
+    p.add_argument("--clinical", default=None, help=f"clinical.csv ({src}; postoperative list; default: found in or "
+                   "beside the source)")
     p.add_argument("--k", type=int, default=None, help="folds (default: the preset's)")
     p.add_argument("--rounds", type=int, default=None, help="distillation rounds (default: the preset's)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI"
@@ -460,18 +447,26 @@ def _pipeline_params(p: argparse.ArgumentParser, *, local: bool) -> None:
                    help="what to register: a refit on all scans (default) or the K fold models averaged")
 
 
-def _pipeline_resources(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gpu-type", default=None, help="accelerator resource of the GPU tasks (nvidia.com/gpu)")
-    p.add_argument("--gpus", type=int, default=None, help="GPUs per GPU task (default 1; 0: CPU only)")
+def _pipeline_cluster(p: argparse.ArgumentParser, *, compile_only: bool) -> None:
+    p.add_argument("--profile", type=Path, default=None, help="cluster profile TOML: resources, node selectors, "
+                   "tolerations, timeouts, retries, images per task class (configs/cluster-profile-example.toml)")
+    p.add_argument("--backend", choices=["current", "compat"], default="current" if compile_only else None,
+                   help="pipeline variant: current (Kubeflow Pipelines backend 2.16+) or compat (2.5+, Kubeflow "
+                   "1.10)" + ("" if compile_only else "; default: chosen from the server's version"))
+    p.add_argument("--gpu-type", default=None, help="accelerator resource of the GPU tasks (overrides the profile)")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs per GPU task (overrides the profile; 0: CPU only)")
 
 
 def _add_pipeline(sub: argparse._SubParsersAction) -> None:
     help_ = "the Kubeflow pipeline: compile it, run it here (kfp.local), submit or schedule it on a cluster"
     p = sub.add_parser("pipeline", help=help_, description=help_)
     actions = p.add_subparsers(dest="action", required=True, metavar="<action>")
-    c = actions.add_parser("compile", help="write the pipeline spec (YAML)", parents=[_common()])
-    c.add_argument("--output", type=Path, default=None, help="default pipelines/blendsign_pipeline.yaml")
-    _pipeline_resources(c)
+    c = actions.add_parser("compile", help="write the pipeline spec (YAML) for a cluster", parents=[_common()],
+                           description="Write the pipeline spec (YAML) to upload in the Kubeflow UI. --config is the "
+                           "preset parameter's default and sizes the training tasks' /dev/shm.")
+    c.add_argument("--output", type=Path, default=Path("blendsign_pipeline.yaml"),
+                   help="the YAML to write (default ./blendsign_pipeline.yaml)")
+    _pipeline_cluster(c, compile_only=True)
     r = actions.add_parser("run", help="run the whole pipeline on this machine (kfp.local)", parents=[_common()])
     r.add_argument("--local", action="store_true", required=True, help="run here with kfp.local (required)")
     r.add_argument("--work", type=Path, default=Path("data/pipeline"), help="work folder (default data/pipeline)")
@@ -484,8 +479,9 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--namespace", default=None, help="Kubeflow namespace (multi-user installs)")
         q.add_argument("--kfp-experiment", default="blendsign", help="Kubeflow experiment")
         q.add_argument("--secret", default="blendsign-credentials", help="Kubernetes secret with the credentials")
+        q.add_argument("--work", required=True, help="s3:// prefix for the run's checkpoints and exported models")
         _pipeline_params(q, local=False)
-        _pipeline_resources(q)
+        _pipeline_cluster(q, compile_only=False)
         if name == "submit":
             q.add_argument("--run-name", default=None, help="run name (default: kfp's)")
             q.add_argument("--only-if-new-data", action="store_true", help="end early if nothing changed")
@@ -497,17 +493,21 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_pipeline_command)
 
 
-def _run_pipeline_command(args: argparse.Namespace) -> int:
-    definition, launch = _pipeline_modules()
-    res = None
-    if getattr(args, "gpu_type", None) is not None or getattr(args, "gpus", None) is not None:
-        from dataclasses import replace
+def _cluster_profile(args: argparse.Namespace) -> object:
+    from blendsign.pipelines.profile import load_profile
 
-        res = definition.Resources()
-        res = replace(res, **{k: v for k, v in {"gpu_type": args.gpu_type, "gpus": args.gpus}.items()
-                              if v is not None})
+    profile = load_profile(args.profile)
+    if args.gpu_type is not None or args.gpus is not None:
+        profile = profile.with_gpus(profile.train.gpus if args.gpus is None else args.gpus, args.gpu_type)
+    return profile
+
+
+def _run_pipeline_command(args: argparse.Namespace) -> int:
+    from blendsign.pipelines import launch
+    from blendsign.pipelines.blendsign_pipeline import compile_pipeline
+
     if args.action == "compile":
-        print(definition.compile_pipeline(args.output or definition.DEFAULT_YAML, res))
+        print(compile_pipeline(args.output, _cluster_profile(args), args.backend, args.config))
         return 0
     if args.action == "run":
         result = launch.run_local(
@@ -517,15 +517,14 @@ def _run_pipeline_command(args: argparse.Namespace) -> int:
             register_mode=args.register_mode, only_if_new_data=args.only_if_new_data, progress=args.progress)
         print(result.summary)
         return 0
-    if not args.source or not args.annotations:
-        raise ValueError("--source and --annotations are required on a cluster")
-    params = {"source_uri": args.source, "annotations_uri": args.annotations, "clinical_uri": args.clinical or "",
-              "preset": args.config, "experiment": args.experiment, "model_name": args.model_name,
-              "promotion_metric": args.metric, "promotion_margin": args.margin,
+    params = {"source_uri": args.source, "annotations_uri": args.annotations, "work_uri": args.work,
+              "clinical_uri": args.clinical or "", "preset": args.config, "experiment": args.experiment,
+              "model_name": args.model_name, "promotion_metric": args.metric, "promotion_margin": args.margin,
               "register_mode": args.register_mode, "credentials_secret": args.secret,
               **{k: v for k, v in {"k": args.k, "rounds": args.rounds, "tracking_uri": args.tracking_uri}.items()
                  if v is not None}}
-    common = {"kfp_experiment": args.kfp_experiment, "namespace": args.namespace, "res": res}
+    common = {"kfp_experiment": args.kfp_experiment, "namespace": args.namespace, "profile": _cluster_profile(args),
+              "backend": args.backend}
     if args.action == "submit":
         run_id = launch.submit(args.host, {**params, "only_if_new_data": args.only_if_new_data},
                                run_name=args.run_name, enable_caching=None if args.cache else False, **common)

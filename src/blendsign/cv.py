@@ -19,7 +19,7 @@ from blendsign import CLASSES
 from blendsign.config import Config, override
 from blendsign.data import load_index
 from blendsign.distill import distill
-from blendsign.evaluate import METRICS, EvalResult, evaluate
+from blendsign.evaluate import METRICS, PREDICTIONS_FILE, EvalResult, evaluate
 from blendsign.storage import write_json_atomic, write_text_atomic
 from blendsign.tracking import Tracker
 
@@ -116,7 +116,7 @@ def ablation(
         figures = [plots.ablation_bars(table, out_dir / "ablation.png")]
         grid = []
         for name in results:
-            pred = pq.read_table(out_dir / name / "evaluation" / "predictions.parquet", columns=["label", "pred"])
+            pred = pq.read_table(out_dir / name / "evaluation" / PREDICTIONS_FILE, columns=["label", "pred"])
             grid.append((name, [CLASSES.index(v) for v in pred.column("label").to_pylist()],
                          [CLASSES.index(v) for v in pred.column("pred").to_pylist()]))
         figures.append(plots.confusion_grid(grid, out_dir / "ablation_confusion.png"))

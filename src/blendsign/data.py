@@ -8,8 +8,9 @@ pure function of (seed, epoch, index), so augmentations do not depend on worker 
 from __future__ import annotations
 
 import functools
+import shutil
 from collections.abc import Collection, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from blendsign import CLASSES
 from blendsign.config import DataConfig
+from blendsign.folds import FOLDS_FILE
 from blendsign.targets import encode_targets
 from blendsign.transforms import Augment, preprocess, scale_boxes
 
@@ -63,7 +65,7 @@ def load_index(
     labels = pq.read_table(labels_dir / "labels.parquet").to_pylist()
     fold_of: dict[str, int] = {}
     if folds_dir is not None:
-        for row in pq.read_table(Path(folds_dir) / "folds.parquet", columns=["scan_id", "fold"]).to_pylist():
+        for row in pq.read_table(Path(folds_dir) / FOLDS_FILE, columns=["scan_id", "fold"]).to_pylist():
             fold_of[row["scan_id"]] = int(row["fold"])
         if folds is not None:
             labels = [r for r in labels if fold_of.get(r["scan_id"]) in set(folds)]
@@ -223,6 +225,34 @@ class EpochSampler(Sampler[tuple[int, int]]):
         return -(-self.n // self.world) if self.world > 1 else self.n
 
 
+PREFETCH = 4  # batches each loader worker keeps ready
+SHM = Path("/dev/shm")
+
+
+def shared_memory_bytes(cfg: DataConfig, batch_size: int) -> int:
+    """The ``/dev/shm`` a loader of ``cfg.workers`` workers needs: each worker's ``PREFETCH`` ready batches and
+    the one it builds pass through shared memory as float32 images ``[B, 3, S, S]`` (the targets add about 2%);
+    ×1.25 for the allocator, plus 256 MiB. No workers: none."""
+    if cfg.workers == 0:
+        return 0
+    batch = batch_size * 3 * cfg.size * cfg.size * 4 * 1.02
+    return int(cfg.workers * (PREFETCH + 1) * batch * 1.25) + (256 << 20)
+
+
+def check_shared_memory(cfg: DataConfig, batch_size: int, shm: Path = SHM) -> None:
+    """Refuse to start loader workers that would die of "Bus error" half-way: ``/dev/shm`` smaller than
+    :func:`shared_memory_bytes` (containers get 64 MiB unless given more)."""
+    need = shared_memory_bytes(cfg, batch_size)
+    if need == 0 or not shm.is_dir():
+        return
+    total = shutil.disk_usage(shm).total
+    if total < need:
+        raise ValueError(f"{shm} holds {total / 2**20:.0f} MiB but {cfg.workers} loader workers at {cfg.size} px "
+                         f"and batch {batch_size} need about {need / 2**20:.0f} MiB: give the container more (docker "
+                         "--shm-size; Kubeflow: compile the pipeline with this preset, which sizes its /dev/shm "
+                         "mount) or use fewer data.workers")
+
+
 def make_loader(
     dataset: SliceDataset,
     *,
@@ -235,6 +265,7 @@ def make_loader(
     pin_memory: bool = False,
 ) -> DataLoader:
     """A loader with a persistent worker pool; call ``loader.sampler.set_epoch(e)`` each epoch."""
+    check_shared_memory(replace(dataset.cfg, workers=workers), batch_size)
     sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world=world)
     return DataLoader(
         dataset,
@@ -245,5 +276,5 @@ def make_loader(
         pin_memory=pin_memory,
         collate_fn=collate,
         drop_last=False,
-        prefetch_factor=4 if workers > 0 else None,
+        prefetch_factor=PREFETCH if workers > 0 else None,
     )

@@ -14,6 +14,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import shutil
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,13 +128,17 @@ def distill(
     tracker: Tracker | None = None,
     parent_run_id: str | None = None,
     progress: bool = True,
+    on_checkpoint: Callable[[], None] | None = None,
 ) -> DistillResult:
-    """Teacher plus ``rounds`` students on ``fold`` (``None``: all data, no validation). Idempotent."""
+    """Teacher plus ``rounds`` students on ``fold`` (``None``: all data, no validation). Idempotent.
+
+    ``on_checkpoint``: called whenever a round's files change (each epoch, each round's soft labels, the end).
+    """
     rounds = cfg.distill.rounds if rounds is None else rounds
-    fold_dir = Path(out_dir) / ("all" if fold is None else f"fold{fold}")
+    fold_dir = Path(out_dir) / job_dir_name(fold)
     device = resolve_device(cfg.train.device)
     name = "refit" if fold is None else f"fold{fold}"
-    state_file = fold_dir / "distill.json"
+    state_file = fold_dir / STATE_FILE
     fold_run_id = None
     if tracker is not None:
         previous = json.loads(state_file.read_text()) if state_file.exists() else {}
@@ -153,7 +160,8 @@ def distill(
         # resume=True: a round killed half-way (a pre-empted pipeline task) continues where it stopped
         result = train(cfg, ingest_dir=ingest_dir, labels_dir=labels_dir, folds_dir=folds_dir, fold=fold,
                        out_dir=folder, resume=True, tracker=tracker, teacher=teacher, run_name=f"{name}-round{r}",
-                       parent_run_id=fold_run_id, tags={"round": str(r)}, progress=progress)
+                       parent_run_id=fold_run_id, tags={"round": str(r)}, progress=progress,
+                       on_checkpoint=on_checkpoint)
         if tracker is not None and r > 0 and result.run_id:
             for artifact in ("soft_labels.parquet", "review.md", "review.csv"):
                 tracker.client.log_artifact(result.run_id, str(folder / artifact), "distillation")
@@ -161,13 +169,67 @@ def distill(
     write_json_atomic(state_file, {"fold": fold, "rounds": rounds, "fold_run_id": fold_run_id,
                                    "final_checkpoint": str(results[-1].checkpoint.relative_to(fold_dir)),
                                    "round_run_ids": [r.run_id for r in results]})
+    if on_checkpoint is not None:
+        on_checkpoint()
     return DistillResult(fold, tuple(results), fold_run_id)
+
+
+STATE_FILE = "distill.json"
+
+
+def job_dir_name(fold: int | None) -> str:
+    """The folder of a training job under a distillation output: ``fold<k>``, or ``all`` for the refit."""
+    return "all" if fold is None else f"fold{fold}"
+
+
+def read_state(fold_dir: str | Path) -> dict[str, Any]:
+    """``distill.json`` of a distilled fold (fold, rounds, MLflow run ids, the final checkpoint's path)."""
+    state = Path(fold_dir) / STATE_FILE
+    if not state.exists():
+        raise FileNotFoundError(f"{fold_dir} holds no finished distillation ({STATE_FILE} missing)")
+    return dict(json.loads(state.read_text()))
 
 
 def final_checkpoint(fold_dir: str | Path) -> Path:
     """The final model of a distilled fold (its last round's ``model.pt``)."""
+    return Path(fold_dir) / read_state(fold_dir)["final_checkpoint"]
+
+
+def export_final(fold_dir: str | Path, dest: str | Path) -> Path:
+    """Copy what later steps read of a distilled fold, ``distill.json`` and the final ``model.pt`` (no optimiser
+    state, no earlier rounds), to ``dest/<fold folder>/``, the layout ``evaluate`` reads; returns that folder.
+    The folder is replaced as a whole (a re-run, or the students' export after the teacher's)."""
     fold_dir = Path(fold_dir)
-    state = fold_dir / "distill.json"
-    if not state.exists():
-        raise FileNotFoundError(f"{fold_dir} holds no finished distillation (distill.json missing)")
-    return fold_dir / json.loads(state.read_text())["final_checkpoint"]
+    target, final = Path(dest) / fold_dir.name, final_checkpoint(fold_dir)
+    staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        for src in (final, fold_dir / STATE_FILE):
+            (staging / src.relative_to(fold_dir)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, staging / src.relative_to(fold_dir))
+        shutil.rmtree(target, ignore_errors=True)  # an earlier export (the teacher's round) leaves nothing behind
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def gather(sources: Iterable[str | Path], dest: str | Path, *, names: Sequence[str] | None = None) -> Path:
+    """The distilled folds found in ``sources`` (folders holding ``fold<k>/``, ``all/``) copied into ``dest``
+    (:func:`export_final`'s layout): how ``evaluate`` and ``register`` collect the training jobs' outputs.
+    ``names``: exactly these folders (default every ``fold<k>``), each found once."""
+    dest = Path(dest)
+    found: dict[str, Path] = {}
+    for folder in sources:
+        for fold_dir in sorted(Path(folder).glob("fold*") if names is None else
+                               (Path(folder) / n for n in names if (Path(folder) / n).is_dir())):
+            if fold_dir.name in found:
+                raise ValueError(f"{fold_dir.name} given twice")
+            found[fold_dir.name] = fold_dir
+    missing = sorted(set(names or []) - set(found))
+    if missing or not found:
+        raise FileNotFoundError(f"no finished training job {', '.join(missing) or 'fold'} among the models collected "
+                                "(a training step did not finish?)")
+    for fold_dir in found.values():
+        export_final(fold_dir, dest)
+    return dest

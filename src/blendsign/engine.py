@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from blendsign.config import LossConfig
 from blendsign.losses import total_loss
+from blendsign.progress import progress as progress_bar
 
 TARGET_KEYS = ("label", "heatmap", "reg", "reg_mask")
 
@@ -47,7 +47,7 @@ def train_one_epoch(
     model.train()
     sums: dict[str, torch.Tensor] = {}
     seen, start = 0, time.perf_counter()
-    bar = tqdm(loader, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True, leave=False)
+    bar = progress_bar(loader, desc=desc, unit="batch", enabled=progress, leave=False)
     for batch in bar:
         images = _inputs(batch, device, channels_last)
         targets = {k: batch[k].to(device, non_blocking=True) for k in TARGET_KEYS}
@@ -93,7 +93,7 @@ def predict(
     """Logits ``[n, 3]``, labels ``[n]`` and dataset indices ``[n]`` over ``loader`` (eval mode)."""
     model.eval()
     logits, labels, index = [], [], []
-    for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True, leave=False):
+    for batch in progress_bar(loader, desc=desc, unit="batch", enabled=progress, leave=False):
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
             out = model(_inputs(batch, device, channels_last))
         logits.append(out["logits"].float().cpu())

@@ -5,7 +5,8 @@ and standard deviation over the K folds; 95% CIs by bootstrap over scans of the 
 predictions; scan-level triage AUC; calibration; figures (ROC, confusion matrix as the paper's Figure 6,
 reliability diagram, Grad-CAM with the detection branch's boxes as its Figure 7).
 
-Output (``OUT``): ``predictions.parquet`` (out-of-fold), ``metrics.json``, ``report.md`` and the PNGs.
+Output (``OUT``): ``predictions.parquet`` (out-of-fold), ``metrics.json``, ``report.md`` and the PNGs, and
+``report.html``: the report with its figures inlined (``blendsign.report``).
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ import torch
 from blendsign import CLASSES, METRICS
 from blendsign.config import Config
 from blendsign.data import SliceDataset, load_index, make_loader
-from blendsign.distill import final_checkpoint, load_model
+from blendsign.distill import final_checkpoint, load_model, read_state
 from blendsign.engine import predict, softmax
 from blendsign.explain import grad_cam
 from blendsign.metrics import bootstrap_ci, calibration, per_class_metrics, scan_auc
+from blendsign.report import HTML_REPORT_FILE, write_html_report
 from blendsign.storage import atomic_path, write_json_atomic, write_text_atomic
 from blendsign.targets import decode_boxes
 from blendsign.tracking import Tracker, finite
@@ -58,10 +60,41 @@ class EvalResult:
             lines.append(f"| {c} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
+    @classmethod
+    def load(cls, out_dir: str | Path) -> EvalResult:
+        """The result an ``evaluate`` output folder holds (its ``metrics.json``)."""
+        m = read_metrics(out_dir)
+        return cls(Path(out_dir), {int(k): v for k, v in m["per_fold"].items()},
+                   {k: tuple(v) for k, v in m["cv"].items()}, {k: tuple(v) for k, v in m["ci"].items()}, m["scan"])
+
+    def cv_means(self) -> dict[str, float]:
+        """``cv_<metric>_<class>`` means over folds, finite ones only (the parent MLflow run's metrics and the
+        registry's promotion metrics)."""
+        return finite({f"cv_{k}": v[0] for k, v in self.cv.items()})
+
     def summary(self) -> str:
         return (f"{len(self.per_fold)}-fold cross-validation (mean ± sd over folds [95% CI, bootstrap over scans]):\n"
                 f"{self.table()}\nscan level: "
-                + ", ".join(f"{k} {v:.3f}" for k, v in self.scan.items()) + f"\nreport: {self.out_dir / 'report.md'}")
+                + ", ".join(f"{k} {v:.3f}" for k, v in self.scan.items()) + f"\nreport: {self.out_dir / REPORT_FILE}")
+
+
+METRICS_FILE = "metrics.json"
+REPORT_FILE = "report.md"
+PREDICTIONS_FILE = "predictions.parquet"
+
+
+def read_metrics(out_dir: str | Path) -> dict[str, Any]:
+    """``metrics.json`` of an ``evaluate`` output, undefined values (JSON null) back to NaN."""
+    m = json.loads((Path(out_dir) / METRICS_FILE).read_text())
+
+    def nan(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: nan(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [nan(x) for x in v]
+        return math.nan if v is None else v
+
+    return {k: nan(v) if k in ("per_fold", "cv", "ci", "scan") else v for k, v in m.items()}
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -109,7 +142,7 @@ def evaluate(
         fold_dir = models_dir / f"fold{k}"
         checkpoint = final_checkpoint(fold_dir)
         model, trained = load_model(checkpoint, device)  # preprocessing as it was trained
-        fold_runs[k] = json.loads((fold_dir / "distill.json").read_text()).get("fold_run_id")
+        fold_runs[k] = read_state(fold_dir).get("fold_run_id")
         _, val, digest = training_data(trained, ingest_dir, labels_dir, folds_dir, k)
         if trained_on(checkpoint).get("data") != digest:
             raise ValueError(f"the fold {k} model {checkpoint} was not trained on fold {k}'s training slices of "
@@ -150,7 +183,7 @@ def evaluate(
 
     table = pa.table({**rows, "label": [CLASSES[c] for c in labels], "pred": [CLASSES[c] for c in probs.argmax(1)],
                       **{f"p_{c}": probs[:, j] for j, c in enumerate(CLASSES)}})
-    with atomic_path(out_dir / "predictions.parquet") as tmp:
+    with atomic_path(out_dir / PREDICTIONS_FILE) as tmp:
         pq.write_table(table, tmp)
     pred_all = probs.argmax(1)
     # one correct and one wrong example per class first, then the rest
@@ -167,7 +200,7 @@ def evaluate(
     metrics = {"per_fold": per_fold, "cv": cv, "ci": ci, "scan": scan,
                "ece": {c: cal[c]["ece"] for c in CLASSES}, "decision_rule": "argmax",
                "slices": len(labels), "scans": len(set(rows["scan_id"]))}
-    write_json_atomic(out_dir / "metrics.json", metrics)
+    write_json_atomic(out_dir / METRICS_FILE, metrics)
     result = EvalResult(out_dir, per_fold, cv, ci, scan, figures)
     report = ["# Cross-validated evaluation", "", f"{len(folds)} folds, {len(labels)} slices of "
               f"{metrics['scans']} scans; decision rule: argmax of the class probabilities.", "",
@@ -179,7 +212,9 @@ def evaluate(
               + ", ".join(f"{k} {v:.3f}" for k, v in scan.items()), "",
               "Expected calibration error: " + ", ".join(f"{c} {cal[c]['ece']:.3f}" for c in CLASSES), "",
               *[f"![{p.stem}]({p.name})" for p in figures], ""]
-    write_text_atomic(out_dir / "report.md", "\n".join(report))
+    write_text_atomic(out_dir / REPORT_FILE, "\n".join(report))
+    # the same report with its figures inlined: Kubeflow's HTML viewer shows no relative images
+    write_html_report(out_dir / REPORT_FILE, out_dir / HTML_REPORT_FILE, title="Cross-validated evaluation")
     if tracker is not None:
         for k, run in fold_runs.items():
             if run:
@@ -192,6 +227,7 @@ def evaluate(
                 flat |= {f"ci_high_{key}": v[1] for key, v in ci.items()}
                 flat |= {f"scan_{key}": v for key, v in scan.items()} | {f"ece_{c}": cal[c]["ece"] for c in CLASSES}
                 r.log_metrics(finite(flat))
-                for path in (*figures, *(out_dir / f for f in ("report.md", "metrics.json", "predictions.parquet"))):
+                files = (REPORT_FILE, HTML_REPORT_FILE, METRICS_FILE, PREDICTIONS_FILE)
+                for path in (*figures, *(out_dir / f for f in files)):
                     r.log_artifact(path, "evaluation")
     return result

@@ -20,6 +20,7 @@ from blendsign.labels import CLASSES
 from blendsign.storage import atomic_path, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
+FOLDS_FILE = "folds.parquet"
 SEVERITY: dict[str, int] = {c: i for i, c in enumerate(CLASSES)}  # non_ich < normal_ich < blend_sign
 
 
@@ -151,9 +152,17 @@ def make_folds(labels_dir: str | Path, out_dir: str | Path, cfg: FoldConfig | No
     report: dict[str, Any] = {"k": cfg.k, "seed": cfg.seed, "patients": result.patients, "scans": result.scans,
                               "folds": list(table)}
     out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / "folds.parquet") as tmp:
+    with atomic_path(out_dir / FOLDS_FILE) as tmp:
         pq.write_table(pa.Table.from_pydict({c: scans[c].tolist() for c in schema.names}, schema=schema), tmp)
     write_json_atomic(out_dir / "folds.json", report)
     write_text_atomic(out_dir / "folds.md", f"# Patient-level folds (k = {cfg.k}, seed = {cfg.seed})\n\n"
                       + folds_markdown(table))
     return result
+
+
+def fold_ids(folds_dir: str | Path) -> list[int]:
+    """The folds of a ``make_folds`` output (its ``folds.parquet``), ascending."""
+    import pyarrow.parquet as pq
+
+    return sorted({int(f) for f in pq.read_table(Path(folds_dir) / FOLDS_FILE, columns=["fold"]).column("fold")
+                   .to_pylist()})

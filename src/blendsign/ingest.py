@@ -37,8 +37,8 @@ from typing import Any, TypeVar
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
+from blendsign import storage
 from blendsign.config import IngestConfig
 from blendsign.deid import Pseudonymizer, load_or_create_key
 from blendsign.dicom import (
@@ -51,6 +51,7 @@ from blendsign.dicom import (
     slice_normal,
     z_position,
 )
+from blendsign.progress import progress as progress_bar
 from blendsign.storage import atomic_path, remove_stale_temporaries, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -439,7 +440,7 @@ def _run_parallel(
     fn: Callable[[T], R], items: Sequence[T], pool: Executor | None, desc: str, progress: bool, unit: str
 ) -> Iterator[tuple[T, R | BaseException]]:
     """Apply ``fn`` to each item (in ``pool`` when given, else in-process); errors are yielded, not raised."""
-    bar = tqdm(total=len(items), desc=desc, unit=unit, disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(items), desc=desc, unit=unit, enabled=progress)
     try:
         if pool is None:
             for item in items:
@@ -481,11 +482,49 @@ def _chunks(items: Sequence[str], n: int) -> list[list[str]]:
     return [list(items[i : i + n]) for i in range(0, len(items), n)]
 
 
-def _find_clinical(source: Path) -> Path | None:
-    for candidate in (source / "clinical.csv", source.parent / "clinical.csv"):
-        if candidate.is_file():
+CLINICAL = "clinical.csv"
+MANIFEST = "manifest.json"
+REPORT = "ingest_report.json"
+
+
+def find_clinical(source: str | Path) -> str | None:
+    """The clinical list in or beside ``source`` (a folder or an ``s3://`` prefix), or None: the one lookup for
+    the CLI, ``blendsign run`` and the Kubeflow steps."""
+    for candidate in (storage.join(source, CLINICAL), storage.sibling(source, CLINICAL)):
+        if storage.is_file(candidate):
             return candidate
     return None
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """``manifest.json`` of an ingest output (its folder, or the file itself)."""
+    path = Path(path)
+    return json.loads((path / MANIFEST if path.is_dir() else path).read_text())
+
+
+def read_report(out: str | Path) -> dict[str, Any]:
+    """``ingest_report.json`` of an ingest output: counts, exclusions, quarantined files (no identifiers)."""
+    path = Path(out) / REPORT
+    if not path.is_file():
+        raise FileNotFoundError(f"{out} is not an ingest output (no {REPORT})")
+    return dict(json.loads(path.read_text()))
+
+
+def export_summary(out: str | Path, dest: str | Path) -> Path:
+    """Copy an ingest's manifest and report (no slices) into the folder ``dest``: what the light pipeline steps
+    read (``read_manifest``, ``read_report``, ``data_fingerprint`` take either folder)."""
+    import shutil
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in (MANIFEST, REPORT):
+        shutil.copy2(Path(out) / name, dest / name)
+    return dest
+
+
+def data_fingerprint(path: str | Path) -> str:
+    """The ingested dataset's fingerprint (a hash of its manifest: scans, slice counts, source digests)."""
+    return str(read_manifest(path)["dataset_fingerprint"])
 
 
 def ingest(
@@ -504,7 +543,8 @@ def ingest(
         raise NotADirectoryError(f"DICOM source {source} is not a folder")
     if clinical_csv and not Path(clinical_csv).is_file():
         raise FileNotFoundError(f"clinical list {clinical_csv} not found")
-    clinical = Path(clinical_csv) if clinical_csv else _find_clinical(source)
+    found = find_clinical(source) if not clinical_csv else None
+    clinical = Path(clinical_csv) if clinical_csv else Path(found) if found else None
     postoperative = read_clinical(clinical) if clinical else set()
     files = find_files(source, skip=[out, *([clinical] if clinical else [])])
     if not files:
@@ -561,8 +601,8 @@ def ingest(
     report = _report(source, plan, outcomes, failed, quarantined, len(files), len(stale), pseudo, cfg)
     manifest = _manifest(outcomes)
     report["dataset_fingerprint"] = manifest["dataset_fingerprint"]
-    write_json_atomic(out / "manifest.json", manifest)
-    write_json_atomic(out / "ingest_report.json", report)
+    write_json_atomic(out / MANIFEST, manifest)
+    write_json_atomic(out / REPORT, report)
     write_text_atomic(out / "ingest_report.md", flow_markdown(report))
     for q in report["quarantined"]:
         log.warning("quarantined %s: %s", q["file"], q["reason"])
@@ -579,10 +619,7 @@ def locate(source: str | Path, out: str | Path) -> list[dict[str, str]]:
     (rows ``{"file", "pseudonym", "reason"}``, quarantined first). Writes nothing.
     """
     source, out = Path(source).resolve(), Path(out).resolve()
-    report_path = out / "ingest_report.json"
-    if not report_path.is_file():
-        raise FileNotFoundError(f"{out} is not an ingest output (no ingest_report.json)")
-    report = json.loads(report_path.read_text())
+    report = read_report(out)
     pseudo = load_or_create_key(out, create=False)
     _check_same_key(out, pseudo)
     paths = {_file_name(str(p), source, pseudo): _relative(str(p), source) for p in find_files(source, skip=[out])}
@@ -597,10 +634,9 @@ def locate(source: str | Path, out: str | Path) -> list[dict[str, str]]:
 
 def _check_same_key(out: Path, pseudo: Pseudonymizer) -> None:
     """Refuse to mix pseudonyms: an output ingested under another key would be rewritten scan by scan."""
-    report = out / "ingest_report.json"
-    if not report.is_file():
+    if not (out / REPORT).is_file():
         return
-    previous = json.loads(report.read_text()).get("key_fingerprint")
+    previous = read_report(out).get("key_fingerprint")
     if previous and previous != pseudo.fingerprint:
         raise ValueError(f"{out} was ingested with another pseudonym key (fingerprint {previous}, now "
                          f"{pseudo.fingerprint}): use that key, or another output folder")

@@ -416,6 +416,14 @@ def _kappas(votes: np.ndarray) -> dict[str, float | None]:
     return {c: None if math.isnan(v) else float(v) for c, v in zip(names, values, strict=True)}
 
 
+AGREEMENT = "agreement.json"
+
+
+def read_agreement(labels_dir: str | Path) -> dict[str, Any]:
+    """``agreement.json`` of a ``fuse`` output: readers, Fleiss' κ per class, gold counts."""
+    return dict(json.loads((Path(labels_dir) / AGREEMENT).read_text()))
+
+
 def fuse(
     annotations: str | Path, ingest_dir: str | Path, out_dir: str | Path, cfg: LabelConfig | None = None
 ) -> FuseResult:
@@ -524,7 +532,7 @@ def fuse(
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "labels.parquet") as tmp:
         pq.write_table(pa.Table.from_pylist(records, schema=LABELS_SCHEMA), tmp)
-    write_json_atomic(out_dir / "agreement.json", report)
+    write_json_atomic(out_dir / AGREEMENT, report)
     write_text_atomic(out_dir / "agreement.md", agreement_markdown(result))
     return result
 

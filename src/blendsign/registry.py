@@ -58,7 +58,7 @@ def decide(new_value: float, champion_value: float | None, *, metric: str, margi
 
 def model_card(*, name: str, version: str, mode: str, preset: str, metrics: dict[str, Any],
                agreement: dict[str, Any], ingest: dict[str, Any], fingerprint: str, commit: str,
-               promotion: Promotion, command: str) -> str:
+               promotion: Promotion, command: str, image: str | None = None) -> str:
     """Markdown model card: intended use, data, metrics with CIs, limitations (paper §Discussion)."""
     cv, ci = metrics["cv"], metrics["ci"]
     rows = []
@@ -84,7 +84,10 @@ def model_card(*, name: str, version: str, mode: str, preset: str, metrics: dict
         "",
         "## Model",
         f"Method of Prior knowledge-based precise diagnosis of blend sign (classification + detection branches, "
-        f"self-knowledge distillation). Registered as: {mode}. Preset `{preset}`. Source commit `{commit}`.",
+        f"self-knowledge distillation). Registered as: {mode}. Preset `{preset}`. Source commit `{commit}`"
+        + (f"; trained in image `{image}`" + ("" if "@sha256:" in image else " (named by tag, not by digest: compile "
+                                               "the pipeline with a digest reference to pin it)") if image else "")
+        + ".",
         f"Reproduce: `{command}`.",
         "",
         "## Data",

@@ -11,7 +11,6 @@ Pseudonym key: with an S3 output (or an S3 ingest read by ``fuse``) the key must
 
 from __future__ import annotations
 
-import contextlib
 import os
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -21,9 +20,9 @@ from typing import Generic, TypeVar
 from blendsign.config import FoldConfig, IngestConfig, LabelConfig
 from blendsign.deid import KEY_ENV
 from blendsign.folds import FoldsResult, make_folds
-from blendsign.ingest import IngestResult, ingest
+from blendsign.ingest import IngestResult, find_clinical, ingest
 from blendsign.labels import FuseResult, fuse
-from blendsign.storage import is_s3, local_input, local_output, scratch_dir, split_s3, uri_text
+from blendsign.storage import is_s3, local_input, local_output, scratch_dir, uri_text
 
 R = TypeVar("R")
 
@@ -47,13 +46,6 @@ def _require_env_key(why: str) -> None:
                          "never be uploaded with the data)")
 
 
-def _sibling(uri: str, name: str) -> str:
-    """``s3://b/raw/dicom`` → ``s3://b/raw/<name>``."""
-    bucket, key = split_s3(uri)
-    parent = key.rstrip("/").rpartition("/")[0]
-    return f"s3://{bucket}/{parent + '/' if parent else ''}{name}"
-
-
 def ingest_uri(
     source: str | Path,
     out: str | Path,
@@ -67,8 +59,8 @@ def ingest_uri(
 
     An S3 ``out`` is prefetched into the staging folder, so scans whose source digest is unchanged are
     reused, not decoded again (S3 mirrors keep each object's LastModified as mtime, so digests are stable).
-    Without ``clinical_csv``, an S3 source's ``clinical.csv`` is looked for in and beside the prefix, as
-    a local source's is.
+    Without ``clinical_csv``, ``clinical.csv`` is looked for in and beside the source
+    (:func:`blendsign.ingest.find_clinical`, for S3 prefixes and local folders alike).
     """
     source, out = uri_text(source), uri_text(out)
     if is_s3(out):
@@ -76,10 +68,8 @@ def ingest_uri(
     with ExitStack() as stack:
         root = stack.enter_context(scratch_dir(cache))
         src = stack.enter_context(local_input(source, cache=root))
-        clinical = stack.enter_context(local_input(uri_text(clinical_csv), cache=root)) if clinical_csv else None
-        if clinical is None and is_s3(source) and not (src / "clinical.csv").is_file():
-            with contextlib.suppress(FileNotFoundError):  # lands beside the mirror, where ingest finds it
-                stack.enter_context(local_input(_sibling(source, "clinical.csv"), cache=root))
+        clinical_uri = uri_text(clinical_csv) if clinical_csv else find_clinical(source) if is_s3(source) else None
+        clinical = stack.enter_context(local_input(clinical_uri, cache=root)) if clinical_uri else None
         dst = stack.enter_context(local_output(out, cache=root, prefetch=True))
         result = ingest(src, dst, cfg, clinical_csv=clinical, progress=progress)
     return StageResult(out, Path(dst), result)

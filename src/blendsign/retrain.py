@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from blendsign.pipeline import data_fingerprint
+from blendsign.ingest import data_fingerprint
 from blendsign.registry import CHAMPION
 from blendsign.storage import is_s3, s3_client, split_s3, uri_text, write_json_atomic
 

@@ -107,6 +107,42 @@ def is_s3(uri: str | Path) -> bool:
     return uri_text(uri).startswith("s3://")
 
 
+def join(uri: str | Path, *names: str) -> str:
+    """``uri/name/…`` for a local path or an ``s3://`` prefix."""
+    s = uri_text(uri)
+    return "/".join([s.rstrip("/"), *names]) if is_s3(s) else str(Path(s).joinpath(*names))
+
+
+def sibling(uri: str | Path, name: str) -> str:
+    """``name`` beside ``uri``: ``s3://b/raw/dicom`` → ``s3://b/raw/<name>``, ``/x/dicom`` → ``/x/<name>``."""
+    s = uri_text(uri)
+    if not is_s3(s):
+        return str(Path(s).resolve().parent / name)
+    bucket, key = split_s3(s)
+    parent = key.rstrip("/").rpartition("/")[0]
+    return f"s3://{bucket}/{parent + '/' if parent else ''}{name}"
+
+
+def exists(uri: str | Path) -> bool:
+    """Whether a file (an S3 object) or a non-empty folder (an S3 prefix holding objects) is at ``uri``."""
+    s = uri_text(uri)
+    if not is_s3(s):
+        return Path(s).is_file() or (Path(s).is_dir() and any(Path(s).iterdir()))
+    client = s3_client()
+    bucket, key = split_s3(s)
+    return (bool(key) and not key.endswith("/") and _object(client, bucket, key) is not None) or \
+        _has_objects(client, bucket, key)
+
+
+def is_file(uri: str | Path) -> bool:
+    """Whether a file, or an S3 object at exactly that key, is at ``uri``."""
+    s = uri_text(uri)
+    if not is_s3(s):
+        return Path(s).is_file()
+    bucket, key = split_s3(s)
+    return bool(key) and not key.endswith("/") and _object(s3_client(), bucket, key) is not None
+
+
 def split_s3(uri: str | Path) -> tuple[str, str]:
     """``s3://bucket/some/key`` → ``("bucket", "some/key")`` (key may be empty or end with ``/``)."""
     s = uri_text(uri)
@@ -325,6 +361,11 @@ def sync_up(local_dir: str | Path, uri: str | Path, *, delete: bool = True, mark
     return stats
 
 
+def _has_objects(client: Any, bucket: str, key: str) -> bool:
+    """Whether any object lies under the prefix ``key``."""
+    return bool(client.list_objects_v2(Bucket=bucket, Prefix=_prefix(key), MaxKeys=1).get("KeyCount"))
+
+
 def _object(client: Any, bucket: str, key: str) -> S3Object | None:
     """The object at exactly ``key``, or ``None``."""
     from botocore.exceptions import ClientError
@@ -382,8 +423,7 @@ def local_input(uri: str | Path, *, cache: Path | None = None, require_marker: b
             yield local
             return
         prefix = _prefix(key)
-        listing = client.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
-        if not listing.get("KeyCount"):
+        if not _has_objects(client, bucket, key):
             raise FileNotFoundError(f"nothing at s3://{bucket}/{prefix}")
         if require_marker and _object(client, bucket, prefix + MARKER) is None:
             raise FileNotFoundError(f"s3://{bucket}/{prefix} has no {MARKER} marker: the stage that writes it "
@@ -419,3 +459,38 @@ def local_output(uri: str | Path, *, cache: Path | None = None, prefetch: bool =
             log.warning("stage failed: nothing uploaded to s3://%s/%s", bucket, key)
             raise
         sync_up(staging, uri)
+
+
+class Mirror:
+    """A local working folder kept in step with ``uri`` while a long job writes into it.
+
+    ``uri`` local: the folder itself (nothing to copy). ``uri`` on S3: a staging folder that starts as a copy of
+    the prefix (so a retried or pre-empted job finds its checkpoints) and is published with :meth:`push` (changed
+    files only, stale objects deleted; no completion marker: the prefix is work in progress).
+    """
+
+    def __init__(self, uri: str | Path, local: Path) -> None:
+        self.uri, self.local = uri_text(uri), local
+
+    def push(self) -> None:
+        if is_s3(self.uri):
+            sync_up(self.local, self.uri, marker=False)
+
+
+@contextmanager
+def mirrored(uri: str | Path, *, cache: Path | None = None) -> Iterator[Mirror]:
+    """A :class:`Mirror` of ``uri``; pushed once more when the block ends, whether it succeeded or not."""
+    if not is_s3(uri):
+        Path(uri).mkdir(parents=True, exist_ok=True)
+        yield Mirror(uri, Path(uri))
+        return
+    with scratch_dir(cache) as root:
+        staging = mirror_path(root, uri)
+        staging.mkdir(parents=True, exist_ok=True)
+        if _has_objects(s3_client(), *split_s3(uri)):
+            sync_down(uri, staging)
+        mirror = Mirror(uri, staging)
+        try:
+            yield mirror
+        finally:
+            mirror.push()

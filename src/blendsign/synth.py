@@ -1298,7 +1298,7 @@ def _manifest(cohort: Cohort, files: int, counts: dict[str, dict[str, int]]) -> 
 
 def synthesize(out: Path, cfg: SynthConfig, *, progress: bool = True) -> SynthResult:
     """Write the synthetic cohort for ``cfg`` into ``out`` (see the module docstring for the layout)."""
-    from tqdm import tqdm
+    from blendsign.progress import progress as progress_bar
 
     start = time.perf_counter()
     out = Path(out)
@@ -1306,7 +1306,7 @@ def synthesize(out: Path, cfg: SynthConfig, *, progress: bool = True) -> SynthRe
     files: list[str] = []
     truth_rows: list[dict] = []
     ann_rows: list[list] = []
-    for study in tqdm(cohort.studies, desc="synth", unit="study", disable=not progress):
+    for study in progress_bar(cohort.studies, desc="synth", unit="study", enabled=progress):
         f, t, a = _write_study(out, study, cohort)
         files += f
         truth_rows += t

@@ -13,7 +13,7 @@ import subprocess
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +40,26 @@ def ui_command(uri: str) -> str:
     return f"mlflow ui --host 127.0.0.1 --backend-store-uri {uri}"
 
 
+COMMIT_ENV = "BLENDSIGN_GIT_COMMIT"  # baked into the images at build time (docker/)
+IMAGE_ENV = "BLENDSIGN_IMAGE_REF"  # the image a Kubeflow task runs in, as the compiled pipeline names it
+
+
 def git_commit() -> str:
-    """The source tree's commit (``unknown`` outside a git checkout)."""
+    """The source tree's commit: ``$BLENDSIGN_GIT_COMMIT`` (an image), else the git checkout's, else ``unknown``."""
+    if os.environ.get(COMMIT_ENV):
+        return os.environ[COMMIT_ENV]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).parent, check=True)
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def provenance() -> dict[str, str]:
+    """What every MLflow run records about the code that made it: the commit, and the image when in one."""
+    image = os.environ.get(IMAGE_ENV)
+    return {"git_commit": git_commit(), **({"image": image} if image else {})}
 
 
 @dataclass
@@ -91,9 +103,11 @@ class Tracker:
     experiment_id: str
     uri: str
     experiment_name: str = "blendsign"
+    tags: Mapping[str, str] = field(default_factory=dict)  # set on every run this tracker opens
 
     @classmethod
-    def open(cls, experiment: str = "blendsign", uri: str | None = None) -> Tracker:
+    def open(cls, experiment: str = "blendsign", uri: str | None = None,
+             tags: Mapping[str, str] | None = None) -> Tracker:
         from mlflow import MlflowClient
 
         uri = uri or tracking_uri()
@@ -113,7 +127,7 @@ class Tracker:
                 location = root.resolve().as_uri()
             exp_id = client.create_experiment(experiment, artifact_location=location)
         log.info("MLflow: %s, experiment %r", uri, experiment)
-        return cls(client, exp_id, uri, experiment)
+        return cls(client, exp_id, uri, experiment, dict(tags or {}))
 
     @contextmanager
     def run(
@@ -125,7 +139,7 @@ class Tracker:
         run_id: str | None = None,
     ) -> Iterator[Run]:
         """Open (or, with ``run_id``, resume) a run; it ends FINISHED, or FAILED on an exception."""
-        all_tags = {"git_commit": git_commit(), **(tags or {})}
+        all_tags = {**provenance(), **self.tags, **(tags or {})}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         if run_id is None:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from blendsign import CLASSES
 from blendsign.config import Config
 from blendsign.data import SliceDataset, SliceIndex, load_index, make_loader
 from blendsign.engine import predict, softmax, train_one_epoch
+from blendsign.ingest import data_fingerprint
 from blendsign.metrics import per_class_metrics
 from blendsign.model import build_model
 from blendsign.storage import atomic_path, write_json_atomic
@@ -61,12 +63,39 @@ class TrainResult:
 
 
 def resolve_device(spec: str) -> torch.device:
-    """``auto`` → CUDA when present, else CPU; a CUDA request without CUDA is a clear error."""
+    """``auto`` → CUDA when present, else CPU; a CUDA request without a usable CUDA device is a clear error.
+
+    The error says what was found (torch's CUDA build, ``torch.cuda.is_available()``, the device count) and the
+    likely fix, so that a GPU task on a node whose driver is too old for the image's CUDA fails at once instead
+    of training on the CPU for hours.
+    """
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {spec!r} requested but no CUDA device is usable here; use --device cpu or auto")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown device {spec!r}: use auto, cpu, cuda or cuda:N") from exc
+    if device.type != "cuda":
+        return device
+    available, count, cuda = torch.cuda.is_available(), torch.cuda.device_count(), torch.version.cuda
+    build = f"built for CUDA {cuda}" if cuda else "a CPU-only build"
+    found = f"torch {torch.__version__} is {build}, torch.cuda.is_available() is {available}, {count} CUDA device(s)"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        found += f", CUDA_VISIBLE_DEVICES={visible!r}"
+    if not available or count == 0:
+        if cuda:
+            fix = (f"the node's NVIDIA driver may be older than CUDA {cuda} needs, or no GPU is allocated to this "
+                   "container; use an image built for the node's CUDA (docker/README.md), or "
+                   "compile the pipeline for CPU (--gpus 0) / run with --device cpu or auto")
+        else:
+            fix = ("this torch cannot use a GPU: use the CUDA image (docker/README.md) or a CUDA build of torch, "
+                   "or compile the pipeline for CPU (--gpus 0) / run with --device cpu or auto")
+        raise ValueError(f"device {spec!r} requested but no CUDA device is usable here ({found}); {fix}")
+    if device.index is not None and device.index >= count:
+        valid = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+        raise ValueError(f"device {spec!r} requested but only {count} CUDA device(s) are visible here ({found}); "
+                         f"use {valid}, cuda or auto")
     return device
 
 
@@ -115,8 +144,7 @@ def training_data(cfg: Config, ingest_dir: str | Path, labels_dir: str | Path, f
     train_index, val_index = split_index(ingest_dir, labels_dir, folds_dir, fold)
     if cfg.train.label_noise > 0:
         train_index = inject_label_noise(train_index, cfg.train.label_noise, seed=cfg.train.seed)
-    digest = hashlib.sha256(json.loads((Path(ingest_dir) / "manifest.json").read_text())["dataset_fingerprint"]
-                            .encode())
+    digest = hashlib.sha256(data_fingerprint(ingest_dir).encode())
     for index in (train_index, val_index):
         content = None if index is None else [list(index.instance_key), index.label.tolist(),
                                               [b.tolist() for b in index.boxes]]
@@ -164,6 +192,7 @@ def train(
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
     progress: bool = True,
+    on_checkpoint: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Train on every fold but ``fold`` and validate on ``fold`` (``fold=None``: train on all, no validation).
 
@@ -171,7 +200,8 @@ def train(
     epoch's weights) at the end, plus ``config.json`` and ``history.json``. The held-out fold is scored every
     epoch for the learning curves only: choosing an epoch on it would bias the cross-validation estimate.
     Re-running a finished run returns it; an unfinished one continues with ``resume=True``. ``teacher``:
-    ``[n_train, 3]`` soft labels for self-knowledge distillation.
+    ``[n_train, 3]`` soft labels for self-knowledge distillation. ``on_checkpoint`` is called after each epoch's
+    files are written (the Kubeflow steps copy them to the run's work prefix, so a retried pod resumes there).
     """
     out_dir = Path(out_dir)
     rank, world, local_rank = _distributed()
@@ -268,6 +298,8 @@ def train(
                     _save({**ckpt, "optimizer": None, "scheduler": None, "scaler": None}, out_dir / "model.pt")
                 _save(ckpt, out_dir / "last.pt")
                 write_json_atomic(out_dir / "history.json", history)
+                if on_checkpoint is not None:
+                    on_checkpoint()
                 log.info("%s epoch %d/%d: %s", name, epoch + 1, cfg.train.epochs, _brief(metrics))
                 if run is not None:
                     run.log_metrics(finite(metrics), step=epoch + 1)
