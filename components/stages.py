@@ -77,7 +77,7 @@ def fuse(annotations_uri: str, preset: str, tracking_uri: str, experiment: str, 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def folds(preset: str, k: int, register_mode: str, tracking_uri: str, experiment: str, labels: Input[Dataset],
-          manifest: Input[Artifact], split: Output[Dataset], table: Output[Markdown]) -> list:
+          manifest: Input[Artifact], split: Output[Dataset], table: Output[Markdown]) -> list[int]:
     """Patient-level stratified K folds; returns the training jobs the loop runs (the folds, then -1: the refit)."""
     import shutil
     from pathlib import Path

@@ -9,7 +9,7 @@ Two variants compile from the same definition (``blendsign_pipeline.build_pipeli
 - ``compat`` (backend ≥ 2.5.0, the Kubeflow 1.10 platform): no fan-in (2.5.0's driver cannot resolve
   ``dsl.Collected``): ``evaluate`` and ``register`` wait for the loop and read the models each job exported to
   the run's work prefix; no display names (2.5.0 cannot resolve the outputs of a renamed task); an exit
-  handler without the final status (2.5.0 fails such a task).
+  handler without the final status (2.5.0's compiler rejects a run that passes it).
 
 Both mount the credentials secret as a volume (2.14.x rejects the optional secret env vars that kfp-kubernetes
 2.15+ writes; a required one stops the pod on 2.5.0 when a key is missing). Retry policies are compiled into
@@ -115,7 +115,7 @@ FEATURES = (
     Feature("parameter fan-in (dsl.Collected)", (2, 14, 0), "2.5.0's driver cannot resolve it"),
     Feature("fan-in from a named loop", (2, 16, 0), "2.14/2.15 look the loop up by display name"),
     Feature("outputs of a renamed task", (2, 14, 0), "2.5.0 stores the display name as the task's name"),
-    Feature("exit status (PipelineTaskFinalStatus)", (2, 14, 0), "2.5.0 fails the exit task"),
+    Feature("exit status (PipelineTaskFinalStatus)", (2, 14, 0), "2.5.0's compiler rejects the run"),
     Feature("optional secret env vars", (2, 15, 0), "2.14.x rejects the run; 2.5.0 drops optional"),
     Feature("required secret env vars", (99, 0, 0), "a missing key stops the pod (2.5.0); 2.14.x rejects the run"),
 )

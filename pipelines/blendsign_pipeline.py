@@ -184,7 +184,7 @@ def build_pipeline(profile: ClusterProfile | None = None, variant: Variant | str
                     "labels": fus.outputs["labels"], "split": fld.outputs["split"], "run": run}
             with dsl.If(check.outputs["Output"] == "retrain", name="new data" if named else None):
                 loop = {"name": "training jobs: folds, then the refit"} if named else {}
-                with dsl.ParallelFor(fld.outputs["Output"], **loop) as job:
+                with dsl.ParallelFor(fld.outputs["Output"], parallelism=profile.parallelism, **loop) as job:
                     teacher = pod(stages.train_teacher(job=job, device=train_device, **data), "train", secret,
                                   loader=True, name="teacher")
                     student = pod(stages.distill(job=job, device=train_device, **data), "train", secret,

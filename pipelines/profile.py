@@ -12,10 +12,11 @@ Task classes: ``light`` (check_inputs, snapshot, start_run, check_new_data, no_n
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+from blendsign.config import read_toml
 
 TASK_CLASSES = ("light", "data", "train", "evaluate", "register")
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
@@ -48,7 +49,7 @@ class TaskProfile:
     gpu_resource: str = "nvidia.com/gpu"  # the accelerator's resource name
     node_selector: dict[str, str] = field(default_factory=dict)  # e.g. {"nvidia.com/gpu.product" = "NVIDIA-H100..."}
     tolerations: tuple[Toleration, ...] = ()
-    timeout: str = "6h"  # the pod's activeDeadlineSeconds: a pod that hangs (or stays Pending) is stopped
+    timeout: str = "6h"  # the pod's activeDeadlineSeconds (from when a node accepts it): a pod that hangs is stopped
     retries: int = 0  # retries of a failed pod; their backoff window covers the whole job (timeout × attempts)
     retry_backoff: str = "60s"  # the first retry's delay (then doubling)
     threads: int = 0  # OMP_NUM_THREADS (0: the CPU request, at least 1)
@@ -98,6 +99,7 @@ class ClusterProfile:
     register: TaskProfile = DEFAULTS["register"]
     image: str = ""  # the GPU image ("": $BLENDSIGN_IMAGE or the default); a digest reference pins it
     cpu_image: str = ""  # the CPU image ("": $BLENDSIGN_CPU_IMAGE or the GPU image's name + "-cpu")
+    parallelism: int = 0  # training jobs (pods) at once (0: all: the K folds and the refit together)
 
     def task(self, name: str) -> TaskProfile:
         return getattr(self, name)  # type: ignore[no-any-return]
@@ -194,19 +196,18 @@ def load_profile(path: str | Path | None) -> ClusterProfile:
     if path is None:
         return ClusterProfile()
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"cluster profile {path} not found")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"{path}: not valid TOML: {exc}") from None
-    unknown = sorted(set(data) - {*TASK_CLASSES, "defaults", "image", "cpu_image"})
+    data = read_toml(path, "cluster profile")
+    unknown = sorted(set(data) - {*TASK_CLASSES, "defaults", "image", "cpu_image", "parallelism"})
     if unknown:
         raise ValueError(f"{path}: unknown section(s) or key(s) {unknown}; sections: defaults, "
-                         f"{', '.join(TASK_CLASSES)}; keys: image, cpu_image")
+                         f"{', '.join(TASK_CLASSES)}; keys: image, cpu_image, parallelism")
     for key in ("image", "cpu_image"):
         if not isinstance(data.get(key, ""), str):
             raise ValueError(f"{path}: {key} must be an image reference (a string)")
+    parallelism = data.get("parallelism", 0)
+    if type(parallelism) is not int or parallelism < 0:
+        raise ValueError(f"{path}: parallelism must be a whole number ≥ 0 (0: every training job at once)")
     shared = data.get("defaults", {})
     tasks = {name: _task(name, {**shared, **data.get(name, {})}, DEFAULTS[name], str(path)) for name in TASK_CLASSES}
-    return ClusterProfile(**tasks, image=data.get("image", ""), cpu_image=data.get("cpu_image", ""))
+    return ClusterProfile(**tasks, image=data.get("image", ""), cpu_image=data.get("cpu_image", ""),
+                          parallelism=parallelism)

@@ -5,6 +5,7 @@ Kubeflow API stand-in that reports a backend version, and (slow) the whole pipel
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import json
 import logging
@@ -44,10 +45,19 @@ PARAMETERS = {"source_uri", "annotations_uri", "work_uri", "clinical_uri", "pres
               "only_if_new_data", "credentials_secret"}
 
 
+@functools.cache
+def _default_yaml(variant: str, tmp: str) -> str:
+    return compile_pipeline(Path(tmp) / f"default-{variant}.yaml", None, variant).read_text()
+
+
 def _compiled(tmp_path: Path, profile: ClusterProfile | None = None, variant: str = "current",
               preset: str = "paper") -> tuple[dict[str, Any], dict[str, Any]]:
-    spec, platform = yaml.safe_load_all(compile_pipeline(tmp_path / f"{variant}.yaml", profile, variant, preset)
-                                        .read_text())
+    """The compiled spec and platform spec (the default profile's compiled once per variant)."""
+    if profile is None and preset == "paper":
+        text = _default_yaml(variant, str(tmp_path.parent))
+    else:
+        text = compile_pipeline(tmp_path / f"{variant}.yaml", profile, variant, preset).read_text()
+    spec, platform = yaml.safe_load_all(text)
     return spec, platform
 
 
@@ -126,6 +136,29 @@ def test_the_secret_name_resolves_in_every_dag(tmp_path: Path, variant: str) -> 
     assert checked == len(executors)  # every task mounts it
 
 
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_input_has_the_type_its_component_declares(tmp_path: Path, variant: str) -> None:
+    """The driver refuses a parameter whose type differs from the component's (2.5.0 driver.go:1477, 2.17.0
+    resolve.go:232: "type mismatch"); kfp.local does not check. A loop item is typed by the list it iterates:
+    ``folds`` returns ``list[int]``, so each training job's ``job`` is an integer, as declared."""
+    spec, _ = _compiled(tmp_path, variant=variant)
+    dags = {"root": spec["root"], **{n: c for n, c in spec["components"].items() if "dag" in c}}
+    seen = 0
+    for dag in dags.values():
+        available = dag.get("inputDefinitions", {}).get("parameters", {})
+        for task in dag["dag"]["tasks"].values():
+            wanted = spec["components"][task["componentRef"]["name"]].get("inputDefinitions", {}).get("parameters", {})
+            for name, source in task.get("inputs", {}).get("parameters", {}).items():
+                if "componentInputParameter" in source:
+                    assert available[source["componentInputParameter"]]["parameterType"] == \
+                        wanted[name]["parameterType"], (task["taskInfo"], name)
+                    seen += 1
+    assert seen > 80  # every step's parameters (92 in the current variant)
+    loop = next(c for n, c in spec["components"].items() if n.startswith("comp-for-loop"))
+    items = [p for n, p in loop["inputDefinitions"]["parameters"].items() if n.endswith("-loop-item")]
+    assert [p["parameterType"] for p in items] == ["NUMBER_INTEGER"]
+
+
 def test_gpu_tasks_require_cuda_unless_compiled_for_cpu(tmp_path: Path) -> None:
     def devices(spec: dict[str, Any]) -> set[str]:
         tasks = dict(_tasks(spec["root"]["dag"], spec["components"]))
@@ -142,6 +175,7 @@ def test_every_profile_key_reaches_the_pods(tmp_path: Path) -> None:
     site = tmp_path / "site.toml"
     site.write_text("""image = "registry.example.org/ml/blendsign@sha256:0123"
 cpu_image = "registry.example.org/ml/blendsign-cpu@sha256:4567"
+parallelism = 2
 [defaults]
 image_pull_secrets = ["regcred"]
 image_pull_policy = "Always"
@@ -184,6 +218,8 @@ scratch_storage_class = "fast-nvme"
     assert tasks["distill"]["retryPolicy"] == {"maxRetryCount": 1, "backoffDuration": "300s", "backoffFactor": 2.0,
                                                "backoffMaxDuration": f"{2 * 12 * 3600 + 300}s"}
     assert spec["root"]["inputDefinitions"]["parameters"]["preset"]["defaultValue"] == "demo"
+    loop = next(t for t in tasks.values() if "parameterIterator" in t)
+    assert loop["iteratorPolicy"] == {"parallelismLimit": 2}  # two GPUs: two training jobs at a time
     light = spec["deploymentSpec"]["executors"]["exec-check-inputs"]["container"]
     assert light["image"] == "registry.example.org/ml/blendsign-cpu@sha256:4567"
     assert _k8s(platform)["exec-check-inputs"]["imagePullSecret"][0]["secretName"] == "regcred"

@@ -27,7 +27,7 @@ def test_the_example_shows_every_key_with_its_default() -> None:
     assert load_profile(EXAMPLE) == ClusterProfile() == load_profile(None)
     data = tomllib.loads(EXAMPLE.read_text())
     assert set(data["light"]) == {f.name for f in fields(TaskProfile)}  # one class spells out every key
-    assert set(data) == {"image", "cpu_image", "defaults", *TASK_CLASSES}
+    assert set(data) == {"image", "cpu_image", "parallelism", "defaults", *TASK_CLASSES}
 
 
 def test_defaults_fit_a_one_gpu_node_of_8_vcpus() -> None:
@@ -82,6 +82,7 @@ scratch = "200Gi"
     ("[train]\ntolerations = [{ key = \"a\", operator = \"Exists\", value = \"b\" }]\n", "Exists takes no value"),
     ("[train]\ntolerations = [{ key = \"a\", effect = \"Never\" }]\n", "effect one of"),
     ("[train\n", "not valid TOML"),
+    ("parallelism = -1\n", "parallelism must be a whole number"),
 ])
 def test_a_broken_profile_says_which_file_and_key(tmp_path: Path, text: str, error: str) -> None:
     site = tmp_path / "site.toml"

@@ -268,6 +268,16 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    """A TOML file's tables; a missing file or a syntax error is a one-line error naming the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} not found")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not valid TOML: {exc}") from None
+
+
 def load_preset(name: str) -> Config:
     """The ``paper`` defaults with the named preset's overrides applied.
 
@@ -279,12 +289,7 @@ def load_preset(name: str) -> Config:
     path = Path(name)
     if path.suffix != ".toml":
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)} or a .toml file")
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} not found")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"{path}: not valid TOML: {exc}") from None
+    data = read_toml(path, "config file")
     base = data.pop("preset", "paper")
     if base not in PRESETS:
         raise ValueError(f"{path}: preset must be one of {sorted(PRESETS)}, got {base!r}")

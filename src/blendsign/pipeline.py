@@ -335,9 +335,9 @@ def check_new_data(ref: RunRef, *, manifest: str | Path, model_name: str, only_i
     """``retrain`` or ``skip``: is this dataset's fingerprint new to the registered model? (``retrain.decide``)"""
     from blendsign.retrain import decide
 
-    decision = decide(manifest, client=ref.tracker().client, model_name=model_name,
-                      only_if_new_data=only_if_new_data)
-    ref.tracker().client.set_tag(ref.parent_run_id, "retrain_decision", decision.reason)
+    client = ref.tracker().client
+    decision = decide(manifest, client=client, model_name=model_name, only_if_new_data=only_if_new_data)
+    client.set_tag(ref.parent_run_id, "retrain_decision", decision.reason)
     return decision
 
 
