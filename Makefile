@@ -48,8 +48,10 @@ browser:
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
 		echo "chromium not installed: the HTML screenshot test will be skipped"; }
 
+# every core, one test module per worker (module fixtures such as the kfp.local run are made once); OpenMP
+# threads sleep instead of spinning while the two workers share the cores
 test: $(STAMP) lint browser
-	$(BIN)/python -m pytest -q
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -n auto --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_ingest.py

@@ -50,12 +50,11 @@ def ingest(source_uri: str, clinical_uri: str, source_digest: str, preset: str, 
     import shutil
 
     from blendsign.ingest import export_summary
-    from blendsign.pipeline import ingest_step, pipeline_config
-    from blendsign.tracking import Tracker
+    from blendsign.pipeline import ingest_step, open_tracker, pipeline_config
 
     print(f"ingest {source_uri} (input snapshot {source_digest})")
     result = ingest_step(pipeline_config(preset), source_uri, dataset.path, clinical=clinical_uri,
-                         tracker=Tracker.open(experiment, uri=tracking_uri))
+                         tracker=open_tracker(experiment, tracking_uri))
     export_summary(result.out, manifest.path)  # what the light steps read instead of the dataset
     shutil.copyfile(result.out / "ingest_report.md", report.path)
 
@@ -67,11 +66,10 @@ def fuse(annotations_uri: str, preset: str, tracking_uri: str, experiment: str, 
     import shutil
     from pathlib import Path
 
-    from blendsign.pipeline import fuse_step, pipeline_config
-    from blendsign.tracking import Tracker
+    from blendsign.pipeline import fuse_step, open_tracker, pipeline_config
 
     fuse_step(pipeline_config(preset), annotations_uri, ingested.path, labels.path,
-              tracker=Tracker.open(experiment, uri=tracking_uri))
+              tracker=open_tracker(experiment, tracking_uri))
     shutil.copyfile(Path(labels.path) / "agreement.md", agreement.path)
 
 
@@ -82,19 +80,17 @@ def folds(preset: str, k: int, register_mode: str, tracking_uri: str, experiment
     import shutil
     from pathlib import Path
 
-    from blendsign.pipeline import folds_step, pipeline_config, training_jobs
-    from blendsign.tracking import Tracker
+    from blendsign.pipeline import folds_step, open_tracker, pipeline_config, training_jobs
 
     folds_step(pipeline_config(preset, k=k), labels.path, split.path, manifest=manifest.path,
-               tracker=Tracker.open(experiment, uri=tracking_uri))
+               tracker=open_tracker(experiment, tracking_uri))
     shutil.copyfile(Path(split.path) / "folds.md", table.path)
     return training_jobs(split.path, register_mode)
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def start_run(preset: str, k: int, rounds: int, tracking_uri: str, experiment: str, source_uri: str, work_uri: str,
-              kfp_run_id: str, kfp_run_name: str, manifest: Input[Artifact], run: Output[Artifact],
-              mlflow: Output[Markdown]):
+def start_run(preset: str, k: int, rounds: int, tracking_uri: str, experiment: str, work_uri: str, kfp_run_id: str,
+              kfp_run_name: str, manifest: Input[Artifact], run: Output[Artifact], mlflow: Output[Markdown]):
     """Open the parent MLflow run (and its cross-validation child), tagged with this Kubeflow run's id; pass
     them on as an artifact, and say where they are."""
     from pathlib import Path
@@ -103,8 +99,7 @@ def start_run(preset: str, k: int, rounds: int, tracking_uri: str, experiment: s
 
     ref = start_run(pipeline_config(preset, k=k, rounds=rounds), manifest=manifest.path, tracking_uri=tracking_uri,
                     experiment=experiment, run_id=kfp_run_id, work_uri=work_uri,
-                    tags={"source_uri": source_uri, "kfp_run_id": kfp_run_id, "kfp_run_name": kfp_run_name,
-                          "orchestrator": "kubeflow"})
+                    tags={"kfp_run_id": kfp_run_id, "kfp_run_name": kfp_run_name, "orchestrator": "kubeflow"})
     ref.write(run.path)
     Path(mlflow.path).write_text(ref.markdown())
 
@@ -200,25 +195,9 @@ def evaluate_from_work(preset: str, k: int, rounds: int, device: str, ingested: 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def register(preset: str, k: int, rounds: int, model_name: str, promotion_metric: str, promotion_margin: float,
              register_mode: str, manifest: Input[Artifact], labels: Input[Dataset], run: Input[Artifact],
-             cv: Input[Dataset], models: Input[list[Model]], card: Output[Markdown]) -> str:
-    """The refit trained in the loop (or the fold ensemble) registered behind the champion gate; ends the
-    parent MLflow run and returns the run record (JSON)."""
-    import json
-
-    from blendsign.pipeline import RunRef, pipeline_config, register_step
-
-    record = register_step(pipeline_config(preset, k=k, rounds=rounds), RunRef.read(run.path), cv_dir=cv.path,
-                           ingest_dir=manifest.path, labels_dir=labels.path, card_path=card.path, mode=register_mode,
-                           name=model_name, metric=promotion_metric, margin=promotion_margin,
-                           model_sources=[m.path for m in models])
-    return json.dumps({**record, "cv_uri": cv.uri})  # the artifact's URI (on a cluster: the object store)
-
-
-@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def register_from_work(preset: str, k: int, rounds: int, model_name: str, promotion_metric: str,
-                       promotion_margin: float, register_mode: str, manifest: Input[Artifact], labels: Input[Dataset],
-                       run: Input[Artifact], cv: Input[Dataset], card: Output[Markdown]) -> str:
-    """``register`` for backends without fan-in: the refit is read from the run's work prefix."""
+             cv: Input[Dataset], card: Output[Markdown]) -> str:
+    """The refit trained in the loop (or the fold ensemble), read from the run's work prefix (only the models it
+    ships), registered behind the champion gate; ends the parent MLflow run and returns the run record (JSON)."""
     import json
 
     from blendsign.pipeline import RunRef, pipeline_config, register_step
@@ -226,7 +205,7 @@ def register_from_work(preset: str, k: int, rounds: int, model_name: str, promot
     record = register_step(pipeline_config(preset, k=k, rounds=rounds), RunRef.read(run.path), cv_dir=cv.path,
                            ingest_dir=manifest.path, labels_dir=labels.path, card_path=card.path, mode=register_mode,
                            name=model_name, metric=promotion_metric, margin=promotion_margin)
-    return json.dumps({**record, "cv_uri": cv.uri})
+    return json.dumps({**record, "cv_uri": cv.uri})  # the artifact's URI (on a cluster: the object store)
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
@@ -267,5 +246,4 @@ STAGES = {
     "register": register,
 }
 """The seven stage components by stage name (helpers: check_inputs, snapshot, start_run, check_new_data,
-no_new_data, end_run; variants for older backends: evaluate_from_work, register_from_work,
-end_run_without_status)."""
+no_new_data, end_run; variants for older backends: evaluate_from_work, end_run_without_status)."""

@@ -173,7 +173,7 @@ def build_pipeline(profile: ClusterProfile | None = None, variant: Variant | str
                                    manifest=manifest, tracking_uri=tracking, experiment=experiment), "data", secret,
                       name="patient folds", cache=True)
             start = pod(stages.start_run(preset=preset, k=k, rounds=rounds, tracking_uri=tracking,
-                                         experiment=experiment, source_uri=source_uri, work_uri=work_uri,
+                                         experiment=experiment, work_uri=work_uri,
                                          kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                                          kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, manifest=manifest),
                         "light", secret, name="start MLflow run")
@@ -195,13 +195,11 @@ def build_pipeline(profile: ClusterProfile | None = None, variant: Variant | str
                             "run": run}
                 if variant.fan_in:
                     ev = stages.evaluate(device=eval_device, models=dsl.Collected(student.outputs["model"]), **data)
-                    reg = stages.register(cv=ev.outputs["cv"], models=dsl.Collected(student.outputs["model"]),
-                                          **registry)
                 else:  # no fan-in before 2.14: wait for the loop, read the models from the run's work prefix
                     ev = stages.evaluate_from_work(device=eval_device, **data).after(student)
-                    reg = stages.register_from_work(cv=ev.outputs["cv"], **registry).after(student)
                 pod(ev, "evaluate", secret, loader=True, name="evaluate")
-                pod(reg, "register", secret, name="register")
+                # the models it ships (the refit, or the folds) from the run's work prefix: nothing else moves
+                pod(stages.register(cv=ev.outputs["cv"], **registry), "register", secret, name="register")
             with dsl.Else(name="no new data" if named else None):
                 pod(stages.no_new_data(decision=check.outputs["decision"], run=run), "light", secret,
                     name="no new data")

@@ -6,18 +6,17 @@ server for its version first and send the variant it runs (``backends.py``), or 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from blendsign.credentials import environment
 from blendsign.pipelines.backends import VARIANTS, Variant, check_variant, server_version, text, variant_for
 from blendsign.pipelines.blendsign_pipeline import build_pipeline, compile_pipeline
 from blendsign.pipelines.profile import ClusterProfile
@@ -36,23 +35,6 @@ class LocalRun:
     work_dir: Path
     seconds: float
     summary: str = field(default="")
-
-
-@contextlib.contextmanager
-def _env(**values: str | None) -> Iterator[None]:
-    """Set environment variables for the block (subprocess tasks inherit them), then restore them."""
-    old = {name: os.environ.get(name) for name in values}
-    for name, value in values.items():
-        if value is not None:
-            os.environ[name] = value
-    try:
-        yield
-    finally:
-        for name, value in old.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def _pseudonym_key(work: Path) -> str:
@@ -133,7 +115,7 @@ def run_local(
     pipeline = build_pipeline(profile, "current", preset, local=True)
     record_file = work / "kfp" / f".run-record-{os.getpid()}.json"
     record_file.unlink(missing_ok=True)
-    with warnings.catch_warnings(), _env(**{KEY_ENV: _pseudonym_key(work), RECORD_ENV: str(record_file),
+    with warnings.catch_warnings(), environment(**{KEY_ENV: _pseudonym_key(work), RECORD_ENV: str(record_file),
                                             "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
                                             "BLENDSIGN_PROGRESS_SECONDS": os.environ.get(
                                                 "BLENDSIGN_PROGRESS_SECONDS", "30" if progress else "3600")}):
@@ -156,7 +138,7 @@ def summary(record: dict[str, Any], *, seconds: float | None = None) -> str:
     from mlflow import MlflowClient
 
     from blendsign.evaluate import EvalResult
-    from blendsign.tracking import LOCAL_DIR, ui_command
+    from blendsign.tracking import LOCAL_DIR, display_uri, ui_command
 
     name, uri = record["registered_model"], record["tracking_uri"]
     lines = [f"pipeline {record['status']}" + (f" in {seconds:.0f} s" if seconds is not None else "") + ": "
@@ -172,8 +154,8 @@ def summary(record: dict[str, Any], *, seconds: float | None = None) -> str:
     if record.get("cv_uri") and Path(record["cv_uri"], "evaluation", "metrics.json").exists():
         evaluation = Path(record["cv_uri"]) / "evaluation"
         lines += ["", EvalResult.load(evaluation).summary(), f"HTML report: {evaluation / 'report.html'}"]
-    lines += ["", f"MLflow: {uri} (experiment {record['experiment']}, parent run {record['parent_run_id']}); "
-              f"UI: {ui_command(uri)}", f"run record: {LOCAL_DIR / 'last_run.json'}"]
+    lines += ["", f"MLflow: {display_uri(uri)} (experiment {record['experiment']}, parent run "
+              f"{record['parent_run_id']}); UI: {ui_command(uri)}", f"run record: {LOCAL_DIR / 'last_run.json'}"]
     return "\n".join(lines)
 
 
@@ -214,9 +196,17 @@ def _check(arguments: dict[str, Any]) -> None:
 
 
 def backend_variant(host: str, backend: str | None = None) -> Variant:
-    """The variant to send to ``host``: ``backend`` if given (refused when the server is too old for it), else
-    the newest the server's version runs; the server is always asked, before anything is uploaded."""
-    version = server_version(host, headers=_auth_headers())
+    """The variant to send to ``host``, decided before anything is uploaded: the newest the server's version
+    runs, or ``backend`` (refused when the server says it is too old for it). With ``backend`` given, a server
+    that cannot be asked (a login page in front of it, say) gets that variant, with a warning."""
+    try:
+        version = server_version(host, headers=_auth_headers())
+    except ValueError as exc:
+        if not backend:
+            raise ValueError(f"{exc}; name the variant with --backend current (backend 2.16+) or compat (2.5+) "
+                             "to send it anyway") from None
+        log.warning("%s: sending the %r pipeline as asked, unchecked", exc, backend)
+        return VARIANTS[backend]
     variant = VARIANTS[backend] if backend else variant_for(version)
     check_variant(variant, version)
     log.info("Kubeflow Pipelines %s at %s: sending the %r pipeline (backend %s+)", text(version), host,

@@ -12,7 +12,7 @@ Task classes: ``light`` (check_inputs, snapshot, start_run, check_new_data, no_n
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +189,17 @@ def _toleration(data: dict[str, Any], where: str) -> Toleration:
     return t
 
 
+def _merged(name: str, shared: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+    """``[defaults]`` under a class's own keys. Tolerations add up (the class's, or its default ones, and the
+    shared ones: a shared toleration does not remove the GPU tasks' GPU-taint one); ``retries`` in
+    ``[defaults]`` skips ``register``, which is never retried."""
+    merged = {**{k: v for k, v in shared.items() if not (name == "register" and k == "retries")}, **own}
+    if "tolerations" in shared and isinstance(shared["tolerations"], list):
+        base = own.get("tolerations", [asdict(t) for t in DEFAULTS[name].tolerations])
+        merged["tolerations"] = [*base, *(t for t in shared["tolerations"] if t not in base)]
+    return merged
+
+
 def load_profile(path: str | Path | None) -> ClusterProfile:
     """The profile in TOML file ``path`` (None: the defaults). ``[defaults]`` applies to every task class,
     ``[light]``, ``[data]``, ``[train]``, ``[evaluate]``, ``[register]`` override it; top-level ``image`` and
@@ -208,6 +219,7 @@ def load_profile(path: str | Path | None) -> ClusterProfile:
     if type(parallelism) is not int or parallelism < 0:
         raise ValueError(f"{path}: parallelism must be a whole number ≥ 0 (0: every training job at once)")
     shared = data.get("defaults", {})
-    tasks = {name: _task(name, {**shared, **data.get(name, {})}, DEFAULTS[name], str(path)) for name in TASK_CLASSES}
+    tasks = {name: _task(name, _merged(name, shared, data.get(name, {})), DEFAULTS[name], str(path))
+             for name in TASK_CLASSES}
     return ClusterProfile(**tasks, image=data.get("image", ""), cpu_image=data.get("cpu_image", ""),
                           parallelism=parallelism)

@@ -165,3 +165,27 @@ def s3(s3_endpoint: str) -> Iterator[Any]:
         client = s3_client()
         client.create_bucket(Bucket=BUCKET)
         yield client
+
+
+# --- whole pipeline runs (kfp.local and `blendsign run`): the preset and the MLflow run tree they leave -----
+
+LOCAL_PRESET = Path(__file__).parent / "fixtures" / "kfp-local.toml"  # ci, one epoch per round
+
+
+def run_tree(tracking_uri: str, experiment: str, parent_run_id: str) -> dict[str, Any]:
+    """The MLflow runs under a parent run, as nested run names, and every run's status."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id], max_results=1000)
+
+    def children(run_id: str) -> dict[str, Any]:
+        return {r.info.run_name: children(r.info.run_id) for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == run_id}
+
+    return {"tree": children(parent_run_id), "statuses": {r.info.status for r in runs}}
+
+
+EXPECTED_TREE = {"cross-validation": {"fold0": {"fold0-round0": {}, "fold0-round1": {}},
+                                      "fold1": {"fold1-round0": {}, "fold1-round1": {}}},
+                 "refit": {"refit-round0": {}, "refit-round1": {}}, "register": {}}

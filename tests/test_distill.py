@@ -11,14 +11,14 @@ import pytest
 
 from blendsign.config import load_preset, override
 from blendsign.data import load_index
-from blendsign.distill import distill, final_checkpoint, review_table, soft_labels
+from blendsign.distill import DistillResult, distill, final_checkpoint, review_table, soft_labels
 from blendsign.tracking import Tracker
 from blendsign.train import inject_label_noise, resolve_device, split_index
 
 CFG = override(load_preset("ci"), train={"epochs": 1}, distill={"rounds": 1})
 
 
-def test_one_round_end_to_end(cohort: dict[str, Path], tmp_path: Path) -> None:
+def test_one_round_end_to_end(cohort: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     tracker = Tracker.open("test-distill", uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     dirs = {"ingest_dir": cohort["ingest"], "labels_dir": cohort["labels"], "folds_dir": cohort["folds"]}
     result = distill(CFG, **dirs, fold=0, out_dir=tmp_path / "models", tracker=tracker, progress=False)
@@ -51,6 +51,36 @@ def test_one_round_end_to_end(cohort: dict[str, Path], tmp_path: Path) -> None:
     again_result = distill(CFG, **dirs, fold=0, out_dir=tmp_path / "models", tracker=tracker, progress=False)
     assert again_result.fold_run_id == result.fold_run_id
     assert [r.history for r in again_result.rounds] == [r.history for r in result.rounds]
+    _a_retried_job_keeps_its_fold_run_and_its_soft_labels(tracker, dirs, tmp_path, result, monkeypatch)
+
+
+def _a_retried_job_keeps_its_fold_run_and_its_soft_labels(tracker: Tracker, dirs: dict[str, Path], tmp_path: Path,
+                                                          first: DistillResult, monkeypatch: pytest.MonkeyPatch) \
+        -> None:
+    """A pod killed before the distillation ended (no distill.json yet) and retried on another device: the
+    fold run is the same one, and the student round is taught by the saved soft labels (recomputed ones could
+    differ in the last bit on another device and restart the round)."""
+    import blendsign.distill as distill_module
+
+    fold_dir = tmp_path / "models" / "fold0"
+    (fold_dir / "distill.json").unlink()  # as if the pod died just before writing it
+
+    def no_prediction(*args: object, **kwargs: object) -> np.ndarray:
+        raise AssertionError("the teacher predicted again instead of reusing the round's soft labels")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(distill_module, "soft_labels", no_prediction)
+        again = distill(CFG, **dirs, fold=0, out_dir=tmp_path / "models", tracker=tracker, progress=False)
+    assert again.fold_run_id == first.fold_run_id
+    assert [r.run_id for r in again.rounds] == [r.run_id for r in first.rounds]  # nothing retrained
+    folds = tracker.client.search_runs([tracker.experiment_id], filter_string="tags.stage = 'fold'")
+    assert len(folds) == 1
+    train_index = split_index(dirs["ingest_dir"], dirs["labels_dir"], dirs["folds_dir"], 0)[0]
+    saved = distill_module._saved_soft_labels(fold_dir / "round1", fold_dir / "round0" / "model.pt", train_index)
+    assert saved is not None and saved.dtype == np.float32 and saved.shape == (len(train_index), 3)
+    (fold_dir / "round0" / "model.pt").write_bytes(b"another teacher")  # the teacher changed: labels recomputed
+    assert distill_module._saved_soft_labels(fold_dir / "round1", fold_dir / "round0" / "model.pt", train_index) \
+        is None
 
 
 def test_review_table_orders_by_teacher_disbelief(cohort: dict[str, Path]) -> None:

@@ -4,6 +4,7 @@ survive the pod (a pre-empted job resumes from the work prefix, bit for bit)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -25,7 +26,7 @@ from blendsign.deid import KEY_ENV
 from blendsign.pipeline import REFIT, check_run, job_label, job_markdown, job_models, start_run, train_job
 from blendsign.storage import sync_up
 from blendsign.train import train
-from tests.conftest import BUCKET
+from tests.conftest import BUCKET, EXPECTED_TREE, LOCAL_PRESET, run_tree
 
 CHECK = {"preset": "ci", "metric": "cv_auc_blend_sign", "register_mode": "refit"}
 
@@ -87,7 +88,8 @@ def test_a_local_run_finds_the_clinical_list_beside_its_source(export: dict[str,
 @pytest.mark.parametrize(("change", "error"), [
     ({"source": ""}, r"missing input\(s\): source_uri"),
     ({"annotations": "/nowhere/annotations.csv"}, "annotation CSV /nowhere/annotations.csv not found"),
-    ({"source": "/nowhere/dicom"}, "nothing at the DICOM source /nowhere/dicom"),
+    ({"source": "/nowhere/dicom"}, "the DICOM source /nowhere/dicom is not a folder"),
+    ({"source": "__annotations__"}, "is not a folder"),  # a file is no export
     ({"clinical": "/nowhere/clinical.csv"}, "clinical list /nowhere/clinical.csv not found"),
     ({"metric": "cv_auc_blendsign"}, "promotion metric 'cv_auc_blendsign' unknown"),
     ({"register_mode": "ensemble"}, "register mode must be one of"),
@@ -97,6 +99,8 @@ def test_a_local_run_finds_the_clinical_list_beside_its_source(export: dict[str,
 def test_a_run_that_would_fail_later_is_refused_first(export: dict[str, str], tmp_path: Path,
                                                       change: dict[str, Any], error: str) -> None:
     args = {**export, **CHECK, "tracking_uri": "sqlite:///x.db", "work_uri": str(tmp_path), "on_cluster": False}
+    if change.get("source") == "__annotations__":
+        change = {"source": export["annotations"]}
     with pytest.raises((ValueError, FileNotFoundError), match=error):
         check_run(**{**args, **change})
 
@@ -111,8 +115,11 @@ def test_on_a_cluster_every_pod_must_reach_the_same_tracking_server_and_work_pre
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////tmp/mlflow.db")
     with pytest.raises(ValueError, match=r"'sqlite:////tmp/mlflow\.db' is not a server"):
         check_run(**cluster)
-    with pytest.raises(ValueError, match="is not reachable from here"):
+    with pytest.raises(ValueError, match="did not answer from here"):
         check_run(**cluster, tracking_uri=f"http://127.0.0.1:{_free_port()}")
+    with pytest.raises(ValueError, match=r"MLflow server http://127\.0\.0\.1:\d+ did not") as exc:
+        check_run(**cluster, tracking_uri=f"http://user:s3cret@127.0.0.1:{_free_port()}")
+    assert "s3cret" not in str(exc.value)  # credentials in a URI are never echoed
     with pytest.raises(ValueError, match="work_uri must be an s3:// prefix on a cluster"):
         check_run(**{**cluster, "work_uri": str(tmp_path)}, tracking_uri=mlflow_server)
     monkeypatch.delenv(KEY_ENV)
@@ -184,3 +191,27 @@ def test_a_preempted_training_job_resumes_from_the_work_prefix_bit_for_bit(
     with pytest.raises(FileNotFoundError, match=unfinished), job_models(ref, [0, 1]):
         pass
     shutil.rmtree(tmp_path / "preempted")
+
+
+
+
+
+@pytest.mark.slow
+def test_blendsign_run_builds_the_same_run_tree_as_the_kubeflow_pipeline(
+        cohort: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`blendsign run` (one process) chains the same steps as the Kubeflow pipeline, so it leaves the same MLflow
+    tree (tests/test_pipeline_kfp.py checks the kfp.local run against EXPECTED_TREE too), and nothing RUNNING."""
+    from blendsign.pipeline import run_pipeline
+    from blendsign.tracking import Tracker
+
+    monkeypatch.chdir(tmp_path)
+    src = cohort["root"] / "src"
+    cfg = override(load_preset(str(LOCAL_PRESET)), folds={"k": 2}, distill={"rounds": 1})
+    tracker = Tracker.open("one-process", uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    result = run_pipeline(cfg, work_dir=tmp_path / "work", source=src / "dicom", annotations=src / "annotations.csv",
+                          clinical=src / "clinical.csv", tracker=tracker, model_name="one-process", progress=False)
+    assert result.record["status"] == "registered"
+    assert run_tree(tracker.uri, "one-process", result.record["parent_run_id"]) == {
+        "tree": EXPECTED_TREE, "statuses": {"FINISHED"}}
+    assert json.loads((tmp_path / ".blendsign" / "last_run.json").read_text()) == result.record
+    assert sorted(p.name for p in (tmp_path / "work" / "models").iterdir()) == ["all", "fold0", "fold1"]

@@ -70,6 +70,16 @@ scratch = "200Gi"
     assert p.with_gpus(0).train.gpus == 0 and p.with_gpus(1, "amd.com/gpu").evaluate.gpu_resource == "amd.com/gpu"
 
 
+def test_shared_defaults_add_tolerations_and_never_retry_register(tmp_path: Path) -> None:
+    site = tmp_path / "site.toml"
+    site.write_text('[defaults]\nretries = 4\ntolerations = [{ key = "pool", operator = "Equal", value = "ml", '
+                    'effect = "NoSchedule" }]\n')
+    p = load_profile(site)
+    pool = Toleration("pool", "Equal", "ml", "NoSchedule")
+    assert p.train.tolerations == (GPU_TAINT, pool) and p.light.tolerations == (pool,)  # the GPU taint stays
+    assert p.train.retries == p.light.retries == 4 and p.register.retries == 0
+
+
 @pytest.mark.parametrize(("text", "error"), [
     ("[train]\ngpu = 1\n", r"unknown key\(s\) in \[train\]: \['gpu'\]"),
     ("[trian]\ngpus = 1\n", r"unknown section\(s\) or key\(s\) \['trian'\]"),

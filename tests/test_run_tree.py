@@ -151,7 +151,7 @@ def test_a_failing_step_marks_the_parent_run_failed_and_a_finished_pipeline_over
 
 
 @pytest.mark.parametrize(("state", "status"), [("CANCELED", "KILLED"), ("FAILED", "FAILED"), (None, "FAILED"),
-                                               ("RUNNING", "FAILED"), ("COMPLETE", "FINISHED")])
+                                               ("RUNNING", "FAILED"), ("COMPLETE", "FAILED")])
 def test_the_exit_handler_ends_what_a_stopped_run_left_running(tmp_path: Path, state: str | None,
                                                                status: str) -> None:
     ref, other = _open(tmp_path, "stopped"), _open(tmp_path, "still-going")
@@ -171,3 +171,14 @@ def test_the_exit_handler_ends_what_a_stopped_run_left_running(tmp_path: Path, s
     assert end_unfinished_runs(ref.tracking_uri, "orch", "stopped", state) == []  # idempotent
     assert end_unfinished_runs(ref.tracking_uri, "no-such-experiment", "stopped") == []  # creates nothing
     assert client.get_experiment_by_name("no-such-experiment") is None
+
+
+def test_end_runs_by_hand_for_a_run_whose_exit_handler_did_not_run(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from blendsign import cli
+
+    ref = _open(tmp_path, "terminated")
+    assert cli.main(["pipeline", "end-runs", "terminated", "--tracking-uri", ref.tracking_uri, "--experiment", "orch",
+                     "--cancelled"]) == 0
+    assert "ended 2 MLflow run(s) of pipeline run terminated" in capsys.readouterr().out
+    assert ref.tracker().client.get_run(ref.parent_run_id).info.status == "KILLED"

@@ -238,3 +238,25 @@ def test_mlflow_artifacts_on_s3(s3: Any, tmp_path: Path, monkeypatch: pytest.Mon
         run2.log_artifact(report)
     assert f"mlflow-explicit/{run2.run_id}/artifacts/report.json" in keys(s3, "mlflow-explicit/")
     assert ACCESS_KEY not in caplog.text and SECRET_KEY not in caplog.text
+
+
+def test_sync_up_sends_the_files_named_last_after_the_others(s3: Any, tmp_path: Path) -> None:
+    """A checkpoint that says "finished" must not reach the prefix before the model it finished: a pod killed
+    mid-upload then leaves an unfinished checkpoint, which the retry resumes."""
+    for name in ("round0/last.pt", "round0/model.pt", "round0/history.json", "distill.json"):
+        (tmp_path / "job" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "job" / name).write_bytes(name.encode() * 100)
+    order: list[str] = []
+
+    class Recording:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(s3, name)
+
+        def upload_file(self, path: str, bucket: str, key: str, **kw: Any) -> None:
+            order.append(key.rsplit("/", 1)[-1])
+            s3.upload_file(path, bucket, key, **kw)
+
+    sync_up(tmp_path / "job", f"s3://{BUCKET}/work/run/jobs/fold0", marker=False, client=Recording(),
+            last=("last.pt", "distill.json"))
+    assert sorted(order[:2]) == ["history.json", "model.pt"] and sorted(order[2:]) == ["distill.json", "last.pt"]
+    assert not any(k.endswith("_SUCCESS") for k in keys(s3, "work/run/jobs/fold0/"))  # work in progress

@@ -70,6 +70,12 @@ def test_resume_gives_the_uninterrupted_result(cohort: dict[str, Path], tmp_path
     moved = train(override(CFG, data={"workers": 1}, train={"device": "cpu", "amp": False}), **_dirs(cohort),
                   fold=1, out_dir=tmp_path / "full", progress=False)
     assert moved.history == full.history
+    # a copy that lost model.pt (a pod killed while uploading) gets it back from its finished last.pt
+    model = torch.load(tmp_path / "full" / "model.pt", weights_only=False)["model"]
+    (tmp_path / "full" / "model.pt").unlink()
+    assert train(CFG, **_dirs(cohort), fold=1, out_dir=tmp_path / "full", progress=False).history == full.history
+    rebuilt = torch.load(tmp_path / "full" / "model.pt", weights_only=False)
+    assert rebuilt["optimizer"] is None and all(torch.equal(v, rebuilt["model"][k]) for k, v in model.items())
 
 
 def test_a_model_of_other_data_or_another_teacher_is_trained_anew(cohort: dict[str, Path], tmp_path: Path,

@@ -472,6 +472,14 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--work", type=Path, default=Path("data/pipeline"), help="work folder (default data/pipeline)")
     r.add_argument("--only-if-new-data", action="store_true", help="end early if the champion has this dataset")
     _pipeline_params(r, local=True)
+    e = actions.add_parser("end-runs", help="end the MLflow runs a stopped pipeline run left RUNNING",
+                           parents=[_common()], description="What the exit handler does, by hand: end every MLflow "
+                           "run of pipeline run RUN_ID (the Kubeflow run id) still RUNNING, as FAILED (KILLED with "
+                           "--cancelled). For a run whose exit handler did not run (terminated from the UI, say).")
+    e.add_argument("run_id", help="the Kubeflow run id (or the pipeline_run_id tag of a blendsign run)")
+    e.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
+    e.add_argument("--experiment", default="blendsign", help="MLflow experiment")
+    e.add_argument("--cancelled", action="store_true", help="the run was cancelled: end them KILLED")
     for name, what in (("submit", "run the pipeline once on a Kubeflow Pipelines endpoint"),
                        ("schedule", "create a recurring run (scheduled retraining) on an endpoint")):
         q = actions.add_parser(name, help=what, description=what, parents=[_common()])
@@ -507,7 +515,19 @@ def _run_pipeline_command(args: argparse.Namespace) -> int:
     from blendsign.pipelines.blendsign_pipeline import compile_pipeline
 
     if args.action == "compile":
+        if args.config.endswith(".toml"):
+            logging.getLogger("blendsign").warning("the preset parameter's default is the file %s: it must exist at "
+                                                   "that path inside the image", args.config)
         print(compile_pipeline(args.output, _cluster_profile(args), args.backend, args.config))
+        return 0
+    if args.action == "end-runs":
+        from blendsign.run_tree import end_unfinished_runs
+        from blendsign.tracking import tracking_uri
+
+        ended = end_unfinished_runs(args.tracking_uri or tracking_uri(), args.experiment, args.run_id,
+                                    "CANCELED" if args.cancelled else None)
+        print(f"ended {len(ended)} MLflow run(s) of pipeline run {args.run_id}" + (": " + ", ".join(ended)
+                                                                                    if ended else ""))
         return 0
     if args.action == "run":
         result = launch.run_local(

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -26,6 +28,10 @@ KEYS = (
     "MLFLOW_TRACKING_PASSWORD",
     "MLFLOW_TRACKING_TOKEN",
     "MLFLOW_S3_ENDPOINT_URL",
+    "MLFLOW_TRACKING_INSECURE_TLS",  # an MLflow server behind a self-signed certificate ...
+    "MLFLOW_TRACKING_SERVER_CERT_PATH",  # ... or an internal CA (a path: e.g. another key of this secret)
+    "MLFLOW_ARTIFACT_ROOT",  # where new experiments put their artifacts (e.g. s3://bucket/mlflow)
+    "BLENDSIGN_ARTIFACT_ROOT",
     "BLENDSIGN_PSEUDONYM_KEY",  # de-identification key: the same for every run, never stored with the data
 )
 """The keys read from the secret, each exported as the environment variable of the same name."""
@@ -51,3 +57,21 @@ def load(folder: str | Path | None = None) -> list[str]:
     log.info("credentials from %s: %s%s", folder, ", ".join(loaded) or "none",
              f" (ignored keys: {', '.join(ignored)})" if ignored else "")
     return loaded
+
+
+@contextmanager
+def environment(**values: str | None) -> Iterator[None]:
+    """Set environment variables for the block (``None``: leave it as it is), then restore them; subprocesses
+    started inside inherit them."""
+    old = {name: os.environ.get(name) for name in values}
+    for name, value in values.items():
+        if value is not None:
+            os.environ[name] = value
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

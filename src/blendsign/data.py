@@ -229,20 +229,20 @@ PREFETCH = 4  # batches each loader worker keeps ready
 SHM = Path("/dev/shm")
 
 
-def shared_memory_bytes(cfg: DataConfig, batch_size: int) -> int:
+def shared_memory_bytes(cfg: DataConfig, batch_size: int, *, margin: bool = True) -> int:
     """The ``/dev/shm`` a loader of ``cfg.workers`` workers needs: each worker's ``PREFETCH`` ready batches and
-    the one it builds pass through shared memory as float32 images ``[B, 3, S, S]`` (the targets add about 2%);
-    ×1.25 for the allocator, plus 256 MiB. No workers: none."""
+    the one it builds pass through shared memory as float32 images ``[B, 3, S, S]`` (the targets add about 2%).
+    ``margin`` (what a mount is sized with): ×1.25 for the allocator, plus 256 MiB. No workers: none."""
     if cfg.workers == 0:
         return 0
-    batch = batch_size * 3 * cfg.size * cfg.size * 4 * 1.02
-    return int(cfg.workers * (PREFETCH + 1) * batch * 1.25) + (256 << 20)
+    batches = cfg.workers * (PREFETCH + 1) * batch_size * 3 * cfg.size * cfg.size * 4 * 1.02
+    return int(batches * 1.25) + (256 << 20) if margin else int(batches)
 
 
 def check_shared_memory(cfg: DataConfig, batch_size: int, shm: Path = SHM) -> None:
-    """Refuse to start loader workers that would die of "Bus error" half-way: ``/dev/shm`` smaller than
-    :func:`shared_memory_bytes` (containers get 64 MiB unless given more)."""
-    need = shared_memory_bytes(cfg, batch_size)
+    """Refuse to start loader workers that would die of "Bus error" half-way: ``/dev/shm`` smaller than the
+    batches in flight (:func:`shared_memory_bytes` without its margin; containers get 64 MiB unless given more)."""
+    need = shared_memory_bytes(cfg, batch_size, margin=False)
     if need == 0 or not shm.is_dir():
         return
     total = shutil.disk_usage(shm).total

@@ -31,7 +31,7 @@ from blendsign.config import Config
 from blendsign.data import SliceDataset, SliceIndex, make_loader
 from blendsign.engine import predict, softmax
 from blendsign.model import build_model
-from blendsign.storage import atomic_path, write_json_atomic, write_text_atomic
+from blendsign.storage import atomic_path, file_sha256, write_json_atomic, write_text_atomic
 from blendsign.tracking import Tracker
 from blendsign.train import TrainResult, resolve_device, train, training_data
 
@@ -98,15 +98,35 @@ def review_table(index: SliceIndex, soft: np.ndarray, top: int) -> list[dict[str
     ]
 
 
-def _write_round_inputs(folder: Path, index: SliceIndex, soft: np.ndarray, review: list[dict[str, Any]]) -> None:
+SOFT_LABELS, TEACHER_FILE = "soft_labels.parquet", "teacher.json"
+
+
+def _saved_soft_labels(folder: Path, checkpoint: Path, index: SliceIndex) -> np.ndarray | None:
+    """A round's soft labels as written before (``[n, 3]`` float32), if its teacher is still the same checkpoint
+    (by content): a resumed round is taught exactly as it started, even when the pod that resumes it predicts
+    on another device (whose float16 results would differ in the last bit and make the round start over)."""
+    meta, table_path = folder / TEACHER_FILE, folder / SOFT_LABELS
+    if not (meta.is_file() and table_path.is_file()):
+        return None
+    if json.loads(meta.read_text()).get("checkpoint_sha256") != file_sha256(checkpoint):
+        return None
+    table = pq.read_table(table_path)
+    if table.column("instance_key").to_pylist() != list(index.instance_key):
+        return None
+    return np.stack([table.column(f"p_{c}").to_numpy() for c in CLASSES], axis=1).astype(np.float32)
+
+
+def _write_round_inputs(folder: Path, index: SliceIndex, soft: np.ndarray, review: list[dict[str, Any]],
+                        teacher_checkpoint: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     table = pa.table({
         "scan_id": list(index.scan_id), "slice_index": index.slice_index.astype(np.int32),
         "instance_key": list(index.instance_key), "label": [CLASSES[c] for c in index.label],
         **{f"p_{c}": soft[:, k] for k, c in enumerate(CLASSES)},
     })
-    with atomic_path(folder / "soft_labels.parquet") as tmp:
+    with atomic_path(folder / SOFT_LABELS) as tmp:
         pq.write_table(table, tmp)
+    write_json_atomic(folder / TEACHER_FILE, {"checkpoint_sha256": file_sha256(teacher_checkpoint)})
     header = list(review[0]) if review else ["scan_id"]
     csv_lines = [",".join(header)] + [",".join(str(r[h]) for h in header) for r in review]
     write_text_atomic(folder / "review.csv", "\n".join(csv_lines) + "\n")
@@ -141,29 +161,32 @@ def distill(
     state_file = fold_dir / STATE_FILE
     fold_run_id = None
     if tracker is not None:
-        previous = json.loads(state_file.read_text()) if state_file.exists() else {}
+        previous = next((json.loads(f.read_text()) for f in (state_file, fold_dir / RUN_FILE) if f.exists()), {})
         with tracker.run(name, tags={"fold": "all" if fold is None else fold, "stage": "fold", "preset": cfg.preset},
                          parent_run_id=parent_run_id, run_id=previous.get("fold_run_id")) as run:
             fold_run_id = run.run_id
+        write_json_atomic(fold_dir / RUN_FILE, {"fold_run_id": fold_run_id})  # a retried pod resumes this run
     results: list[TrainResult] = []
     train_index, _, _ = training_data(cfg, ingest_dir, labels_dir, folds_dir, fold)
     for r in range(rounds + 1):
         folder = fold_dir / f"round{r}"
         teacher = None
         if r > 0:
-            teacher = soft_labels(results[-1].checkpoint, train_index, cfg, device, progress=progress)
-            review = review_table(train_index, teacher, cfg.distill.review_top)
-            _write_round_inputs(folder, train_index, teacher, review)
-            flipped = sum(r_["noise_injected"] for r_ in review)
-            log.info("%s round %d: teacher disagrees most with %d slices (%d of them injected noise); see %s",
-                     name, r, len(review), flipped, folder / "review.md")
+            teacher = _saved_soft_labels(folder, results[-1].checkpoint, train_index)
+            if teacher is None:
+                teacher = soft_labels(results[-1].checkpoint, train_index, cfg, device, progress=progress)
+                review = review_table(train_index, teacher, cfg.distill.review_top)
+                _write_round_inputs(folder, train_index, teacher, review, results[-1].checkpoint)
+                flipped = sum(r_["noise_injected"] for r_ in review)
+                log.info("%s round %d: teacher disagrees most with %d slices (%d of them injected noise); see %s",
+                         name, r, len(review), flipped, folder / "review.md")
         # resume=True: a round killed half-way (a pre-empted pipeline task) continues where it stopped
         result = train(cfg, ingest_dir=ingest_dir, labels_dir=labels_dir, folds_dir=folds_dir, fold=fold,
                        out_dir=folder, resume=True, tracker=tracker, teacher=teacher, run_name=f"{name}-round{r}",
                        parent_run_id=fold_run_id, tags={"round": str(r)}, progress=progress,
                        on_checkpoint=on_checkpoint)
         if tracker is not None and r > 0 and result.run_id:
-            for artifact in ("soft_labels.parquet", "review.md", "review.csv"):
+            for artifact in (SOFT_LABELS, "review.md", "review.csv"):
                 tracker.client.log_artifact(result.run_id, str(folder / artifact), "distillation")
         results.append(result)
     write_json_atomic(state_file, {"fold": fold, "rounds": rounds, "fold_run_id": fold_run_id,
@@ -175,6 +198,7 @@ def distill(
 
 
 STATE_FILE = "distill.json"
+RUN_FILE = "mlflow_run.json"  # the fold's MLflow run, written when it is opened (the state file comes at the end)
 
 
 def job_dir_name(fold: int | None) -> str:

@@ -28,7 +28,7 @@ from blendsign.ingest import IngestResult, data_fingerprint, find_clinical, read
 from blendsign.labels import FuseResult, read_agreement
 from blendsign.run_tree import RunRef, end_skipped_run, end_unfinished_runs, finish_pipeline_run, open_pipeline_run
 from blendsign.storage import write_json_atomic, write_text_atomic
-from blendsign.tracking import LOCAL_DIR, Tracker, finite, git_commit, ui_command
+from blendsign.tracking import LOCAL_DIR, Tracker, display_uri, finite, git_commit, ui_command
 
 if TYPE_CHECKING:  # torch and scikit-learn: not imported by the light pipeline steps
     from blendsign.distill import DistillResult
@@ -111,42 +111,28 @@ class RunInputs:
         return "\n".join(["# Run inputs: checked", "", *[f"- {c}" for c in self.checks], ""])
 
 
-def check_tracking_server(uri: str, *, on_cluster: bool, timeout: float = 10.0) -> str:
-    """Refuse a tracking URI other steps could not reach: on a cluster, anything but an MLflow server (a SQLite
-    file in one pod is seen by no other pod); an ``http(s)://`` server that does not answer ``/health`` or
-    refuses the credentials. Returns what was checked, for the report."""
-    if not uri.startswith(("http://", "https://")):
+def check_tracking_server(uri: str, *, on_cluster: bool, timeout: float = 15.0) -> str:
+    """Refuse a tracking URI the other steps could not use: on a cluster, anything but an MLflow server (a SQLite
+    file in one pod is seen by no other pod); a server that does not answer an authenticated request (the MLflow
+    client's own, so its credentials and TLS settings count) within ``timeout`` seconds, without retries.
+    Returns what was checked, for the report."""
+    shown = display_uri(uri)
+    if not uri.startswith(("http://", "https://", "databricks")):
         if on_cluster:
-            raise ValueError(f"MLflow tracking URI {uri!r} is not a server: each pod would log to its own store. "
+            raise ValueError(f"MLflow tracking URI {shown!r} is not a server: each pod would log to its own store. "
                              "Set the tracking_uri parameter or MLFLOW_TRACKING_URI in the credentials secret to "
                              "the MLflow server (docs/pipeline.md, Secrets)")
-        return f"MLflow store {uri} (local)"
-    import urllib.error
-    import urllib.request
-
-    health = uri.rstrip("/") + "/health"
-    try:
-        with urllib.request.urlopen(health, timeout=timeout) as response:
-            ok = response.status == 200
-    except (urllib.error.URLError, OSError) as exc:
-        raise ValueError(f"MLflow server {uri} is not reachable from here ({health}: {exc})") from None
-    if not ok:
-        raise ValueError(f"MLflow server {uri} answered {health} with an error")
+        return f"MLflow store {shown} (local)"
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
-    old = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-    try:
-        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-    except MlflowException as exc:
-        raise ValueError(f"MLflow server {uri} refused the request (credentials?): {exc.message}") from None
-    finally:
-        if old is None:
-            os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
-        else:
-            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = old
-    return f"MLflow server {uri}: reachable, credentials accepted"
+    with credentials.environment(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(int(timeout))):
+        try:
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        except Exception as exc:  # connection, TLS, HTTP 401/403/5xx: all mean the steps could not log
+            message = str(getattr(exc, "message", exc)).replace(uri, shown).splitlines()[0][:300]
+            raise ValueError(f"MLflow server {shown} did not answer from here (reachable? credentials?): "
+                             f"{type(exc).__name__}: {message}") from None
+    return f"MLflow server {shown}: reachable, credentials accepted"
 
 
 def _check_work(work_uri: str, *, on_cluster: bool) -> str:
@@ -168,7 +154,7 @@ def _check_work(work_uri: str, *, on_cluster: bool) -> str:
 
 
 @step
-def check_run(*, source: str, annotations: str, clinical: str = "", preset: str, k: int = 0, rounds: int = -1,
+def check_run(*, source: str, annotations: str, clinical: str = "", preset: str | Config, k: int = 0, rounds: int = -1,
               metric: str, register_mode: str, margin: float = 0.0, tracking_uri: str = "", work_uri: str,
               on_cluster: bool) -> RunInputs:
     """Everything a run can check before data moves (the pipeline's first step; ``blendsign run`` too): the
@@ -181,11 +167,11 @@ def check_run(*, source: str, annotations: str, clinical: str = "", preset: str,
         missing = [n for n, v in (("source_uri", source), ("annotations_uri", annotations)) if not v]
         raise ValueError(f"missing input(s): {', '.join(missing)} (the DICOM export and its annotation CSV)")
     check_settings(metric=metric, register_mode=register_mode, k=k, rounds=rounds, margin=margin)
-    cfg = pipeline_config(preset, k=k, rounds=rounds)
+    cfg = pipeline_config(preset, k=k, rounds=rounds) if isinstance(preset, str) else preset
     checks.append(f"preset {cfg.preset}: {cfg.folds.k} folds, {cfg.distill.rounds} distillation rounds, "
                   f"promotion on {metric} (margin {margin:g}), register {register_mode}")
-    if not storage.exists(source):
-        raise FileNotFoundError(f"nothing at the DICOM source {source}")
+    if not storage.exists(source) or storage.is_file(source):
+        raise FileNotFoundError(f"the DICOM source {source} is not a folder (or s3:// prefix) holding files")
     if not storage.is_file(annotations):
         raise FileNotFoundError(f"annotation CSV {annotations} not found")
     checks.append(f"inputs present: {source}, {annotations}")
@@ -231,6 +217,12 @@ def snapshot(source: str, annotations: str, clinical: str) -> str:
     from blendsign.retrain import source_digest
 
     return source_digest(source, annotations, clinical)
+
+
+@step
+def open_tracker(experiment: str, tracking_uri: str = "") -> Tracker:
+    """The MLflow experiment a step logs to, opened once the task's credentials are in the environment."""
+    return Tracker.open(experiment, uri=tracking_uri or None)
 
 
 @step
@@ -374,16 +366,19 @@ def train_job(cfg: Config, ref: RunRef, job: int, *, ingest_dir: str | Path, lab
     retried or pre-empted pod finds them and resumes (bit-exactly, ``train``'s resume). Its final model (model
     and ``distill.json``, nothing else) is exported to ``ref.work/models/<fold folder>`` and to ``export``.
     """
-    from blendsign.distill import distill, export_final, job_dir_name
+    from blendsign.distill import STATE_FILE, distill, export_final, job_dir_name
+    from blendsign.train import CHECKPOINT
 
     fold = None if job == REFIT else job
     name = job_dir_name(fold)
     parent = ref.parent_run_id if fold is None else ref.cv_run_id
     log.info("%s: %s", job_label(job), "teacher" if rounds == 0 else "teacher and students")
-    with storage.mirrored(storage.join(ref.work, JOBS, name)) as mirror:
+    # a killed upload must not leave a "finished" checkpoint or distillation without what it finished
+    with storage.mirrored(storage.join(ref.work, JOBS, name), last=(CHECKPOINT, STATE_FILE)) as mirror, \
+            ref.step(job_label(job)) as tracker:
         result = distill(cfg, ingest_dir=ingest_dir, labels_dir=labels_dir,
                          folds_dir=None if fold is None else folds_dir, fold=fold, out_dir=mirror.local.parent,
-                         rounds=rounds, tracker=ref.tracker(), parent_run_id=parent, progress=progress,
+                         rounds=rounds, tracker=tracker, parent_run_id=parent, progress=progress,
                          on_checkpoint=mirror.push)
         if rounds is None or rounds == cfg.distill.rounds:  # the job's final model (not a teacher on its way)
             with storage.local_output(storage.join(ref.work, MODELS, name)) as published:
@@ -426,35 +421,25 @@ def job_models(ref: RunRef, jobs: Sequence[int], sources: Sequence[str | Path] |
 def evaluate_step(cfg: Config, ref: RunRef, *, ingest_dir: str | Path, labels_dir: str | Path, folds_dir: str | Path,
                   out: str | Path, model_sources: Sequence[str | Path] | None = None, progress: bool = True) \
         -> EvalResult:
-    """Every fold's final model on its held-out fold (``blendsign evaluate``), logged on ``cross-validation``.
-
-    The fold models come from ``model_sources`` or the run's work folder (:func:`job_models`) and are kept in
-    ``out/models`` (what ``register --register fold-ensemble`` ships); the evaluation goes to ``out/evaluation``.
-    """
-    import shutil
-
+    """Every fold's final model on its held-out fold (``blendsign evaluate``), logged on ``cross-validation``;
+    the evaluation goes to ``out/evaluation``. The fold models come from ``model_sources`` or the run's work
+    folder (:func:`job_models`); ``register`` reads them from there too, so ``out`` does not carry them."""
     from blendsign.evaluate import evaluate
 
-    out = Path(out)
-    with job_models(ref, fold_ids(folds_dir), model_sources) as found:
-        shutil.rmtree(out / "models", ignore_errors=True)
-        shutil.copytree(found, out / "models")
-    with ref.step("evaluate") as tracker:
-        return evaluate(cfg, ingest_dir=ingest_dir, labels_dir=labels_dir, folds_dir=folds_dir,
-                        models_dir=out / "models", out_dir=out / "evaluation", tracker=tracker, run_id=ref.cv_run_id,
-                        progress=progress)
+    with job_models(ref, fold_ids(folds_dir), model_sources) as found, ref.step("evaluate") as tracker:
+        return evaluate(cfg, ingest_dir=ingest_dir, labels_dir=labels_dir, folds_dir=folds_dir, models_dir=found,
+                        out_dir=Path(out) / "evaluation", tracker=tracker, run_id=ref.cv_run_id, progress=progress)
 
 
 @step
 def register_step(cfg: Config, ref: RunRef, *, cv_dir: str | Path, ingest_dir: str | Path, labels_dir: str | Path,
                   out_dir: str | Path | None = None, card_path: str | Path | None = None, mode: str = "refit",
-                  name: str = "blendsign", metric: str = "cv_auc_blend_sign", margin: float = 0.0,
-                  model_sources: Sequence[str | Path] | None = None) -> dict[str, Any]:
-    """Register the refit (from ``model_sources`` or the run's work folder, :func:`job_models`) or the fold
-    ensemble (``cv_dir/models``) behind the champion gate on ``metric`` (``registry.py``), end the parent run,
-    and return the run record. ``out_dir`` (default: a temporary folder) keeps the refit and the model card;
-    ``card_path``: the model card is written there too. ``ingest_dir``: the ingest output or its summary
-    (``ingest.export_summary``)."""
+                  name: str = "blendsign", metric: str = "cv_auc_blend_sign", margin: float = 0.0) -> dict[str, Any]:
+    """Register the refit or the fold ensemble (the models the run's training jobs exported, :func:`job_models`:
+    only those it ships are read) behind the champion gate on ``metric`` (``registry.py``), end the parent run,
+    and return the run record. ``cv_dir/evaluation`` holds the CV metrics; ``out_dir`` (default: a temporary
+    folder) keeps the registered checkpoints and the model card; ``card_path``: the card is written there too.
+    ``ingest_dir``: the ingest output or its summary (``ingest.export_summary``)."""
     import shutil
     import tempfile
 
@@ -468,20 +453,17 @@ def register_step(cfg: Config, ref: RunRef, *, cv_dir: str | Path, ingest_dir: s
     if out_dir is None:
         with tempfile.TemporaryDirectory(prefix="blendsign-register-") as tmp:
             return register_step(cfg, ref, cv_dir=cv_dir, ingest_dir=ingest_dir, labels_dir=labels_dir, out_dir=tmp,
-                                 card_path=card_path, mode=mode, name=name, metric=metric, margin=margin,
-                                 model_sources=model_sources)
+                                 card_path=card_path, mode=mode, name=name, metric=metric, margin=margin)
     out_dir = Path(out_dir)
     evaluation = EvalResult.load(cv_dir / "evaluation")
     metrics = read_metrics(cv_dir / "evaluation")
     value = metrics["cv"][check_promotion_metric(metric).removeprefix("cv_")][0]
     with ref.step("register") as tracker:
-        if mode == "refit":
-            with job_models(ref, [REFIT], model_sources) as found:
-                shutil.rmtree(out_dir / "all", ignore_errors=True)
-                shutil.copytree(found / "all", out_dir / "all")
-            checkpoints = [final_checkpoint(out_dir / "all")]
-        else:
-            checkpoints = [final_checkpoint(p) for p in sorted((cv_dir / "models").glob("fold*"))]
+        jobs = [REFIT] if mode == "refit" else sorted(evaluation.per_fold)  # the folds that were evaluated
+        with job_models(ref, jobs) as found:
+            shutil.rmtree(out_dir / "models", ignore_errors=True)
+            shutil.copytree(found, out_dir / "models")
+        checkpoints = [final_checkpoint(p) for p in sorted((out_dir / "models").iterdir())]
         fingerprint, commit = data_fingerprint(ingest_dir), git_commit()
         tags = {"data_fingerprint": fingerprint, "git_commit": commit, "preset": cfg.preset, "register_mode": mode,
                 **{f"cv_{k}": f"{v[0]:.6f}" for k, v in metrics["cv"].items() if v[0] == v[0]},
@@ -534,8 +516,9 @@ class PipelineResult:
         lines.append(f"champion: {r['model_uri']}")
         if self.evaluation is not None:
             lines += ["", self.evaluation.summary()]
-        lines += ["", f"MLflow: {r['tracking_uri']} (experiment {r['experiment']}, parent run {r['parent_run_id']}); "
-                  f"UI: {ui_command(r['tracking_uri'])}", f"run record: {LOCAL_DIR / 'last_run.json'}"]
+        lines += ["", f"MLflow: {display_uri(r['tracking_uri'])} (experiment {r['experiment']}, parent run "
+                  f"{r['parent_run_id']}); UI: {ui_command(r['tracking_uri'])}",
+                  f"run record: {LOCAL_DIR / 'last_run.json'}"]
         return "\n".join(lines)
 
 
@@ -566,7 +549,7 @@ def run_pipeline(
         log.info("%s", synthesize(work / "source", cfg.synth, progress=progress).summary())
         source, annotations = work / "source" / "dicom", work / "source" / "annotations.csv"
     inputs = check_run(source=str(source), annotations=str(annotations), clinical=str(clinical or ""),
-                       preset=cfg.preset, metric=metric, register_mode=register_mode, margin=margin,
+                       preset=cfg, metric=metric, register_mode=register_mode, margin=margin,
                        tracking_uri=tracker.uri, work_uri=str(work), on_cluster=False)
     ing = ingest_step(cfg, inputs.source, work / "ingest", clinical=inputs.clinical, tracker=tracker,
                       progress=progress)

@@ -23,19 +23,11 @@ from typing import Any
 
 from blendsign.ingest import data_fingerprint
 from blendsign.registry import CHAMPION
-from blendsign.storage import is_s3, s3_client, split_s3, uri_text, write_json_atomic
+from blendsign.storage import file_sha256, is_s3, s3_client, split_s3, uri_text, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 RETRAIN, SKIP = "retrain", "skip"
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _entries(uri: str) -> list[tuple[str, int, str]]:
@@ -47,10 +39,10 @@ def _entries(uri: str) -> list[tuple[str, int, str]]:
                       for page in pages for o in page.get("Contents", []))
     path = Path(uri)
     if path.is_file():
-        return [("", path.stat().st_size, _file_digest(path))]
+        return [("", path.stat().st_size, file_sha256(path))]
     if not path.is_dir():
         raise FileNotFoundError(f"nothing at {uri}")
-    return sorted((p.relative_to(path).as_posix(), p.stat().st_size, _file_digest(p))
+    return sorted((p.relative_to(path).as_posix(), p.stat().st_size, file_sha256(p))
                   for p in path.rglob("*") if p.is_file())
 
 

@@ -26,15 +26,15 @@ from typing import Any
 
 from blendsign.config import Config
 from blendsign.storage import write_json_atomic
-from blendsign.tracking import Run, Tracker, provenance
+from blendsign.tracking import Run, Tracker, display_uri, provenance
 
 log = logging.getLogger(__name__)
 
 RUN_TAG = "pipeline_run_id"
-# Kubeflow's final states (PipelineTaskFinalStatus.state; the SDK documents SUCCEEDED/CANCELLED, the backend sends
-# COMPLETE/CANCELED) → MLflow's. Anything else, or none (older backends): what is still RUNNING at the end failed.
-FINAL_STATES = {"COMPLETE": "FINISHED", "SUCCEEDED": "FINISHED", "FAILED": "FAILED", "CANCELED": "KILLED",
-                "CANCELLED": "KILLED"}
+# A run still RUNNING when the pipeline run ends belongs to a step that did not finish it: KILLED when the run
+# was cancelled (PipelineTaskFinalStatus.state; the SDK documents CANCELLED, the backend sends CANCELED), else
+# FAILED — also after a run that COMPLETED: a leftover is then an attempt that died before a retry succeeded.
+KILLED_STATES = {"CANCELED", "CANCELLED"}
 
 
 @dataclass(frozen=True)
@@ -68,9 +68,10 @@ class RunRef:
 
     def markdown(self) -> str:
         """Where this run logs, for a person (the Kubeflow UI shows it as the ``start_run`` step's output)."""
-        link = (f"{self.tracking_uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.parent_run_id}"
-                if self.tracking_uri.startswith(("http://", "https://")) else None)
-        return "\n".join(["# MLflow", "", f"- tracking: `{self.tracking_uri}`, experiment `{self.experiment}`",
+        shown = display_uri(self.tracking_uri)
+        link = (f"{shown.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.parent_run_id}"
+                if shown.startswith(("http://", "https://")) else None)
+        return "\n".join(["# MLflow", "", f"- tracking: `{shown}`, experiment `{self.experiment}`",
                           f"- parent run: `{self.parent_run_id}`" + (f" ([open in MLflow]({link}))" if link else ""),
                           f"- cross-validation run: `{self.cv_run_id}`",
                           f"- every run of this pipeline run is tagged `{RUN_TAG} = {self.run_id}`", ""])
@@ -134,9 +135,10 @@ def end_unfinished_runs(tracking_uri: str | None, experiment: str, run_id: str, 
     """End every run of pipeline run ``run_id`` still RUNNING: the exit handler's work, so that an OOM kill, an
     eviction, a failed step or a run terminated in the Kubeflow UI leaves no MLflow run RUNNING for ever.
 
-    ``state`` is Kubeflow's final state when the backend reports it (``FAILED``, ``CANCELED``, ``COMPLETE``);
-    without it, a run still RUNNING at the end belongs to a step that did not finish: FAILED. Returns the run ids
-    it ended. Nothing is created: an experiment that does not exist has nothing to end.
+    ``state`` is Kubeflow's final state when the backend reports it (``FAILED``, ``CANCELED``, ``COMPLETE``):
+    leftovers end KILLED after a cancelled run, else FAILED (a leftover of a completed run is an attempt that died
+    before its retry succeeded); the state is recorded in the ``ended_by`` tag. Returns the run ids it ended.
+    Nothing is created: an experiment that does not exist has nothing to end.
     """
     from mlflow import MlflowClient
 
@@ -144,7 +146,7 @@ def end_unfinished_runs(tracking_uri: str | None, experiment: str, run_id: str, 
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return []
-    status = FINAL_STATES.get((state or "").upper(), "FAILED")
+    status = "KILLED" if (state or "").upper() in KILLED_STATES else "FAILED"
     runs = client.search_runs([exp.experiment_id], filter_string=f"tags.{RUN_TAG} = '{run_id}' and "
                               "attributes.status = 'RUNNING'", max_results=1000)
     for run in runs:

@@ -18,7 +18,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -71,6 +71,15 @@ def _finite_or_null(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [_finite_or_null(v) for v in obj]
     return obj
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's content, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def remove_stale_temporaries(folder: str | Path) -> int:
@@ -322,12 +331,14 @@ def _local_files(root: Path) -> dict[str, Path]:
 
 
 def sync_up(local_dir: str | Path, uri: str | Path, *, delete: bool = True, marker: bool = True,
-            client: Any = None) -> SyncStats:
+            client: Any = None, last: Sequence[str] = ()) -> SyncStats:
     """Publish ``local_dir`` at the prefix ``uri``: upload new or changed files only, delete objects the
     folder no longer has (``delete``), and write the ``_SUCCESS`` marker last (``marker``).
 
     The marker is removed before the first change, so a reader never takes a half-updated prefix for a
-    complete one. Nothing changed and a marker present: nothing is written at all.
+    complete one. Nothing changed and a marker present: nothing is written at all. Files named in ``last``
+    (base names) are uploaded after all the others: a checkpoint that says "finished" never arrives before the
+    model it finished.
     """
     from boto3.s3.transfer import TransferConfig
 
@@ -347,7 +358,8 @@ def sync_up(local_dir: str | Path, uri: str | Path, *, delete: bool = True, mark
     if has_marker:
         client.delete_object(Bucket=bucket, Key=prefix + MARKER)
     transfer = TransferConfig(multipart_threshold=PART_SIZE, multipart_chunksize=PART_SIZE)
-    _parallel(lambda rel: client.upload_file(str(local[rel]), bucket, prefix + rel, Config=transfer), todo)
+    for batch in ([r for r in todo if Path(r).name not in last], [r for r in todo if Path(r).name in last]):
+        _parallel(lambda rel: client.upload_file(str(local[rel]), bucket, prefix + rel, Config=transfer), batch)
     for i in range(0, len(stale), 1000):
         client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": prefix + k} for k in stale[i:i + 1000]],
                                                      "Quiet": True})
@@ -469,27 +481,28 @@ class Mirror:
     files only, stale objects deleted; no completion marker: the prefix is work in progress).
     """
 
-    def __init__(self, uri: str | Path, local: Path) -> None:
-        self.uri, self.local = uri_text(uri), local
+    def __init__(self, uri: str | Path, local: Path, last: Sequence[str] = ()) -> None:
+        self.uri, self.local, self.last = uri_text(uri), local, tuple(last)
 
     def push(self) -> None:
         if is_s3(self.uri):
-            sync_up(self.local, self.uri, marker=False)
+            sync_up(self.local, self.uri, marker=False, last=self.last)
 
 
 @contextmanager
-def mirrored(uri: str | Path, *, cache: Path | None = None) -> Iterator[Mirror]:
-    """A :class:`Mirror` of ``uri``; pushed once more when the block ends, whether it succeeded or not."""
+def mirrored(uri: str | Path, *, cache: Path | None = None, last: Sequence[str] = ()) -> Iterator[Mirror]:
+    """A :class:`Mirror` of ``uri``; pushed once more when the block ends, whether it succeeded or not. ``last``:
+    base names uploaded after everything else (see :func:`sync_up`)."""
     if not is_s3(uri):
         Path(uri).mkdir(parents=True, exist_ok=True)
-        yield Mirror(uri, Path(uri))
+        yield Mirror(uri, Path(uri), last)
         return
     with scratch_dir(cache) as root:
         staging = mirror_path(root, uri)
         staging.mkdir(parents=True, exist_ok=True)
         if _has_objects(s3_client(), *split_s3(uri)):
             sync_down(uri, staging)
-        mirror = Mirror(uri, staging)
+        mirror = Mirror(uri, staging, last)
         try:
             yield mirror
         finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
@@ -30,13 +31,18 @@ def tracking_uri() -> str:
     return f"sqlite:///{(LOCAL_DIR / 'mlflow.db').resolve()}"
 
 
+def display_uri(uri: str) -> str:
+    """``uri`` without a ``user:password@`` part, for logs and reports."""
+    return re.sub(r"^(\w+://)[^/@]+@", r"\1", uri)
+
+
 def ui_command(uri: str) -> str:
     """How to browse ``uri``: ``make mlflow-ui`` in a checkout whose own store it is, else the mlflow command."""
     own = f"sqlite:///{(LOCAL_DIR / 'mlflow.db').resolve()}"
     if uri == own and Path("Makefile").is_file() and "mlflow-ui:" in Path("Makefile").read_text():
         return "make mlflow-ui"
     if uri.startswith(("http://", "https://")):
-        return f"open {uri} (the tracking server is the UI)"
+        return f"open {display_uri(uri)} (the tracking server is the UI)"
     return f"mlflow ui --host 127.0.0.1 --backend-store-uri {uri}"
 
 
@@ -126,7 +132,7 @@ class Tracker:
                 root = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts"
                 location = root.resolve().as_uri()
             exp_id = client.create_experiment(experiment, artifact_location=location)
-        log.info("MLflow: %s, experiment %r", uri, experiment)
+        log.info("MLflow: %s, experiment %r", display_uri(uri), experiment)
         return cls(client, exp_id, uri, experiment, dict(tags or {}))
 
     @contextmanager
@@ -151,6 +157,7 @@ class Tracker:
             self.client.update_run(run_id, status="RUNNING")
             if parent_run_id:  # resumed by a new parent (a re-run of cross-validation): it moves there
                 self.client.set_tag(run_id, "mlflow.parentRunId", parent_run_id)
+            run.set_tags(self.tags)  # ... and belongs to the pipeline run that resumed it
         try:
             yield run
         except BaseException:

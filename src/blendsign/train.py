@@ -35,6 +35,7 @@ from blendsign.tracking import Tracker, finite
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 1
+CHECKPOINT, MODEL = "last.pt", "model.pt"  # what resuming reads; the trained model (the final epoch's weights)
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class TrainResult:
     @property
     def checkpoint(self) -> Path:
         """The trained model: the final epoch's weights (paper §Training details: 50 epochs; none is chosen)."""
-        return self.out_dir / "model.pt"
+        return self.out_dir / MODEL
 
     def held_out(self, metric: str = "auc_blend_sign") -> float | None:
         """The final epoch's ``metric`` on the held-out fold (None for a refit on all data)."""
@@ -295,8 +296,8 @@ def train(
                         "history": history, "config": cfg.to_dict(), "run_id": run_id, "fold": fold,
                         "trained_on": source}
                 if epoch + 1 == cfg.train.epochs:  # before last.pt says "finished"
-                    _save({**ckpt, "optimizer": None, "scheduler": None, "scaler": None}, out_dir / "model.pt")
-                _save(ckpt, out_dir / "last.pt")
+                    _save({**ckpt, "optimizer": None, "scheduler": None, "scaler": None}, out_dir / MODEL)
+                _save(ckpt, out_dir / CHECKPOINT)
                 write_json_atomic(out_dir / "history.json", history)
                 if on_checkpoint is not None:
                     on_checkpoint()
@@ -306,7 +307,7 @@ def train(
             if world > 1:
                 dist.barrier()
         if run is not None and last_epoch == cfg.train.epochs:
-            run.log_artifact(out_dir / "model.pt", "checkpoint")
+            run.log_artifact(out_dir / MODEL, "checkpoint")
             run.log_artifact(out_dir / "config.json")
             run.log_artifact(out_dir / "history.json")
     return TrainResult(out_dir, fold, len(history), run_id, history)
@@ -341,7 +342,7 @@ def teacher_digest(teacher: np.ndarray | None) -> str | None:
 
 def _load_existing(out_dir: Path, cfg: Config, resume: bool, source: dict[str, str | None]) -> dict[str, Any] | None:
     """The checkpoint to continue from, or None to start fresh; refuses to mix configs."""
-    last = out_dir / "last.pt"
+    last = out_dir / CHECKPOINT
     if not last.exists():
         if resume:
             log.debug("resume: no checkpoint in %s yet, starting fresh", out_dir)
@@ -353,9 +354,12 @@ def _load_existing(out_dir: Path, cfg: Config, resume: bool, source: dict[str, s
         what = "other soft labels (its teacher was retrained since)" if (state.get("trained_on") or {}).get(
             "data") == source["data"] else "other data, labels or folds"
         log.warning("%s holds a model trained on %s: training it anew", out_dir, what)
-        (out_dir / "model.pt").unlink(missing_ok=True)
+        (out_dir / MODEL).unlink(missing_ok=True)
         return None
     if state["epoch"] < cfg.train.epochs and not resume:
         raise ValueError(f"{out_dir} holds an unfinished run (epoch {state['epoch']} of {cfg.train.epochs}); "
                          "pass --resume to continue it")
+    if state["epoch"] >= cfg.train.epochs and not (out_dir / MODEL).exists():  # a copy that lost it
+        log.warning("%s: finished, but model.pt is missing: written again from last.pt", out_dir)
+        _save({**state, "optimizer": None, "scheduler": None, "scaler": None}, out_dir / MODEL)
     return state
