@@ -1,13 +1,15 @@
-"""Serving latency: the HTTP endpoint (``mlflow models serve``) against the same model called in process.
+"""Serving latency: the HTTP endpoint (``blendsign serve``) against the same model called in process.
 
     python benchmarks/bench_serve.py [--repeats 3] [--backbone resnet50] [--slices 40] [--batch-size 8]
+                                     [--device auto|cpu|cuda] [--server blendsign|mlflow]
 
 One 40-slice scan of real 512×512 head CT (pydicom-data's ``693_UNCI.dcm`` repeated with distinct
 SOPInstanceUIDs; pydicom's ``CT_small.dcm`` upsampled to 512², its contrast tag removed, when pydicom-data is
 absent) is scored by the
-``paper`` model (random weights) logged to a temporary MLflow store: in process (``serving.load(...).predict``
-on the DICOM bytes) and over HTTP (one JSON request of base64 text to ``/invocations`` on 127.0.0.1), the two
-interleaved, after one warm-up each. Prints p50/p95 latency per scan and slices/s; the last line is
+``paper`` model (random weights) logged to a temporary MLflow store: in process (``model_package.load(...)
+.predict`` on the DICOM bytes) and over HTTP (one JSON request of base64 text to ``/invocations`` on 127.0.0.1:
+``blendsign serve``, or ``mlflow models serve`` with ``--server mlflow``), both on ``--device``, the two
+interleaved, after one warm-up each. Prints the device, p50/p95 latency per scan and slices/s; the last line is
 ``ratio=<HTTP p50 / in-process p50>``.
 """
 
@@ -30,9 +32,10 @@ import torch
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from blendsign import serving
+from blendsign import model_package, serving
 from blendsign.config import load_preset, override
 from blendsign.model import build_model
+from blendsign.model_server import model_server
 from blendsign.tracking import Tracker
 
 
@@ -66,6 +69,8 @@ def main() -> None:
     parser.add_argument("--backbone", default="resnet50")
     parser.add_argument("--slices", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=serving.DEFAULT_BATCH_SIZE)
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    parser.add_argument("--server", choices=("blendsign", "mlflow"), default="blendsign")
     args = parser.parse_args()
 
     cfg = override(load_preset("paper"), model={"backbone": args.backbone, "weights": "none"})
@@ -78,14 +83,16 @@ def main() -> None:
         tracker = Tracker.open(uri=uri)
         with tracker.run("bench-serve") as run:
             run_id = run.run_id
-        model_uri = serving.log_model(run_id=run_id, tracking_uri=uri, checkpoints=[root / "model.pt"],
+        model_uri = model_package.log_model(run_id=run_id, tracking_uri=uri, checkpoints=[root / "model.pt"],
                                       batch_size=args.batch_size)
         slices = scan_slices(args.slices)
         frame = pd.DataFrame({"dicom": slices})
         body = json.dumps({"dataframe_split": {"columns": ["dicom"],
                                                "data": [[base64.b64encode(s).decode()] for s in slices]}}).encode()
-        model = serving.load(model_uri, tracking_uri=uri)
-        with serving.model_server(model_uri, tracking_uri=uri, log=root / "serve.log") as base:
+        model = model_package.load(model_uri, tracking_uri=uri, model_config={"device": args.device})
+        device = model.unwrap_python_model().device
+        with model_server(model_uri, tracking_uri=uri, log=root / "serve.log", guarded=args.server == "blendsign",
+                          env={"BLENDSIGN_SERVE_DEVICE": args.device}) as base:
             # The server runs predict in a worker thread (asyncio.to_thread); so does the in-process side: on a
             # busy 2-core machine torch ran ~15% faster in a worker thread than in the main thread (A/B measured).
             pool = ThreadPoolExecutor(1)
@@ -102,8 +109,10 @@ def main() -> None:
                     calls[mode]()
                     times[mode].append(time.perf_counter() - t)
 
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{args.backbone} at {cfg.data.size}², {args.slices} slices per request, batch {args.batch_size}, "
-          f"{torch.get_num_threads()} torch threads, {args.repeats} repeats, request {len(body) / 2**20:.1f} MiB")
+          f"device {device} ({where}), {args.server} server, {args.repeats} repeats, request "
+          f"{len(body) / 2**20:.1f} MiB")
     print(f"{'mode':<12}{'p50 s':>9}{'p95 s':>9}{'slices/s':>10}")
     for mode, ts in times.items():
         p50, p95 = np.percentile(ts, [50, 95])

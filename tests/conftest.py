@@ -189,3 +189,22 @@ def run_tree(tracking_uri: str, experiment: str, parent_run_id: str) -> dict[str
 EXPECTED_TREE = {"cross-validation": {"fold0": {"fold0-round0": {}, "fold0-round1": {}},
                                       "fold1": {"fold1-round0": {}, "fold1-round1": {}}},
                  "refit": {"refit-round0": {}, "refit-round1": {}}, "register": {}}
+
+
+# --- the served model (tests/test_serving.py, test_model_package.py, test_predict.py, test_model_server.py) ------
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One checkpoint logged as the pyfunc to a temporary SQLite store (tests/served.py)."""
+    from tests.served import log_served
+
+    return log_served(tmp_path_factory.mktemp("serving"))
+
+
+@pytest.fixture(scope="module")
+def model(served: dict[str, Any]) -> Any:
+    """The logged model loaded in process, on the CPU."""
+    from blendsign import model_package
+
+    return model_package.load(served["model_uri"], tracking_uri=served["uri"], model_config={"device": "cpu"})

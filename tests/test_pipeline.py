@@ -130,7 +130,10 @@ def test_on_a_cluster_every_pod_must_reach_the_same_tracking_server_and_work_pre
 def test_a_real_tracking_server_passes(export: dict[str, str], tmp_path: Path, mlflow_server: str) -> None:
     checked = check_run(**export, **CHECK, tracking_uri=mlflow_server, work_uri=str(tmp_path), on_cluster=False)
     assert checked.tracking_uri == mlflow_server
-    assert f"MLflow server {mlflow_server}: reachable, credentials accepted" in checked.checks
+    import mlflow
+
+    assert f"MLflow server {mlflow_server}: reachable, credentials accepted, MLflow {mlflow.__version__}" in \
+        checked.checks
 
 
 def test_s3_inputs_clinical_list_and_work_prefix(s3: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

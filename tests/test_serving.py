@@ -1,14 +1,13 @@
-"""The served model: in process through MLflow, and over HTTP with ``mlflow models serve`` (real head-CT DICOM)."""
+"""The served model's pyfunc: request decoding, the ensemble, its settings and device (real head-CT DICOM)."""
 
 from __future__ import annotations
 
 import base64
 import io
 import json
-import os
+import logging
 import pickle
-import urllib.error
-import urllib.request
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,89 +19,14 @@ import torch
 from PIL import Image
 
 from blendsign import CLASSES, serving
-from blendsign.config import Config, load_preset, override
+from blendsign.config import Config
 from blendsign.dicom import hu_from_dataset
 from blendsign.distill import load_model
-from blendsign.model import build_model
+from blendsign.serving import RequestError, ServeSettings
 from blendsign.targets import decode_boxes
-from blendsign.tracking import Tracker
 from blendsign.transforms import preprocess
 from tests.conftest import real_file, write_ct
-
-# JPEG 2000 512², native 512², native 128² (CT_small is contrast-enhanced, which the model declines: its
-# contrast tag is removed to score its pixels; see test_bad_rows for the untouched file)
-GOOD = ("J2K_pixelrep_mismatch.dcm", "693_UNCI.dcm", "CT_small.dcm")
-PLAIN = "CT_small.dcm"
-
-
-def make_checkpoint(path: Path, seed: int = 0) -> Config:
-    """A ``train``-style checkpoint of a random resnet18 whose center heatmap fires everywhere (boxes to check)."""
-    torch.manual_seed(seed)
-    cfg = override(load_preset("ci"), model={"det_channels": 16})
-    model = build_model(cfg.model)
-    with torch.no_grad():
-        model.det_head.out.bias[0] = 4.0  # sigmoid ≈ 0.98 > the 0.3 box threshold
-    torch.save({"format": 1, "model": model.state_dict(), "optimizer": None, "epoch": 1,
-                "history": [{"loss_total": 1.0}], "config": cfg.to_dict(), "run_id": None, "fold": 0}, path)
-    return cfg
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """One checkpoint logged as the pyfunc to a temporary SQLite store."""
-    root = tmp_path_factory.mktemp("serving")
-    cfg = make_checkpoint(root / "model.pt")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    tracker = Tracker.open(uri=uri)
-    with tracker.run("teacher") as run:
-        run_id = run.run_id
-    before = (os.environ.get("MLFLOW_TRACKING_URI"), _global_tracking_uri())
-    model_uri = serving.log_model(run_id=run_id, tracking_uri=uri, checkpoints=[root / "model.pt"])
-    after = (os.environ.get("MLFLOW_TRACKING_URI"), _global_tracking_uri())
-    return {"root": root, "cfg": cfg, "uri": uri, "run_id": run_id, "model_uri": model_uri,
-            "tracking_before": before, "tracking_after": after, "client": tracker.client}
-
-
-@pytest.fixture(scope="module")
-def model(served: dict[str, Any]) -> Any:
-    return serving.load(served["model_uri"], tracking_uri=served["uri"])
-
-
-def _global_tracking_uri() -> str | None:
-    from mlflow.tracking._tracking_service import utils
-
-    return utils._tracking_uri
-
-
-def dicom_bytes(name: str) -> bytes:
-    """A real file's bytes; ``PLAIN`` without its ContrastBolusAgent."""
-    if name != PLAIN:
-        return real_file(name).read_bytes()
-    ds = pydicom.dcmread(real_file(name))
-    del ds.ContrastBolusAgent
-    buffer = io.BytesIO()
-    ds.save_as(buffer)
-    return buffer.getvalue()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def ct_without_pixels() -> bytes:
-    ds = pydicom.dcmread(real_file("CT_small.dcm"))
-    del ds.PixelData
-    buffer = io.BytesIO()
-    ds.save_as(buffer)
-    return buffer.getvalue()
-
-
-def ct_too_large() -> bytes:
-    ds = pydicom.dcmread(real_file("CT_small.dcm"))
-    ds.Rows = 5000  # refused from the header, before the (now inconsistent) pixels are decoded
-    buffer = io.BytesIO()
-    ds.save_as(buffer)
-    return buffer.getvalue()
+from tests.served import GOOD, b64, ct_too_large, ct_without_pixels, dicom_bytes, make_checkpoint
 
 
 def reference(net: torch.nn.Module, cfg: Config, data: bytes) -> tuple[np.ndarray, np.ndarray]:
@@ -115,13 +39,6 @@ def reference(net: torch.nn.Module, cfg: Config, data: bytes) -> tuple[np.ndarra
     boxes[:, [0, 2]] *= cols / cfg.data.size
     boxes[:, [1, 3]] *= rows / cfg.data.size
     return out["logits"][0].softmax(0).numpy(), boxes
-
-
-def test_log_model_leaves_global_state_alone(served: dict[str, Any]) -> None:
-    assert served["tracking_after"] == served["tracking_before"]
-    assert served["model_uri"].startswith("models:/")
-    run = served["client"].get_run(served["run_id"])
-    assert run.info.status == "FINISHED"
 
 
 def test_preprocessing_is_the_training_one(served: dict[str, Any]) -> None:
@@ -181,11 +98,12 @@ def test_bad_rows_get_errors_and_spare_the_others(model: Any, tmp_path: Path) ->
                "", "not a DICOM", "not a CT image (Modality MR)", "not a CT image (Modality RTPLAN)",
                "no pixel data", "not valid base64", "outside 1–4096 px", "not a DICOM", ""]
     inner = model.unwrap_python_model()
-    inner.batch_size = 4  # bad rows spread over several batches
+    settings = inner.settings
+    inner.settings = replace(settings, batch_size=4)  # bad rows spread over several batches
     try:
         out = model.predict(pd.DataFrame({"dicom": rows}))
     finally:
-        inner.batch_size = serving.DEFAULT_BATCH_SIZE
+        inner.settings = settings
     alone = model.predict(pd.DataFrame({"dicom": [good]}))
     for i, reason in enumerate(reasons):
         if reason:
@@ -218,105 +136,69 @@ def test_ensemble_averages_and_pickles_small(tmp_path: Path) -> None:
     np.testing.assert_allclose(probs[2], (probs[0] + probs[1]) / 2, atol=1e-6)
 
 
-def test_predict_paths_groups_scans_without_uids(served: dict[str, Any], tmp_path: Path) -> None:
-    folder = tmp_path / "export"
-    (folder / "a").mkdir(parents=True)
-    (folder / "b").mkdir()
-    (folder / "a" / "one").write_bytes(dicom_bytes("CT_small.dcm"))
-    (folder / "a" / "two.dcm").write_bytes(dicom_bytes("CT_small.dcm"))
-    (folder / "b" / "x.dcm").write_bytes(dicom_bytes("693_UNCI.dcm"))
-    (folder / "b" / "notes.txt").write_text("not DICOM")
-    slices, scans = serving.predict_paths(served["model_uri"], [folder], tracking_uri=served["uri"], chunk=2)
-    assert list(slices["file"]) == ["a/one", "a/two.dcm", "b/notes.txt", "b/x.dcm"]
-    assert list(slices["scan"]) == ["scan000", "scan000", "", "scan001"]
-    by_scan = scans.set_index("scan")
-    assert by_scan.loc["scan000", "slices"] == 2 and by_scan.loc["scan000", "errors"] == 0
-    assert by_scan.loc["", "errors"] == 1
-    p = slices.set_index("file")
-    assert by_scan.loc["scan001", "max_p_blend_sign"] == pytest.approx(float(p.loc["b/x.dcm", "p_blend_sign"]))
-    assert by_scan.loc["scan001", "max_p_ich"] == pytest.approx(1 - float(p.loc["b/x.dcm", "p_non_ich"]))
-    text = slices.to_csv() + scans.to_csv()
-    for name in ("CT_small.dcm", "693_UNCI.dcm"):
-        ds = pydicom.dcmread(real_file(name), stop_before_pixels=True)
-        assert str(ds.StudyInstanceUID) not in text and str(ds.SeriesInstanceUID) not in text
+def test_settings_come_from_model_config_over_environment_over_defaults() -> None:
+    env = {"BLENDSIGN_SERVE_DEVICE": "cuda:1", "BLENDSIGN_MAX_ROWS": "40"}
+    assert ServeSettings.resolve(None, env={}) == ServeSettings("auto", 256, serving.DEFAULT_BATCH_SIZE)
+    assert ServeSettings.resolve(None, env=env) == ServeSettings("cuda:1", 40, serving.DEFAULT_BATCH_SIZE)
+    assert ServeSettings.resolve({"device": "cpu", "batch_size": "2"}, env=env) == ServeSettings("cpu", 40, 2)
+    assert ServeSettings.resolve({}, env={}, base=ServeSettings(batch_size=3)).batch_size == 3  # the pickled one
+    assert ServeSettings.resolve({"device": "", "max_rows": ""}, env=env) == ServeSettings("cuda:1", 40, 8)  # logged
+    with pytest.raises(ValueError, match=r"max_rows .*BLENDSIGN_MAX_ROWS.* integer"):
+        ServeSettings.resolve(None, env={"BLENDSIGN_MAX_ROWS": "many"})
+    with pytest.raises(ValueError, match=r"batch_size .* ≥ 1"):
+        ServeSettings.resolve({"batch_size": 0}, env={})
 
 
-def test_cli_predict_prints_slices_and_scans(served: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
-    from blendsign.cli import main
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", served["uri"])
-    files = [str(real_file("J2K_pixelrep_mismatch.dcm")), str(real_file("MR_small.dcm"))]
-    assert main(["predict", "--model", served["model_uri"], "--json", *files]) == 0
-    out = json.loads(capsys.readouterr().out)
-    good, bad = out["slices"]
-    assert good["error"] is None and good["label"] in CLASSES
-    assert bad["error"] == "not a CT image (Modality MR)" and bad["p_blend_sign"] is None
-    assert {s["scan"] for s in out["scans"]} == {"scan000", "scan001"}
-
-
-# --- over HTTP --------------------------------------------------------------------------------------------
-
-
-def _request(url: str, body: bytes | None = None, timeout: float = 60.0) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"} if body else {})
+def test_a_request_over_max_rows_or_without_the_column_is_refused_without_its_content(model: Any) -> None:
+    inner = model.unwrap_python_model()
+    settings = inner.settings
+    inner.settings = replace(settings, max_rows=2)
+    secret = "Testperson^Hildegard"
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
+        with pytest.raises(RequestError, match=r"3 slices in one request: at most 2 .*BLENDSIGN_MAX_ROWS") as exc:
+            model.predict(pd.DataFrame({"dicom": [secret] * 3}))
+        assert secret not in str(exc.value)
+        assert model.predict(pd.DataFrame({"dicom": [dicom_bytes("693_UNCI.dcm")] * 2}))["error"].isna().all()
+    finally:
+        inner.settings = settings
+    with pytest.raises(RequestError, match="needs a column 'dicom'") as exc:
+        inner.predict(None, pd.DataFrame({secret: [1]}))
+    assert secret not in str(exc.value)
 
 
-@pytest.fixture
-def server(served: dict[str, Any], tmp_path: Path) -> Any:
-    """``mlflow models serve --env-manager local`` on 127.0.0.1 (``serving.model_server``)."""
-    with serving.model_server(served["model_uri"], tracking_uri=served["uri"], log=tmp_path / "serve.log") as base:
-        yield base
+def test_request_errors_reach_the_sink_of_their_context() -> None:
+    sink: list[str] = []
+    token = serving.REQUEST_ERRORS.set(sink)
+    try:
+        RequestError("too many slices")
+    finally:
+        serving.REQUEST_ERRORS.reset(token)
+    RequestError("outside any request")  # no sink: nothing recorded, nothing fails
+    assert sink == ["too many slices"]
 
 
-def test_model_server_reports_a_server_that_does_not_start(tmp_path: Path) -> None:
-    uri = f"sqlite:///{tmp_path / 'empty.db'}"
-    with pytest.raises(RuntimeError, match="model server exited"), \
-            serving.model_server("models:/no-such-model/1", tracking_uri=uri, log=tmp_path / "serve.log"):
-        pytest.fail("the block must not run")
+def test_trained_weights_load_on_the_chosen_device_without_random_initialisation(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    make_checkpoint(tmp_path / "a.pt")
+    m = serving.BlendSignModel()
+    with caplog.at_level(logging.INFO):
+        m.load_checkpoints([tmp_path / "a.pt"], device="cpu")
+    assert m.device == torch.device("cpu")
+    assert "random initialisation" not in caplog.text
+    assert "serving 1 trained resnet18 model(s) (preset ci) on cpu (CPU), 8 slices per forward pass" in caplog.text
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device is usable here"):
+            serving.BlendSignModel().load_checkpoints([tmp_path / "a.pt"], device="cuda")
 
 
-def _invoke(base: str, cells: list[Any], params: dict[str, Any] | None = None) -> tuple[int, Any]:
-    payload: dict[str, Any] = {"dataframe_split": {"columns": ["dicom"], "data": [[c] for c in cells]}}
-    if params is not None:
-        payload["params"] = params
-    status, body = _request(f"{base}/invocations", json.dumps(payload).encode())
-    return status, json.loads(body)
-
-
-def test_http_endpoint(server: str, served: dict[str, Any], model: Any) -> None:
-    good = [b64(dicom_bytes(n)) for n in GOOD]
-    bad = [b64(np.random.default_rng(1).bytes(2048)), b64(dicom_bytes("MR_small.dcm")),
-           b64(dicom_bytes("rtplan.dcm")), "%%% not base64 %%%", None]
-    status, body = _invoke(server, [*good, *bad])
-    assert status == 200, body
-    preds = body["predictions"]
-    assert len(preds) == len(good) + len(bad)
-    local = model.predict(pd.DataFrame({"dicom": [dicom_bytes(n) for n in GOOD]}))
-    for i, row in enumerate(preds[: len(good)]):
-        assert row["error"] is None and row["label"] in CLASSES
-        p = [row[c] for c in serving.PROB_COLUMNS]
-        assert sum(p) == pytest.approx(1.0, abs=1e-5)
-        np.testing.assert_allclose(p, local.loc[i, list(serving.PROB_COLUMNS)].to_numpy(dtype=float), atol=1e-5)
-        assert row["boxes"] == local["boxes"][i]
-    for row in preds[len(good) :]:
-        assert row["error"] and row["p_blend_sign"] is None and row["label"] is None  # null, never NaN
-
-    status, body = _invoke(server, [good[2], bad[0]], params={"explain": True})
-    assert status == 200, body
-    png = Image.open(io.BytesIO(base64.b64decode(body["predictions"][0]["gradcam_png"])))
-    assert png.size == (128, 128)
-    assert body["predictions"][1]["gradcam_png"] is None
-
-    # Requests that cannot be scored at all are refused, and the server stays up.
-    assert _request(f"{server}/invocations", b"this is not JSON")[0] == 400
-    assert _request(f"{server}/invocations", json.dumps({"dataframe_split": {"columns": ["x"], "data": [[1]]}})
-                    .encode())[0] == 400
-    assert _request(f"{server}/ping")[0] == 200
-    status, body = _invoke(server, [good[1]])
-    assert status == 200 and body["predictions"][0]["error"] is None
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_auto_serves_on_the_gpu_with_the_cpu_result(tmp_path: Path) -> None:
+    make_checkpoint(tmp_path / "a.pt")
+    df = pd.DataFrame({"dicom": [dicom_bytes(n) for n in GOOD]})
+    gpu, cpu = serving.BlendSignModel(), serving.BlendSignModel()
+    gpu.load_checkpoints([tmp_path / "a.pt"])
+    cpu.load_checkpoints([tmp_path / "a.pt"], device="cpu")
+    assert gpu.device is not None and gpu.device.type == "cuda"
+    cols = list(serving.PROB_COLUMNS)
+    np.testing.assert_allclose(gpu.predict(None, df)[cols].to_numpy(float), cpu.predict(None, df)[cols]
+                               .to_numpy(float), atol=1e-3)

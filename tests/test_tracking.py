@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import http.server
+import re
+import threading
 from pathlib import Path
 
 import pytest
 
-from blendsign.tracking import Tracker, finite, ui_command
+from blendsign.tracking import Tracker, check_server_version, finite, ui_command
 
 
 def test_runs_end_with_their_outcome_and_resume_under_a_new_parent(tmp_path: Path) -> None:
@@ -39,3 +42,38 @@ def test_ui_command_points_at_the_store_in_use(tmp_path: Path, monkeypatch: pyte
     (tmp_path / "Makefile").write_text("mlflow-ui: x\n")
     assert ui_command(own) == "make mlflow-ui"
     assert ui_command("http://mlflow:5000").startswith("open http://mlflow:5000")
+
+
+def test_an_mlflow_2_server_is_refused_naming_both_versions(caplog: pytest.LogCaptureFixture) -> None:
+    """A server that answers ``/version`` as MLflow 2.x does (no MLflow 2 server can run beside MLflow 3 here)."""
+    import mlflow
+
+    answers = {"/version": b"2.16.2"}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = answers.get(self.path)
+            self.send_response(200 if body else 404)
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(ValueError, match=rf"runs MLflow 2\.16\.2; blendsign \(MLflow client "
+                                             rf"{re.escape(mlflow.__version__)}\) needs a server of MLflow 3"):
+            Tracker.open(uri=uri)
+        answers["/version"] = b"3.1.0"
+        assert check_server_version(uri) == "3.1.0"
+        answers["/version"] = b"2.0.0"
+        assert check_server_version(uri) == "3.1.0"  # asked once per process
+        del answers["/version"]
+        other = uri + "/"
+        assert check_server_version(other) is None and "cannot read its version (HTTPError)" in caplog.text
+        assert check_server_version("sqlite:///x.db") is None
+    finally:
+        server.shutdown()

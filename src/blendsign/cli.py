@@ -559,21 +559,40 @@ def _run_pipeline_command(args: argparse.Namespace) -> int:
 # --- predict: the served model on files ----------------------------------------------------------------
 
 
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="models:/blendsign@champion",
+                   help="model URI (models:/…, runs:/…) or a model folder (default: the champion)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow store that resolves models:/ and runs:/ URIs (default: $MLFLOW_TRACKING_URI, else "
+                        "./.blendsign/mlflow.db when it exists)")
+    p.add_argument("--device", default=None,
+                   help="auto (CUDA when present), cpu, cuda, cuda:N (default: $BLENDSIGN_SERVE_DEVICE or auto)")
+
+
+def _model_store(args: argparse.Namespace) -> str | None:
+    """The store that resolves ``args.model``: none for a model folder; never a new, empty one."""
+    from blendsign.tracking import existing_store
+
+    if not args.model.startswith(("models:", "runs:")):  # a folder, s3://…: no store needed
+        return args.tracking_uri
+    return args.tracking_uri or existing_store(f"to resolve {args.model}")
+
+
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = _stage(sub, "predict", "run a registered model on DICOM files or folders: per-slice and per-scan results")
     p.add_argument("paths", nargs="+", type=Path, help="DICOM files or folders (searched recursively)")
-    p.add_argument("--model", default="models:/blendsign@champion", help="model URI (default the champion)")
+    _model_args(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--explain", action="store_true", help="also compute Grad-CAM (JSON output only)")
     p.set_defaults(func=_run_predict)
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from blendsign.serving import predict_paths
-    from blendsign.tracking import tracking_uri
+    from blendsign.predict import predict_paths
 
     slices, scans = predict_paths(args.model, args.paths, params={"explain": args.explain},
-                                  tracking_uri=tracking_uri())
+                                  tracking_uri=_model_store(args),
+                                  model_config={"device": args.device} if args.device else None)
     if args.json:
         _print_json({"slices": json.loads(slices.to_json(orient="records")),
                      "scans": json.loads(scans.to_json(orient="records"))})
@@ -585,9 +604,42 @@ def _run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- serve: the model over HTTP ---------------------------------------------------------------------------
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = _stage(sub, "serve", "serve a model over HTTP (MLflow's scoring protocol, request limits, no request "
+                             "content in errors, /health)")
+    p.add_argument("model", nargs="?", default="models:/blendsign@champion",
+                   help="model URI or folder (KServe: /mnt/models; default: the champion)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow store for models:/ and runs:/ URIs")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default: $BLENDSIGN_SERVE_DEVICE or auto)")
+    p.add_argument("--max-rows", type=int, default=None, help="slices per request ($BLENDSIGN_MAX_ROWS, 256)")
+    p.add_argument("--max-bytes", type=int, default=None,
+                   help="request body limit in bytes ($BLENDSIGN_MAX_REQUEST_BYTES, 192 MiB)")
+    p.add_argument("--timeout", type=int, default=None, help="seconds per request ($BLENDSIGN_REQUEST_TIMEOUT, 300)")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from blendsign.model_server import ServerSettings, serve
+
+    settings = ServerSettings.from_env()
+    settings = replace(settings, **{k: v for k, v in {"max_bytes": args.max_bytes, "timeout": args.timeout}.items()
+                                    if v is not None})
+    model_config = {k: v for k, v in {"device": args.device, "max_rows": args.max_rows}.items() if v is not None}
+    serve(args.model, host=args.host, port=args.port, settings=settings, model_config=model_config,
+          tracking_uri=_model_store(args))
+    return 0
+
+
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_synth, _add_ingest, _add_locate, _add_import_annotations, _add_fuse, _add_folds, _add_train,
-    _add_distill, _add_evaluate, _add_cv, _add_ablation, _add_run, _add_pipeline, _add_predict,
+    _add_distill, _add_evaluate, _add_cv, _add_ablation, _add_run, _add_pipeline, _add_predict, _add_serve,
 ]
 
 

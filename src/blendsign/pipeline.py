@@ -28,7 +28,7 @@ from blendsign.ingest import IngestResult, data_fingerprint, find_clinical, read
 from blendsign.labels import FuseResult, read_agreement
 from blendsign.run_tree import RunRef, end_skipped_run, end_unfinished_runs, finish_pipeline_run, open_pipeline_run
 from blendsign.storage import write_json_atomic, write_text_atomic
-from blendsign.tracking import LOCAL_DIR, Tracker, display_uri, finite, git_commit, ui_command
+from blendsign.tracking import LOCAL_DIR, Tracker, check_server_version, display_uri, finite, git_commit, ui_command
 
 if TYPE_CHECKING:  # torch and scikit-learn: not imported by the light pipeline steps
     from blendsign.distill import DistillResult
@@ -132,7 +132,8 @@ def check_tracking_server(uri: str, *, on_cluster: bool, timeout: float = 15.0) 
             message = str(getattr(exc, "message", exc)).replace(uri, shown).splitlines()[0][:300]
             raise ValueError(f"MLflow server {shown} did not answer from here (reachable? credentials?): "
                              f"{type(exc).__name__}: {message}") from None
-    return f"MLflow server {shown}: reachable, credentials accepted"
+    server = check_server_version(uri)
+    return f"MLflow server {shown}: reachable, credentials accepted, MLflow {server or 'version unknown'}"
 
 
 def _check_work(work_uri: str, *, on_cluster: bool) -> str:
@@ -445,8 +446,8 @@ def register_step(cfg: Config, ref: RunRef, *, cv_dir: str | Path, ingest_dir: s
 
     from blendsign.distill import final_checkpoint
     from blendsign.evaluate import EvalResult, read_metrics
+    from blendsign.model_package import log_model
     from blendsign.registry import check_promotion_metric, model_card, register_version
-    from blendsign.serving import log_model
 
     check_settings(metric=metric, register_mode=mode, margin=margin)
     cv_dir = Path(cv_dir)

@@ -2,12 +2,18 @@
 
 Weights travel as artifacts (``fold0.pt``, ``fold1.pt``, … slim ``train`` checkpoints: ``model`` state dict and
 ``config``), loaded in :meth:`BlendSignModel.load_context`; several checkpoints are a fold ensemble whose softmax
-probabilities (and detection maps) are averaged. The package must be installed where the model is served (the
-pyfunc pickles :class:`BlendSignModel` by reference and imports ``blendsign``); no ``code_paths`` are logged.
+probabilities (and detection maps) are averaged. The logged model carries this package as code
+(:mod:`blendsign.model_package`), so it loads where ``blendsign`` is not installed.
 
 Input: a DataFrame with one row per slice and a column ``dicom`` holding the DICOM file as bytes, or as base64
 text (what a JSON request carries). Output: one row per input row, in order (:data:`OUTPUT_COLUMNS`). A row that
 cannot be used gets ``error`` set and missing (``<NA>``; ``null`` in JSON) probabilities; it never fails the others.
+A request that cannot be scored at all (no ``dicom`` column, more rows than ``max_rows``) raises
+:class:`RequestError`, whose message never repeats the request's content.
+
+Settings (:class:`ServeSettings`): ``model_config`` at load time (``mlflow.pyfunc.load_model(uri,
+model_config={"device": "cpu"})``), else the environment (``BLENDSIGN_SERVE_DEVICE``, ``BLENDSIGN_MAX_ROWS``,
+``BLENDSIGN_SERVE_BATCH``), else the defaults.
 """
 
 from __future__ import annotations
@@ -15,20 +21,14 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import logging
 import os
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import time
-import urllib.request
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import mlflow
 import numpy as np
@@ -40,19 +40,22 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from torch import Tensor
 
-from blendsign import CLASSES, __version__
+from blendsign import CLASSES
 from blendsign.config import Config, DataConfig, IngestConfig
 from blendsign.dicom import UnusableFileError, header_from_dataset, hu_from_dataset
 from blendsign.explain import cam_to_png, grad_cam
 from blendsign.ingest import series_role
-from blendsign.model import BlendSignNet, build_model
+from blendsign.model import BlendSignNet
 from blendsign.targets import decode_boxes
+from blendsign.train import resolve_device
 from blendsign.transforms import preprocess, window
 
 __all__ = [
-    "DICOM_COLUMN", "OUTPUT_COLUMNS", "BlendSignModel", "load", "log_model", "predict_paths",
-    "read_slice", "signature", "to_model_input",
+    "DICOM_COLUMN", "OUTPUT_COLUMNS", "BlendSignModel", "RequestError", "ServeSettings", "read_slice",
+    "to_model_input",
 ]  # fmt: skip
+
+log = logging.getLogger(__name__)
 
 DICOM_COLUMN = "dicom"
 PROB_COLUMNS = tuple(f"p_{c}" for c in CLASSES)
@@ -63,8 +66,65 @@ DEFAULT_BATCH_SIZE = 8  # slices per forward pass: bounds memory whatever the re
 BOX_THRESHOLD = 0.3  # center probability of a reported box (targets.decode_boxes' default)
 
 
+@dataclass(frozen=True)
+class ServeSettings:
+    """How the pyfunc runs where it is served (not part of the model: the same model serves on CPU or GPU).
+
+    ``device``: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N`` (a CUDA request without a usable
+    GPU is an error, never a silent CPU fallback); ``max_rows``: slices per request (a 40-slice scan is one
+    request, a 0.625 mm series of 16 cm too); ``batch_size``: slices per forward pass (bounds GPU memory).
+    """
+
+    device: str = "auto"
+    max_rows: int = 256
+    batch_size: int = DEFAULT_BATCH_SIZE
+
+    ENV: ClassVar[dict[str, str]] = {"device": "BLENDSIGN_SERVE_DEVICE", "max_rows": "BLENDSIGN_MAX_ROWS",
+                                     "batch_size": "BLENDSIGN_SERVE_BATCH"}
+
+    @classmethod
+    def resolve(cls, model_config: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
+                base: ServeSettings | None = None) -> ServeSettings:
+        """``model_config`` keys over environment variables over ``base`` (the defaults); bad values are errors."""
+        env = os.environ if env is None else env
+        base = base or cls()
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = (model_config or {}).get(f.name)
+            if raw is None or raw == "":  # the logged model's keys are empty: the server's environment decides
+                raw = env.get(cls.ENV[f.name])
+            if raw is None or raw == "":
+                values[f.name] = getattr(base, f.name)
+            elif f.name == "device":
+                values[f.name] = str(raw)
+            else:
+                try:
+                    values[f.name] = int(raw)
+                except (TypeError, ValueError):
+                    raise ValueError(f"serving setting {f.name} ({cls.ENV[f.name]}) must be an integer, got "
+                                     f"{raw!r}") from None
+                if values[f.name] < 1:
+                    raise ValueError(f"serving setting {f.name} ({cls.ENV[f.name]}) must be ≥ 1, got {raw!r}")
+        return cls(**values)
+
+
 class RowError(Exception):
     """A row that cannot be scored; the message is returned in its ``error`` column."""
+
+
+# Messages of the request errors raised in this context: the HTTP front (blendsign.model_server) reads them to
+# answer with this text alone, since MLflow's scoring server wraps an exception's message around the request data.
+REQUEST_ERRORS: ContextVar[list[str] | None] = ContextVar("blendsign_request_errors", default=None)
+
+
+class RequestError(ValueError):
+    """A request that cannot be scored at all (HTTP 400). The message states the problem, never the content."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        sink = REQUEST_ERRORS.get()
+        if sink is not None:
+            sink.append(message)
 
 
 # --- one slice -----------------------------------------------------------------------------------------
@@ -155,10 +215,12 @@ class _Ensemble:
     data: DataConfig
     ingest: IngestConfig  # which images the models were trained on
     stride: int
+    device: torch.device
 
     @torch.no_grad()
     def __call__(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``x [N, 3, S, S]`` → mean softmax ``[N, K]`` and mean detection map ``[N, 5, h, w]`` (channel 0 a logit)."""
+        """``x [N, 3, S, S]`` (on ``device``) → mean softmax ``[N, K]`` and mean detection map ``[N, 5, h, w]``
+        (channel 0 a logit), on the CPU."""
         probs, heat, dist = [], [], []
         for model in self.models:
             out = model(x)
@@ -166,28 +228,28 @@ class _Ensemble:
             heat.append(out["det"][:, :1].float())
             dist.append(out["det"][:, 1:].float())
         if len(self.models) == 1:
-            return probs[0], torch.cat([heat[0], dist[0]], dim=1)
+            return probs[0].cpu(), torch.cat([heat[0], dist[0]], dim=1).cpu()
         center = torch.stack(heat).sigmoid().mean(dim=0).logit(eps=1e-6)  # average probabilities, back to a logit
-        return torch.stack(probs).mean(dim=0), torch.cat([center, torch.stack(dist).mean(dim=0)], dim=1)
+        return torch.stack(probs).mean(dim=0).cpu(), torch.cat([center, torch.stack(dist).mean(dim=0)], dim=1).cpu()
 
     def cam(self, x: Tensor, target: int) -> Tensor:
         """Grad-CAM ``[S, S]`` in [0, 1] of one input ``x [3, S, S]`` for class ``target``, averaged over members."""
         total = sum(grad_cam(m, x, target_class=target)[0] for m in self.models)
         peak = float(total.max())  # type: ignore[union-attr]
-        return total / peak if peak > 0 else total  # type: ignore[return-value, operator]
+        return (total / peak if peak > 0 else total).cpu()  # type: ignore[union-attr, operator]
 
 
-def _load_checkpoint(path: str | Path) -> tuple[BlendSignNet, Config]:
-    """A served checkpoint (``model`` state dict + ``config``) → model in eval mode, parameters frozen."""
+def _load_checkpoint(path: str | Path, device: torch.device) -> tuple[BlendSignNet, Config]:
+    """A served checkpoint (``model`` state dict + ``config``) → model on ``device`` in eval mode, frozen."""
     state = torch.load(path, map_location="cpu", weights_only=True)  # artifacts hold tensors and plain data only
     cfg = Config.from_dict(state["config"])
-    model = build_model(replace(cfg.model, weights="none"))
-    model.load_state_dict(state["model"])
-    model.eval().requires_grad_(False)
+    model = BlendSignNet(cfg.model.backbone, num_classes=cfg.model.num_classes, det_channels=cfg.model.det_channels)
+    model.load_state_dict(state["model"])  # the trained weights: no backbone initialisation first
+    model.to(device).eval().requires_grad_(False)
     return model, cfg
 
 
-def _check_compatible(configs: Sequence[Config]) -> None:
+def check_compatible(configs: Sequence[Config]) -> None:
     """Ensemble members must share their preprocessing and detection grid (their maps are averaged)."""
     first = configs[0]
     for cfg in configs[1:]:
@@ -198,7 +260,7 @@ def _check_compatible(configs: Sequence[Config]) -> None:
 
 
 class BlendSignModel(mlflow.pyfunc.PythonModel):
-    """The pyfunc. Its pickled state is only ``batch_size``; the networks are built in :meth:`load_context`.
+    """The pyfunc. Its pickled state is only its default settings; the networks are built in :meth:`load_context`.
 
     ``predict(context, df, params)``: ``df`` has a column ``dicom`` (bytes or base64 text), one row per slice;
     ``params={"explain": True}`` adds ``gradcam_png``. Returns one row per input row: ``p_non_ich``,
@@ -209,28 +271,45 @@ class BlendSignModel(mlflow.pyfunc.PythonModel):
     """
 
     def __init__(self, batch_size: int = DEFAULT_BATCH_SIZE) -> None:
-        self.batch_size = int(batch_size)
+        self.settings = ServeSettings(batch_size=int(batch_size))
         self._ensemble: _Ensemble | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"batch_size": self.batch_size}  # never pickle live networks
+        return {"batch_size": self.settings.batch_size}  # never pickle live networks
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.batch_size = int(state.get("batch_size", DEFAULT_BATCH_SIZE))
+        self.settings = ServeSettings(batch_size=int(state.get("batch_size", DEFAULT_BATCH_SIZE)))
         self._ensemble = None
 
+    @property
+    def batch_size(self) -> int:
+        return self.settings.batch_size
+
+    @property
+    def device(self) -> torch.device | None:
+        """Where the networks run (``None`` before loading)."""
+        return None if self._ensemble is None else self._ensemble.device
+
     def load_context(self, context: Any) -> None:
+        self.settings = ServeSettings.resolve(getattr(context, "model_config", None), base=self.settings)
         paths = [context.artifacts[k] for k in sorted(context.artifacts, key=_fold_number)]
         self.load_checkpoints(paths)
 
-    def load_checkpoints(self, paths: Sequence[str | Path]) -> None:
-        """Build the ensemble from checkpoint files (what ``load_context`` does with the artifacts)."""
+    def load_checkpoints(self, paths: Sequence[str | Path], device: str | None = None) -> None:
+        """Build the ensemble from checkpoint files (what ``load_context`` does with the artifacts) on ``device``
+        (default: the settings' device)."""
         if not paths:
             raise ValueError("no checkpoints to serve")
-        loaded = [_load_checkpoint(p) for p in paths]
-        _check_compatible([cfg for _, cfg in loaded])
+        target = resolve_device(device or self.settings.device)
+        loaded = [_load_checkpoint(p, target) for p in paths]
+        check_compatible([cfg for _, cfg in loaded])
         models = tuple(m for m, _ in loaded)
-        self._ensemble = _Ensemble(models, loaded[0][1].data, loaded[0][1].ingest, models[0].stride)
+        cfg = loaded[0][1]
+        self._ensemble = _Ensemble(models, cfg.data, cfg.ingest, models[0].stride, target)
+        where = torch.cuda.get_device_name(target) if target.type == "cuda" else "CPU"
+        log.info("serving %d trained %s model(s) (preset %s) on %s (%s), %d slices per forward pass, at most %d "
+                 "per request", len(models), cfg.model.backbone, cfg.preset, target, where, self.batch_size,
+                 self.settings.max_rows)
 
     def _loaded(self) -> _Ensemble:
         if self._ensemble is None:
@@ -241,11 +320,16 @@ class BlendSignModel(mlflow.pyfunc.PythonModel):
         ens = self._loaded()
         explain = _truthy((params or {}).get("explain", False))
         if DICOM_COLUMN not in model_input.columns:
-            raise ValueError(f"input needs a column {DICOM_COLUMN!r} (DICOM bytes or base64 text)")
+            raise RequestError(f"input needs a column {DICOM_COLUMN!r} (DICOM bytes or base64 text), one row per "
+                               f"slice; got {len(model_input.columns)} other column(s)")
+        if len(model_input) > self.settings.max_rows:
+            raise RequestError(f"{len(model_input)} slices in one request: at most {self.settings.max_rows} "
+                               f"(serving setting max_rows, {ServeSettings.ENV['max_rows']}); send a scan in parts")
         values = model_input[DICOM_COLUMN].tolist()
         rows = [self._empty_row(explain) for _ in values]
-        for start in range(0, len(values), max(1, self.batch_size)):
-            self._score(ens, values[start : start + self.batch_size], rows[start : start + self.batch_size], explain)
+        step = self.batch_size
+        for start in range(0, len(values), step):
+            self._score(ens, values[start : start + step], rows[start : start + step], explain)
         columns = [*OUTPUT_COLUMNS, *([GRADCAM_COLUMN] if explain else [])]
         return pd.DataFrame(
             {  # probabilities Float64: missing → <NA> in pandas, null in JSON (NaN is not JSON); text stays object
@@ -286,8 +370,8 @@ class BlendSignModel(mlflow.pyfunc.PythonModel):
             slices.append(hu if explain else None)
         if not good:
             return
-        x = torch.stack(inputs)  # [B, 3, S, S]
-        probs, det = ens(x)  # [B, K], [B, 5, h, w]
+        x = torch.stack(inputs).to(ens.device)  # [B, 3, S, S]
+        probs, det = ens(x)  # [B, K], [B, 5, h, w] on the CPU
         size = ens.data.size
         for b, i in enumerate(good):
             p = probs[b].tolist()
@@ -324,265 +408,3 @@ def _truthy(value: Any) -> bool:
 def _fold_number(name: str) -> tuple[int, str]:
     digits = "".join(ch for ch in name if ch.isdigit())
     return (int(digits) if digits else 0, name)
-
-
-# --- MLflow --------------------------------------------------------------------------------------------
-
-
-def signature() -> Any:
-    """The model signature: input ``dicom`` (string: base64 text, or bytes in process), the output columns and
-    the ``explain`` parameter (boolean, default False)."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
-    from mlflow.types.schema import Array
-
-    # ``string``, not ``binary``: MLflow base64-decodes a binary column for the whole request at once, so one bad
-    # row would fail every row with HTTP 400; as a string each row is decoded (and may fail) on its own.
-    inputs = Schema([ColSpec(DataType.string, DICOM_COLUMN)])
-    outputs = Schema([
-        *(ColSpec(DataType.double, c, required=False) for c in PROB_COLUMNS),
-        ColSpec(DataType.string, "label", required=False),
-        ColSpec(Array(Array(DataType.double)), "boxes", required=False),
-        ColSpec(DataType.string, "error", required=False),
-        ColSpec(DataType.string, GRADCAM_COLUMN, required=False),
-    ])
-    params = ParamSchema([ParamSpec("explain", DataType.boolean, False)])
-    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
-
-
-def example_slice() -> bytes:
-    """A real non-contrast head-CT slice (512², JPEG 2000 lossless): pydicom's bundled
-    ``J2K_pixelrep_mismatch.dcm`` (no download). ``CT_small.dcm`` is contrast-enhanced: the model declines it."""
-    from pydicom.data import get_testdata_file
-
-    path = get_testdata_file("J2K_pixelrep_mismatch.dcm")
-    if path is None:
-        raise FileNotFoundError("pydicom's J2K_pixelrep_mismatch.dcm test file is missing")
-    return Path(str(path)).read_bytes()
-
-
-def requirements() -> list[str]:
-    """Pinned runtime requirements of the served model (``blendsign`` itself is installed by the image)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    names = ["mlflow", "torch", "torchvision", "numpy", "pandas", "pydicom", "pylibjpeg", "pylibjpeg-openjpeg",
-             "pylibjpeg-rle", "pillow", "matplotlib"]  # fmt: skip
-    out = []
-    for name in names:
-        try:
-            out.append(f"{name}=={version(name)}")
-        except PackageNotFoundError:
-            out.append(name)
-    return out
-
-
-@contextmanager
-def _tracking(uri: str) -> Iterator[None]:
-    """Point MLflow's global tracking URI at ``uri`` for the block; restore it (and the env variable) after."""
-    from mlflow.tracking._tracking_service import utils
-
-    previous, env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous)  # type: ignore[arg-type]  (None = unset, as before)
-        if env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = env
-
-
-def _slim_copy(src: Path, dst: Path) -> Config:
-    """Write the part of a ``train`` checkpoint that serving needs (``model``, ``config``) to ``dst``."""
-    state = torch.load(src, map_location="cpu", weights_only=False)  # our own training output
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise ValueError(f"{src} is not a blendsign train checkpoint (needs keys 'model' and 'config')")
-    torch.save({"format": state.get("format", 1), "model": state["model"], "config": state["config"],
-                "fold": state.get("fold"), "epoch": state.get("epoch")}, dst)
-    return Config.from_dict(state["config"])
-
-
-def log_model(
-    *,
-    run_id: str,
-    tracking_uri: str,
-    checkpoints: Sequence[Path],
-    name: str = "model",
-    registered_model_name: str | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-) -> str:
-    """Log the served model (fold ensemble of ``checkpoints``) to the existing run ``run_id``; returns its URI.
-
-    The checkpoints are copied (model + config only) as artifacts ``fold0.pt``, ``fold1.pt``, …; the input
-    example is one real CT slice (base64). MLflow loads the model once to check the example. A run that was
-    RUNNING before stays RUNNING.
-    """
-    if not checkpoints:
-        raise ValueError("log_model needs at least one checkpoint")
-    example = pd.DataFrame({DICOM_COLUMN: [base64.b64encode(example_slice()).decode("ascii")]})
-    with tempfile.TemporaryDirectory(prefix="blendsign-serve-") as tmp:
-        artifacts: dict[str, str] = {}
-        configs = []
-        for k, src in enumerate(checkpoints):
-            dst = Path(tmp) / f"fold{k}.pt"
-            configs.append(_slim_copy(Path(src), dst))
-            artifacts[f"fold{k}"] = str(dst)
-        _check_compatible(configs)
-        with _tracking(tracking_uri):
-            client = mlflow.MlflowClient(tracking_uri)
-            was_running = client.get_run(run_id).info.status == "RUNNING"
-            with mlflow.start_run(run_id=run_id):
-                info = mlflow.pyfunc.log_model(
-                    name=name,
-                    python_model=BlendSignModel(batch_size=batch_size),
-                    artifacts=artifacts,
-                    signature=signature(),
-                    input_example=(example, {"explain": False}),
-                    pip_requirements=requirements(),
-                    registered_model_name=registered_model_name,
-                    metadata={"blendsign_version": __version__, "classes": list(CLASSES),
-                              "folds": len(configs), "preset": configs[0].preset},
-                )
-            if was_running:
-                client.update_run(run_id, status="RUNNING")
-    return str(info.model_uri)
-
-
-def load(model_uri: str, *, tracking_uri: str | None = None) -> Any:
-    """The served model in process (``mlflow.pyfunc.PyFuncModel``): ``.predict(df, params={"explain": True})``.
-
-    ``tracking_uri`` resolves ``models:/`` and ``runs:/`` URIs (default: MLflow's, i.e. ``MLFLOW_TRACKING_URI``).
-    """
-    if tracking_uri is None:
-        return mlflow.pyfunc.load_model(model_uri)
-    # download_artifacts(tracking_uri=...) ignores it for ``models:/m-…`` URIs (MLflow 3.17): set it globally.
-    with _tracking(tracking_uri):
-        return mlflow.pyfunc.load_model(model_uri)
-
-
-# --- files and folders (CLI) ----------------------------------------------------------------------------
-
-
-def _files(paths: Sequence[Path]) -> list[tuple[Path, str]]:
-    """Every file under ``paths`` (folders recursively, sorted), with its name relative to the folder given."""
-    out: list[tuple[Path, str]] = []
-    for root in map(Path, paths):
-        if root.is_dir():
-            out += [(p, p.relative_to(root).as_posix()) for p in sorted(root.rglob("*")) if p.is_file()]
-        elif root.is_file():
-            out.append((root, root.name))
-        else:
-            raise FileNotFoundError(f"{root} does not exist")
-    return out
-
-
-def _series_key(data: bytes) -> str | None:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True,
-                                 specific_tags=["StudyInstanceUID", "SeriesInstanceUID"])
-        key = f"{ds.get('StudyInstanceUID', '')}/{ds.get('SeriesInstanceUID', '')}"
-        return key if key != "/" else None
-    except Exception:
-        return None
-
-
-def predict_paths(
-    model_uri: str, paths: Sequence[Path], *, params: dict[str, Any] | None = None, chunk: int = 64,
-    tracking_uri: str | None = None,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Score DICOM files and folders (recursive, any file name); ``chunk`` files are held in memory at a time.
-
-    Returns ``slices`` (``file`` relative to the folder given, ``scan``, the model's output columns) and ``scans``
-    (``scan``, ``slices``, ``errors``, ``max_p_blend_sign``, ``max_p_ich`` = max of 1 − p_non_ich, ``top_file``).
-    Scans are the files' series, named ``scan000``, ``scan001``… in file order: no original UID is returned;
-    files without a series (unreadable) are scan ``""``.
-    """
-    model = load(model_uri, tracking_uri=tracking_uri)
-    files = _files(paths)
-    scan_names: dict[str, str] = {}
-    parts: list[pd.DataFrame] = []
-    for start in range(0, len(files), chunk):
-        batch = files[start : start + chunk]
-        blobs = [p.read_bytes() for p, _ in batch]
-        scans = []
-        for data in blobs:
-            key = _series_key(data)
-            if key is not None and key not in scan_names:
-                scan_names[key] = f"scan{len(scan_names):03d}"
-            scans.append("" if key is None else scan_names[key])
-        out = model.predict(pd.DataFrame({DICOM_COLUMN: blobs}), params=params or {})
-        out.insert(0, "scan", scans)
-        out.insert(0, "file", [name for _, name in batch])
-        parts.append(out.reset_index(drop=True))
-        del blobs
-    slices = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["file", "scan", *OUTPUT_COLUMNS])
-    return slices, _aggregate(slices)
-
-
-def _aggregate(slices: pd.DataFrame) -> pd.DataFrame:
-    """Per scan: slices, errors, highest blend-sign probability, highest ICH probability, the file of the first."""
-    rows = []
-    for scan, group in slices.groupby("scan", sort=True):
-        p_blend = group["p_blend_sign"].astype("float64")
-        p_ich = 1.0 - group["p_non_ich"].astype("float64")
-        ok = p_blend.notna()
-        rows.append({
-            "scan": scan,
-            "slices": len(group),
-            "errors": int(group["error"].notna().sum()),
-            "max_p_blend_sign": float(p_blend.max()) if ok.any() else float("nan"),
-            "max_p_ich": float(p_ich.max()) if ok.any() else float("nan"),
-            "top_file": str(group.loc[p_blend.idxmax(), "file"]) if ok.any() else None,
-        })
-    return pd.DataFrame(rows, columns=["scan", "slices", "errors", "max_p_blend_sign", "max_p_ich", "top_file"])
-
-
-@contextmanager
-def model_server(model_uri: str, *, tracking_uri: str, log: str | Path, timeout: int = 600,
-                 startup: float = 180.0) -> Iterator[str]:
-    """``mlflow models serve`` of ``model_uri`` on 127.0.0.1 (a free port) for the block; yields its base URL.
-
-    The environment's ``bin`` goes on ``PATH`` (the server execs ``uvicorn``), the request timeout is
-    ``timeout`` seconds (MLflow's 60 s default cuts off a CPU scan), output goes to ``log``. The server runs
-    in its own process group (not its own session: that would give it its own CPU autogroup, a larger share
-    of a busy machine) and the whole group is stopped on exit. ``RuntimeError`` with the log's tail if it
-    exits or is not up within ``startup`` seconds.
-    """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    log = Path(log)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-             "--host", "127.0.0.1", "-p", str(port), "--timeout", str(timeout)],
-            env=env, stdout=out, stderr=subprocess.STDOUT, process_group=0, cwd=log.parent)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + startup
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"model server exited ({proc.returncode}): {log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"model server not up in {startup:.0f} s: {log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield base
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)

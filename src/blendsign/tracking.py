@@ -31,6 +31,21 @@ def tracking_uri() -> str:
     return f"sqlite:///{(LOCAL_DIR / 'mlflow.db').resolve()}"
 
 
+def existing_store(purpose: str) -> str:
+    """``$MLFLOW_TRACKING_URI``, else this folder's ``.blendsign/mlflow.db`` if it exists: never a new, empty store
+    (a command that reads models, run outside the checkout, would otherwise find nothing and not say why)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    db = LOCAL_DIR / "mlflow.db"
+    if db.is_file():
+        return f"sqlite:///{db.resolve()}"
+    raise FileNotFoundError(
+        f"no MLflow store {purpose}: MLFLOW_TRACKING_URI is not set and {db.resolve()} does not exist. Set "
+        "MLFLOW_TRACKING_URI (the tracking server, or sqlite:////path/to/checkout/.blendsign/mlflow.db), pass "
+        "--tracking-uri, or pass a downloaded model folder as --model")
+
+
 def display_uri(uri: str) -> str:
     """``uri`` without a ``user:password@`` part, for logs and reports."""
     return re.sub(r"^(\w+://)[^/@]+@", r"\1", uri)
@@ -44,6 +59,53 @@ def ui_command(uri: str) -> str:
     if uri.startswith(("http://", "https://")):
         return f"open {display_uri(uri)} (the tracking server is the UI)"
     return f"mlflow ui --host 127.0.0.1 --backend-store-uri {uri}"
+
+
+MIN_SERVER_MAJOR = 3  # logged models (``log_model(name=...)``, /api/2.0/mlflow/logged-models) exist from MLflow 3
+
+
+_SERVER_VERSIONS: dict[str, str] = {}
+
+
+def check_server_version(uri: str) -> str | None:
+    """The MLflow server's version (``GET <uri>/version``), checked once per process and URI.
+
+    ``None`` for a store that is not a server (SQLite, files) or a server whose version cannot be read (a warning
+    says so; the client's own calls then tell whether it works). Raises ``ValueError`` for a server older than
+    MLflow 3, naming both versions: a 2.x server answers 404 to the logged-model calls, after hours of training.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return None
+    if uri in _SERVER_VERSIONS:
+        return _SERVER_VERSIONS[uri]
+    import requests
+    from packaging.version import InvalidVersion, Version
+
+    auth = None
+    if os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        auth = (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ.get("MLFLOW_TRACKING_PASSWORD", ""))
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    insecure = os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true"
+    try:
+        resp = requests.get(f"{uri.rstrip('/')}/version", auth=auth, headers=headers, timeout=10,
+                            verify=not insecure)
+        resp.raise_for_status()
+        text = resp.text.strip()
+        server = Version(text)
+    except (requests.RequestException, InvalidVersion) as exc:
+        log.warning("MLflow server %s: cannot read its version (%s)", display_uri(uri), type(exc).__name__)
+        return None  # not remembered: asked again next time
+    from mlflow.version import VERSION
+
+    if server.major < MIN_SERVER_MAJOR:
+        raise ValueError(f"the MLflow server at {display_uri(uri)} runs MLflow {text}; blendsign (MLflow client "
+                         f"{VERSION}) needs a server of MLflow {MIN_SERVER_MAJOR} or newer (it logs models with "
+                         "MLflow 3's logged-model API, which a 2.x server answers with 404): upgrade the server "
+                         "(mlflow/README.md)")
+    log.info("MLflow server %s: MLflow %s (client %s)", display_uri(uri), text, VERSION)
+    _SERVER_VERSIONS[uri] = text
+    return text
 
 
 COMMIT_ENV = "BLENDSIGN_GIT_COMMIT"  # baked into the images at build time (docker/)
@@ -117,6 +179,7 @@ class Tracker:
         from mlflow import MlflowClient
 
         uri = uri or tracking_uri()
+        check_server_version(uri)
         client = MlflowClient(tracking_uri=uri)
         exp = client.get_experiment_by_name(experiment)
         if exp is not None:
