@@ -242,9 +242,12 @@ def submit(host: str, arguments: dict[str, Any], *, run_name: str | None = None,
 def schedule(host: str, cron: str, arguments: dict[str, Any], *, name: str = "blendsign-retraining",
              kfp_experiment: str = "blendsign", namespace: str | None = None, max_concurrency: int = 1,
              profile: ClusterProfile | None = None, backend: str | None = None) -> str:
-    """A recurring run of the pipeline on ``host`` (scheduled retraining); returns the recurring run id.
+    """The recurring run ``name`` of the pipeline on ``host`` (scheduled retraining); returns its id.
 
-    ``only_if_new_data`` defaults to true here: a run that finds the champion's dataset ends early.
+    A recurring run of that name in the experiment is replaced, not joined by a second one (KFP's API cannot
+    update one): the old one is disabled, the new one created, then the old one deleted; if creating fails,
+    the old one is enabled again. ``only_if_new_data`` defaults to true here: a run that finds the champion's
+    dataset ends early.
     """
     arguments = {"only_if_new_data": True, **arguments}
     _check(arguments)
@@ -252,10 +255,23 @@ def schedule(host: str, cron: str, arguments: dict[str, Any], *, name: str = "bl
     variant = backend_variant(host, backend)
     client = _client(host, namespace)
     experiment = client.create_experiment(name=kfp_experiment, namespace=namespace)
-    with tempfile.TemporaryDirectory(prefix="blendsign-kfp-") as tmp:
-        job = client.create_recurring_run(
-            experiment_id=experiment.experiment_id, job_name=name, cron_expression=cron, params=arguments,
-            pipeline_package_path=_compiled(tmp, profile, variant, arguments.get("preset", "paper")),
-            max_concurrency=max_concurrency, no_catchup=True)
+    same_name = json.dumps({"predicates": [{"key": "display_name", "operation": "EQUALS", "string_value": name}]})
+    listed = client.list_recurring_runs(experiment_id=experiment.experiment_id, filter=same_name, page_size=100)
+    old = [r.recurring_run_id for r in (listed.recurring_runs or []) if r.display_name == name]
+    for run_id in old:
+        client.disable_recurring_run(run_id)
+    try:
+        with tempfile.TemporaryDirectory(prefix="blendsign-kfp-") as tmp:
+            job = client.create_recurring_run(
+                experiment_id=experiment.experiment_id, job_name=name, cron_expression=cron, params=arguments,
+                pipeline_package_path=_compiled(tmp, profile, variant, arguments.get("preset", "paper")),
+                max_concurrency=max_concurrency, no_catchup=True)
+    except Exception:
+        for run_id in old:
+            client.enable_recurring_run(run_id)
+        raise
+    for run_id in old:
+        client.delete_recurring_run(run_id)
+        log.info("replaced recurring run %s (%s)", run_id, name)
     log.info("scheduled %s on %s (%s)", name, host, cron)
     return str(job.recurring_run_id)

@@ -354,6 +354,26 @@ class _Recorder(BaseHTTPRequestHandler):
         "runs": {"run_id": "run-1", "display_name": "r"},
     }
 
+    recurring: ClassVar[dict[str, dict[str, Any]]] = {}  # the recurring runs the server holds, by id
+
+    def _recurring(self, body: Any) -> dict[str, Any]:
+        """List, create, disable, enable and delete recurring runs as the v2beta1 API does (by id)."""
+        path = self.path.split("?")[0].rstrip("/")
+        tail = path.split("/apis/v2beta1/recurringruns", 1)[1].lstrip("/")
+        if self.command == "GET" and not tail:
+            return {"recurringRuns": list(self.recurring.values())}  # the JSON name kfp_server_api reads
+        if self.command == "POST" and not tail:
+            run_id = f"rr-{len(self.calls)}"
+            self.recurring[run_id] = {"recurring_run_id": run_id, "display_name": body["display_name"],
+                                      "status": "ENABLED"}
+            return self.recurring[run_id]
+        run_id, _, action = tail.partition(":")
+        if self.command == "DELETE":
+            self.recurring.pop(run_id)
+        else:
+            self.recurring[run_id]["status"] = {"disable": "DISABLED", "enable": "ENABLED"}[action]
+        return {}
+
     def _reply(self) -> None:
         n = int(self.headers.get("Content-Length") or 0)
         body = json.loads(self.rfile.read(n)) if n else None
@@ -361,6 +381,8 @@ class _Recorder(BaseHTTPRequestHandler):
         resource = self.path.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
         if resource == "healthz":  # what a real API server answers (apiserver/main.go)
             out: dict[str, Any] = {"commit_sha": "abc", "tag_name": self.version, "multi_user": False}
+        elif "/recurringruns" in self.path:
+            out = self._recurring(body)
         else:
             out = {} if self.command == "GET" else self.replies.get(resource, {})
         data = json.dumps(out).encode()
@@ -376,6 +398,9 @@ class _Recorder(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._reply()
 
+    def do_DELETE(self) -> None:
+        self._reply()
+
     def log_message(self, *args: Any) -> None:
         pass
 
@@ -383,7 +408,7 @@ class _Recorder(BaseHTTPRequestHandler):
 @pytest.fixture
 def kfp_api() -> Iterator[tuple[str, list[tuple[str, str, Any]]]]:
     """A Kubeflow Pipelines API stand-in on 127.0.0.1 that records requests; stops after the test (or 120 s)."""
-    _Recorder.calls, _Recorder.version = [], "2.17.0"
+    _Recorder.calls, _Recorder.version, _Recorder.recurring = [], "2.17.0", {}
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
     thread.start()
@@ -456,7 +481,7 @@ def test_schedule_creates_a_recurring_retraining_run(kfp_api: tuple[str, list], 
     job = launch.schedule(host, "0 3 * * 1", {"source_uri": "s3://scans/dicom/",
                                               "annotations_uri": "s3://scans/annotations.csv",
                                               "work_uri": "s3://scans/work/"})
-    assert job == "rr-1"
+    assert list(_Recorder.recurring) == [job]
     body = _posted(calls, "recurringruns")
     assert body["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * 1"  # KFP's six fields, seconds first
     assert body["max_concurrency"] == 1 and body["no_catchup"] is True and body["mode"] == "ENABLE"
@@ -475,6 +500,21 @@ def test_schedule_creates_a_recurring_retraining_run(kfp_api: tuple[str, list], 
     with pytest.raises(ValueError, match="register mode must be one of"):
         launch.submit(host, {"register_mode": "ensemble"})
     assert len(calls) == sent  # refused before anything was sent, the server not even asked
+
+
+def test_scheduling_again_replaces_the_recurring_run_of_that_name(kfp_api: tuple[str, list]) -> None:
+    host, calls = kfp_api
+    args = {"source_uri": "s3://scans/dicom/", "annotations_uri": "s3://scans/annotations.csv",
+            "work_uri": "s3://scans/work/"}
+    first = launch.schedule(host, "0 3 * * 1", args)
+    other = launch.schedule(host, "0 4 * * *", args, name="another-schedule")
+    start = len(calls)
+    second = launch.schedule(host, "0 5 * * 1", args)
+    assert sorted(_Recorder.recurring) == sorted([second, other]) and second != first
+    order = [(m, p.split("?")[0].rsplit("/", 1)[-1]) for m, p, _ in calls[start:] if "recurringruns" in p]
+    assert order == [("GET", "recurringruns"), ("POST", f"{first}:disable"), ("POST", "recurringruns"),
+                     ("DELETE", first)]  # the old one stops before the new one exists, and goes after
+    assert all(r["status"] == "ENABLED" for r in _Recorder.recurring.values())
 
 
 def cli_main(argv: list[str]) -> int:

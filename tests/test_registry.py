@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,7 +14,16 @@ from blendsign import CLASSES
 from blendsign.config import load_preset
 from blendsign.metrics import per_class_metrics
 from blendsign.pipeline import run_pipeline
-from blendsign.registry import PROMOTION_METRICS, check_promotion_metric, decide, model_card, register_version
+from blendsign.registry import (
+    PROMOTION_METRICS,
+    check_promotion_metric,
+    decide,
+    model_card,
+    prepare,
+    publish,
+    register_version,
+    rollback,
+)
 from blendsign.tracking import Tracker
 
 
@@ -63,14 +74,104 @@ def test_aliases_follow_the_gate_in_a_real_registry(tmp_path: Path) -> None:
     v3, p3 = register_version(client, name=name, run_id=_version(tracker, name), metric=metric, value=0.90,
                               margin=0.05, tags={}, card="card 3")
     assert (p1.promoted, p2.promoted, p3.promoted) == (True, False, True)
-    assert client.get_model_version_by_alias(name, "champion").version == v3
-    assert client.get_model_version_by_alias(name, "challenger").version == v2
+    assert str(client.get_model_version_by_alias(name, "champion").version) == v3
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == v2
     second = client.get_model_version(name, v2)
     assert second.tags[metric] == "0.750000" and "does not beat champion v1" in second.tags["promotion"]
+    assert second.tags["promotion"].endswith("(cross-validated, each version on the data it was trained with)")
     assert client.get_model_version(name, v1).tags["data_fingerprint"] == "abc"
     assert client.get_model_version(name, v3).description == "card 3"
     with pytest.raises(ValueError, match="no version"):
         register_version(client, name=name, run_id="0" * 32, metric=metric, value=1.0, margin=0.0, tags={}, card="")
+
+
+def _registry(tmp_path: Path, client_class: type | None = None) -> tuple[Tracker, Any, str, str]:
+    tracker = Tracker.open("test-registry", uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = tracker.client if client_class is None else client_class(tracking_uri=tracker.uri)
+    client.create_registered_model("blendsign-test")
+    return tracker, client, "blendsign-test", "cv_auc_blend_sign"
+
+
+def test_two_registrations_interleaved_leave_the_better_model_champion(tmp_path: Path) -> None:
+    """A decides against "no champion"; B registers and becomes champion; A then publishes: A must not take over
+    from B on a comparison it never made, and says so."""
+    tracker, client, name, metric = _registry(tmp_path)
+    a = prepare(client, name=name, run_id=_version(tracker, name), metric=metric, value=0.70, margin=0.0)
+    b_version, b = register_version(client, name=name, run_id=_version(tracker, name), metric=metric, value=0.90,
+                                    margin=0.0, tags={}, card="card b")
+    assert a.promotion.promoted and b.promoted  # each alone would be champion
+    final = publish(client, a, tags={"data_fingerprint": "aaa"}, card=lambda p: f"card a: {p.text}")
+    assert not final.promoted and "champion changed from none to v2 during this registration" in final.text
+    assert str(client.get_model_version_by_alias(name, "champion").version) == b_version
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == a.version
+    stored = client.get_model_version(name, a.version)
+    assert stored.tags["promotion"] == final.text and stored.description == f"card a: {final.text}"
+
+
+def test_a_concurrent_token_write_makes_the_promotion_refuse(tmp_path: Path) -> None:
+    """Two writers pass the re-read at the same moment: the one whose token is not read back does not promote."""
+    from mlflow import MlflowClient
+
+    class Racing(MlflowClient):  # a real client; another registration writes its token right after ours
+        def set_registered_model_tag(self, name: str, key: str, value: str) -> None:
+            super().set_registered_model_tag(name, key, value)
+            if key == "champion_token":
+                super().set_registered_model_tag(name, key, "v9-from-another-registration")
+
+    tracker, client, name, metric = _registry(tmp_path, Racing)
+    version, promotion = register_version(client, name=name, run_id=_version(tracker, name), metric=metric,
+                                          value=0.9, margin=0.0, tags={}, card=lambda v, p: p.text)
+    assert not promotion.promoted and "another registration wrote the champion token" in promotion.text
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == version
+    assert client.get_model_version(name, version).description == promotion.text
+
+
+def test_the_alias_moves_last_so_a_failed_registration_leaves_no_half_state(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from blendsign.retrain import decide as retrain_decide
+
+    class FailingAlias(MlflowClient):
+        def set_registered_model_alias(self, name: str, alias: str, version: str) -> None:
+            raise MlflowException("registry unavailable")
+
+    tracker, client, name, metric = _registry(tmp_path, FailingAlias)
+    with pytest.raises(MlflowException):
+        register_version(client, name=name, run_id=_version(tracker, name), metric=metric, value=0.9, margin=0.0,
+                         tags={"data_fingerprint": "aaa"}, card="card")
+    stored = tracker.client.get_model_version(name, "1")
+    assert stored.tags["data_fingerprint"] == "aaa" and stored.description == "card"  # every tag came first
+    with pytest.raises(MlflowException):
+        tracker.client.get_model_version_by_alias(name, "champion")
+    ingest = tmp_path / "ingest"
+    ingest.mkdir()
+    (ingest / "manifest.json").write_text(json.dumps({"dataset_fingerprint": "aaa", "scans": []}))
+    again = retrain_decide(ingest, client=tracker.client, model_name=name)
+    assert again.retrain  # the unfinished version does not make the next scheduled run skip
+
+
+def test_rollback_moves_the_champion_back_and_back_again(tmp_path: Path) -> None:
+    tracker, client, name, metric = _registry(tmp_path)
+    with pytest.raises(ValueError, match="no 'previous-champion' and 'champion' to roll back between"):
+        rollback(client, name)
+    v1, _ = register_version(client, name=name, run_id=_version(tracker, name), metric=metric, value=0.8,
+                             margin=0.0, tags={}, card="1")
+    v2, p2 = register_version(client, name=name, run_id=_version(tracker, name), metric=metric, value=0.9,
+                              margin=0.0, tags={}, card="2")
+    assert p2.promoted and str(client.get_model_version_by_alias(name, "previous-champion").version) == v1
+    assert rollback(client, name) == (v1, v2)
+    assert str(client.get_model_version_by_alias(name, "champion").version) == v1
+    assert str(client.get_model_version_by_alias(name, "previous-champion").version) == v2
+    assert client.get_model_version(name, v2).tags["rolled_back"] == "champion v2 rolled back to v1"
+    assert rollback(client, name) == (v2, v1)  # undone
+    assert rollback(client, name) == (v1, v2)
+    # The gate compares the next version with the champion after the rollback (v1 at 0.80, not v2 at 0.90).
+    v3, p3 = register_version(client, name=name, run_id=_version(tracker, name), metric=metric, value=0.85,
+                              margin=0.0, tags={}, card="3")
+    assert p3.promoted and "beats champion v1" in p3.text
+    assert str(client.get_model_version_by_alias(name, "champion").version) == v3
+    assert str(client.get_model_version_by_alias(name, "previous-champion").version) == v1
 
 
 def test_model_card_says_what_a_reader_needs() -> None:

@@ -68,7 +68,7 @@ def test_decision_against_the_champions_fingerprint(tmp_path: Path) -> None:
     _register(tracker, name, "bbb", 0.7)
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
     again = decide(new, client=client, model_name=name)
-    assert not again.retrain and "v2" in again.reason and "not promoted" in again.reason
+    assert not again.retrain and "v2 of blendsign-retrain (challenger, not champion v1)" in again.reason
 
 
 def test_decision_round_trips_and_reads_well(tmp_path: Path) -> None:

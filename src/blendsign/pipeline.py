@@ -447,7 +447,7 @@ def register_step(cfg: Config, ref: RunRef, *, cv_dir: str | Path, ingest_dir: s
     from blendsign.distill import final_checkpoint
     from blendsign.evaluate import EvalResult, read_metrics
     from blendsign.model_package import log_model
-    from blendsign.registry import check_promotion_metric, model_card, register_version
+    from blendsign.registry import Promotion, check_promotion_metric, model_card, register_version
 
     check_settings(metric=metric, register_mode=mode, margin=margin)
     cv_dir = Path(cv_dir)
@@ -476,15 +476,17 @@ def register_step(cfg: Config, ref: RunRef, *, cv_dir: str | Path, ingest_dir: s
             model_uri = log_model(run_id=run.run_id, tracking_uri=tracker.uri, checkpoints=checkpoints,
                                   registered_model_name=name)
             ingest_report, agreement = read_report(ingest_dir), read_agreement(labels_dir)
-            version, promotion = register_version(
-                tracker.client, name=name, run_id=run.run_id, metric=metric, value=value, margin=margin, tags=tags,
-                card="(model card follows)")
             reproduce = (f"blendsign run --source DICOM --annotations CSV --config {cfg.preset} --register {mode} "
                          f"--metric {metric} --margin {margin:g}")  # no paths: folder names may identify patients
-            card = model_card(name=name, version=version, mode=mode, preset=cfg.preset, metrics=metrics,
-                              agreement=agreement, ingest=ingest_report, fingerprint=fingerprint, commit=commit,
-                              image=tags.get("image"), promotion=promotion, command=reproduce)
-            tracker.client.update_model_version(name, version, description=card)
+
+            def card_of(version: str, promotion: Promotion) -> str:
+                return model_card(name=name, version=version, mode=mode, preset=cfg.preset, metrics=metrics,
+                                  agreement=agreement, ingest=ingest_report, fingerprint=fingerprint, commit=commit,
+                                  image=tags.get("image"), promotion=promotion, command=reproduce)
+
+            version, promotion = register_version(tracker.client, name=name, run_id=run.run_id, metric=metric,
+                                                  value=value, margin=margin, tags=tags, card=card_of)
+            card = card_of(version, promotion)
             write_text_atomic(out_dir / "model_card.md", card)
             if card_path is not None:
                 write_text_atomic(card_path, card)

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import logging
 import math
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from blendsign import CLASSES, METRICS
 
 log = logging.getLogger(__name__)
-CHAMPION, CHALLENGER = "champion", "challenger"
+CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
+TOKEN_TAG = "champion_token"  # registered-model tag: changes whenever the champion alias moves
 
 
 PROMOTION_METRICS = ("cv_accuracy", *(f"cv_{m}_{c}" for m in METRICS for c in CLASSES))
@@ -47,13 +50,14 @@ def decide(new_value: float, champion_value: float | None, *, metric: str, margi
                          f"not promoted: {metric} is undefined for this version")
     if champion_value is None:
         return Promotion(True, new_value, None, None, f"promoted: first champion ({metric} {new_value:.4f})")
+    basis = "cross-validated, each version on the data it was trained with"
     if new_value > champion_value + margin:
         return Promotion(True, new_value, champion_value, champion_version,
                          f"promoted: {metric} {new_value:.4f} beats champion v{champion_version} "
-                         f"({champion_value:.4f}) by more than {margin:g}")
+                         f"({champion_value:.4f}) by more than {margin:g} ({basis})")
     return Promotion(False, new_value, champion_value, champion_version,
                      f"challenger: {metric} {new_value:.4f} does not beat champion v{champion_version} "
-                     f"({champion_value:.4f}) by more than {margin:g}")
+                     f"({champion_value:.4f}) by more than {margin:g} ({basis})")
 
 
 def model_card(*, name: str, version: str, mode: str, preset: str, metrics: dict[str, Any],
@@ -125,6 +129,93 @@ def model_card(*, name: str, version: str, mode: str, preset: str, metrics: dict
     ])
 
 
+def _champion(client: Any, name: str, metric: str) -> tuple[str | None, float | None, str | None]:
+    """(champion version, its ``metric`` tag, the registered model's champion token); ``None`` where absent."""
+    from mlflow.exceptions import MlflowException
+
+    token = client.get_registered_model(name).tags.get(TOKEN_TAG)
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None, None, token
+    return str(current.version), float(current.tags.get(metric, "nan")), token
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A version whose gate decision is made but not yet published (:func:`prepare` → :func:`publish`)."""
+
+    name: str
+    version: str
+    metric: str
+    value: float
+    promotion: Promotion
+    token: str | None  # the champion token read with the champion
+
+
+def prepare(client: Any, *, name: str, run_id: str, metric: str, value: float, margin: float) -> Registration:
+    """The version of ``name`` logged from ``run_id`` (the latest, if several) and the gate's decision against
+    the champion as it is now. Writes nothing. ``client`` is an ``mlflow.MlflowClient``."""
+    versions = [v for v in client.search_model_versions(f"name='{name}'") if v.run_id == run_id]
+    if not versions:
+        raise ValueError(f"no version of {name!r} was logged from run {run_id}")
+    version = str(max(versions, key=lambda v: int(v.version)).version)
+    champion_version, champion_value, token = _champion(client, name, metric)
+    promotion = decide(value, champion_value, metric=metric, margin=margin, champion_version=champion_version)
+    return Registration(name, version, metric, value, promotion, token)
+
+
+class ChampionChangedError(RuntimeError):
+    """The champion moved between reading it and moving it: the decision compared against another model."""
+
+
+def _move_champion(client: Any, name: str, version: str, previous: str | None) -> None:
+    """Set a new champion token (read back: a concurrent writer's token means we lost), keep the previous
+    champion as ``previous-champion``, and move ``champion`` — last."""
+    token = f"v{version}-{uuid.uuid4().hex[:12]}"
+    client.set_registered_model_tag(name, TOKEN_TAG, token)
+    if client.get_registered_model(name).tags.get(TOKEN_TAG) != token:
+        raise ChampionChangedError("another registration wrote the champion token at the same moment")
+    if previous is not None:
+        client.set_registered_model_alias(name, PREVIOUS, previous)
+    client.set_registered_model_alias(name, CHAMPION, version)
+
+
+def publish(client: Any, reg: Registration, *, tags: dict[str, str], card: Callable[[Promotion], str]) -> Promotion:
+    """Write ``tags``, the gate's result and the card (``card(decision)``), then move the alias (last). Returns
+    the final decision: a promotion whose champion changed since :func:`prepare` becomes a challenger, saying so."""
+    promotion = reg.promotion
+    if promotion.promoted:
+        now_version, _, now_token = _champion(client, reg.name, reg.metric)
+        if (now_version, now_token) != (promotion.champion_version, reg.token):
+            was = f"v{promotion.champion_version}" if promotion.champion_version else "none"
+            promotion = _refused(promotion, f"champion changed from {was} to v{now_version} during this "
+                                            "registration")
+
+    def describe(decision: Promotion) -> None:
+        for key, val in {**tags, reg.metric: f"{reg.value:.6f}", "promotion": decision.text}.items():
+            client.set_model_version_tag(reg.name, reg.version, key, str(val))
+        client.update_model_version(reg.name, reg.version, description=card(decision))
+
+    describe(promotion)
+    if promotion.promoted:
+        try:
+            _move_champion(client, reg.name, reg.version, promotion.champion_version)
+        except ChampionChangedError as exc:
+            promotion = _refused(promotion, str(exc))
+            describe(promotion)
+    if not promotion.promoted:
+        client.set_registered_model_alias(reg.name, CHALLENGER, reg.version)
+    log.info("%s v%s: %s", reg.name, reg.version, promotion.text)
+    return promotion
+
+
+def _refused(promotion: Promotion, why: str) -> Promotion:
+    return Promotion(False, promotion.new_value, promotion.champion_value, promotion.champion_version,
+                     f"not promoted: {why}; the gate compared against a champion that is no longer current "
+                     f"(was: {promotion.text}); register again to compare with the current one")
+
+
 def register_version(
     client: Any,
     *,
@@ -134,28 +225,29 @@ def register_version(
     value: float,
     margin: float,
     tags: dict[str, str],
-    card: str,
+    card: Callable[[str, Promotion], str] | str,
 ) -> tuple[str, Promotion]:
-    """Register the model logged in ``run_id`` (latest version of ``name`` from that run), apply the gate.
+    """Register the model logged in ``run_id`` (latest version of ``name`` from that run) behind the gate:
+    :func:`prepare`, then :func:`publish` with ``card`` (text, or made from the version and the final decision).
 
-    ``client`` is an ``mlflow.MlflowClient``. Returns (version, decision).
+    ``client`` is an ``mlflow.MlflowClient``. Returns (version, final decision).
     """
+    reg = prepare(client, name=name, run_id=run_id, metric=metric, value=value, margin=margin)
+    return reg.version, publish(client, reg, tags=tags,
+                                card=lambda decision: card(reg.version, decision) if callable(card) else card)
+
+
+def rollback(client: Any, name: str) -> tuple[str, str]:
+    """Move ``champion`` back to ``previous-champion``; the demoted version becomes ``previous-champion`` (a
+    second rollback undoes the first) and is tagged ``rolled_back``. Returns (new champion, demoted version)."""
     from mlflow.exceptions import MlflowException
 
-    versions = [v for v in client.search_model_versions(f"name='{name}'") if v.run_id == run_id]
-    if not versions:
-        raise ValueError(f"no version of {name!r} was logged from run {run_id}")
-    version = max(versions, key=lambda v: int(v.version)).version
     try:
-        current = client.get_model_version_by_alias(name, CHAMPION)
-        champion_value: float | None = float(current.tags.get(metric, "nan"))
-        champion_version: str | None = current.version
+        back = str(client.get_model_version_by_alias(name, PREVIOUS).version)
+        demoted = str(client.get_model_version_by_alias(name, CHAMPION).version)
     except MlflowException:
-        champion_value, champion_version = None, None
-    promotion = decide(value, champion_value, metric=metric, margin=margin, champion_version=champion_version)
-    for key, val in {**tags, metric: f"{value:.6f}", "promotion": promotion.text}.items():
-        client.set_model_version_tag(name, version, key, str(val))
-    client.set_registered_model_alias(name, CHAMPION if promotion.promoted else CHALLENGER, version)
-    client.update_model_version(name, version, description=card)
-    log.info("%s v%s: %s", name, version, promotion.text)
-    return version, promotion
+        raise ValueError(f"{name!r} has no {PREVIOUS!r} and {CHAMPION!r} to roll back between") from None
+    client.set_model_version_tag(name, demoted, "rolled_back", f"champion v{demoted} rolled back to v{back}")
+    _move_champion(client, name, back, demoted)
+    log.info("%s: champion rolled back from v%s to v%s", name, demoted, back)
+    return back, demoted

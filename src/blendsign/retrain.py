@@ -6,8 +6,8 @@ Two checks, both cheap:
   ETag; local folders by relative path, size and content hash). The Kubeflow pipeline passes it to the ingest
   step as an input, so ingestion's cache key changes exactly when the data under the prefix changes.
 - :func:`decide` — after ingestion: the dataset fingerprint (``manifest.json``) against the
-  ``data_fingerprint`` tag of the registered model's ``champion`` version (and of its latest version, a
-  challenger already trained on exactly this data). Same fingerprint: no new data, the run ends early.
+  ``data_fingerprint`` tag of the registered model's ``champion`` version (and of its ``challenger`` and
+  ``previous-champion``, already trained on exactly this data). Same fingerprint: no new data, the run ends early.
   New fingerprint (or no champion yet): retrain, and the registry's champion gate decides promotion.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from blendsign.ingest import data_fingerprint
-from blendsign.registry import CHAMPION
+from blendsign.registry import CHALLENGER, CHAMPION, PREVIOUS
 from blendsign.storage import file_sha256, is_s3, s3_client, split_s3, uri_text, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -100,8 +100,9 @@ def decide(ingest_dir: str | Path, *, client: Any, model_name: str, only_if_new_
     """Retrain unless ``only_if_new_data`` and the registry already holds a model of this very dataset.
 
     ``client`` is an ``mlflow.MlflowClient``. "Already holds" means: the ``champion`` version's
-    ``data_fingerprint`` tag equals this dataset's fingerprint, or the latest version's does (a challenger
-    trained on exactly this data lost the gate; training it again would repeat that result).
+    ``data_fingerprint`` tag equals this dataset's fingerprint, or the ``challenger``'s or ``previous-champion``'s
+    does (trained on exactly this data, it lost the gate or was rolled back; training it again would repeat
+    that). A version without an alias is an unfinished registration and does not count.
     """
     from mlflow.exceptions import MlflowException
 
@@ -124,15 +125,14 @@ def decide(ingest_dir: str | Path, *, client: Any, model_name: str, only_if_new_
     if champion_fp == fingerprint:
         return made(False, f"no new data since champion v{version} of {model_name} "
                            f"(dataset fingerprint {fingerprint[:12]} unchanged): nothing to train")
-    try:
-        versions = client.search_model_versions(f"name='{model_name}'")
-    except MlflowException:
-        versions = []
-    latest = max(versions, key=lambda v: int(v.version), default=None)
-    if latest is not None and str(latest.version) != version and latest.tags.get("data_fingerprint") == fingerprint:
-        return made(False, f"no new data since v{latest.version} of {model_name} (not promoted over champion "
-                           f"v{version}) was trained on this dataset (fingerprint {fingerprint[:12]}): "
-                           "nothing to train")
+    for alias in (CHALLENGER, PREVIOUS):  # completed registrations only: the alias moves last
+        other = None
+        with contextlib.suppress(MlflowException):
+            other = client.get_model_version_by_alias(model_name, alias)
+        if other is not None and str(other.version) != version and other.tags.get("data_fingerprint") == fingerprint:
+            return made(False, f"no new data since v{other.version} of {model_name} ({alias}, not champion "
+                               f"v{version}) was trained on this dataset (fingerprint {fingerprint[:12]}): "
+                               "nothing to train")
     return made(True, f"retraining: new data (fingerprint {fingerprint[:12]}, champion v{version} has "
                       f"{(champion_fp or 'none')[:12]})")
 
