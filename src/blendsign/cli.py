@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -637,9 +638,63 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- registry: rollback, KServe deployment --------------------------------------------------------------
+
+
+def _add_registry(sub: argparse._SubParsersAction) -> None:
+    p = _stage(sub, "registry", "the model registry: roll the champion back, deploy it on KServe")
+    actions = p.add_subparsers(dest="action", required=True)
+    for action, help_text in (("rollback", "move the champion alias back to the previous champion"),
+                              ("deploy", "KServe manifests (ServingRuntime + InferenceService) for a registered "
+                                         "alias: kubectl apply -f")):
+        a = actions.add_parser(action, help=help_text, description=help_text, parents=[_common()])
+        a.add_argument("--name", default="blendsign", help="registered model (default blendsign)")
+        a.add_argument("--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI)")
+        if action == "deploy":
+            a.add_argument("--alias", default="champion")
+            a.add_argument("--image", required=True, help="the blendsign image (docker/), by digest to pin it")
+            a.add_argument("--namespace", default=None)
+            a.add_argument("--gpus", type=int, default=1, help="GPUs of the predictor (0: CPU)")
+            a.add_argument("--service-account", default=None,
+                           help="service account whose secret lets KServe's storage initializer read the bucket")
+            a.add_argument("--artifacts-destination", default=os.environ.get("MLFLOW_ARTIFACTS_DESTINATION"),
+                           help="the MLflow server's --artifacts-destination (s3://…), for mlflow-artifacts:/ URIs "
+                                "(default: $MLFLOW_ARTIFACTS_DESTINATION)")
+            a.add_argument("--output", type=Path, default=None, help="write here instead of printing")
+    p.set_defaults(func=_run_registry)
+
+
+def _run_registry(args: argparse.Namespace) -> int:
+    from mlflow import MlflowClient
+
+    from blendsign.tracking import existing_store
+
+    client = MlflowClient(tracking_uri=args.tracking_uri or existing_store(f"holding {args.name}"))
+    if args.action == "rollback":
+        from blendsign.registry import rollback
+
+        back, demoted = rollback(client, args.name)
+        print(f"{args.name}: champion is v{back} again (v{demoted} is previous-champion; rollback again to undo)")
+        return 0
+    from blendsign.deploy import render, storage_uri
+
+    version, storage = storage_uri(client, args.name, args.alias, artifacts_destination=args.artifacts_destination)
+    text = render(storage, image=args.image, name=args.name, namespace=args.namespace, gpus=args.gpus,
+                  service_account=args.service_account, version=version)
+    if args.output is None:
+        print(text, end="")
+    else:
+        from blendsign.storage import write_text_atomic
+
+        write_text_atomic(args.output, text)
+        print(f"{args.name}@{args.alias} (v{version}, {storage}): {args.output}; kubectl apply -f {args.output}")
+    return 0
+
+
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_synth, _add_ingest, _add_locate, _add_import_annotations, _add_fuse, _add_folds, _add_train,
     _add_distill, _add_evaluate, _add_cv, _add_ablation, _add_run, _add_pipeline, _add_predict, _add_serve,
+    _add_registry,
 ]
 
 
