@@ -200,6 +200,54 @@ def test_a_preempted_training_job_resumes_from_the_work_prefix_bit_for_bit(
 
 
 @pytest.mark.slow
+def test_a_second_run_on_new_scans_compares_with_the_champion_on_them(
+        cohort: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run 1 registers a champion on the cohort; run 2 adds scans it never saw: evaluate scores the champion on
+    exactly those, and the gate's decision says it compared the two there."""
+    from dataclasses import replace
+
+    import mlflow
+
+    from blendsign.head_to_head import HeadToHead
+    from blendsign.ingest import read_manifest
+    from blendsign.pipeline import run_pipeline
+    from blendsign.synth import synthesize
+    from blendsign.tracking import Tracker
+
+    monkeypatch.chdir(tmp_path)
+    first_src = cohort["root"] / "src"
+    more = tmp_path / "more"
+    synthesize(more, replace(load_preset("ci").synth, scans=6, class_ratio=(3.0, 2.0, 1.0), seed=11),
+               progress=False)
+    both = tmp_path / "both"
+    shutil.copytree(first_src / "dicom", both / "dicom" / "a")
+    shutil.copytree(more / "dicom", both / "dicom" / "b")
+    for name in ("annotations.csv", "clinical.csv"):
+        head, *rows = (first_src / name).read_text().splitlines()
+        (both / name).write_text("\n".join([head, *rows, *(more / name).read_text().splitlines()[1:]]) + "\n")
+    cfg = override(load_preset(str(LOCAL_PRESET)), folds={"k": 2}, distill={"rounds": 1})
+    tracker = Tracker.open("h2h", uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    common = {"work_dir": tmp_path / "work", "tracker": tracker, "model_name": "h2h", "progress": False,
+              "register_mode": "fold-ensemble"}
+    first = run_pipeline(cfg, source=first_src / "dicom", annotations=first_src / "annotations.csv", **common)
+    assert first.record["promoted"] is True and first.record["model_version"] == "1"
+    seen = {s["scan_id"] for s in read_manifest(tmp_path / "work" / "ingest")["scans"]}
+    second = run_pipeline(cfg, source=both / "dicom", annotations=both / "annotations.csv", **common)
+
+    h2h = HeadToHead.read(tmp_path / "work" / "cv" / "evaluation")
+    assert h2h is not None and h2h.reason == "" and h2h.champion_version == "1"
+    new = {s["scan_id"] for s in read_manifest(tmp_path / "work" / "ingest")["scans"]} - seen
+    assert 0 < h2h.scans <= len(new) and h2h.slices > 0  # the labelled ones of the new scans
+    assert h2h.values("cv_auc_blend_sign") is not None  # blend sign and other slices among the new scans
+    assert f"both on the {h2h.scans} scans ({h2h.slices} slices) of this dataset that v1 never trained on" in \
+        second.record["decision"], second.record["decision"]
+    scans = mlflow.artifacts.download_artifacts(
+        run_id=tracker.client.get_model_version("h2h", "2").run_id, artifact_path="registry/training_scans.json",
+        dst_path=str(tmp_path / "dl"), tracking_uri=tracker.uri)
+    assert set(json.loads(Path(scans).read_text())["scans"]) == seen | new
+
+
+@pytest.mark.slow
 def test_blendsign_run_builds_the_same_run_tree_as_the_kubeflow_pipeline(
         cohort: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`blendsign run` (one process) chains the same steps as the Kubeflow pipeline, so it leaves the same MLflow

@@ -326,11 +326,15 @@ def start_run(cfg: Config, *, manifest: str | Path, tracking_uri: str, experimen
 def check_new_data(ref: RunRef, *, manifest: str | Path, model_name: str, only_if_new_data: bool) \
         -> RetrainDecision:
     """``retrain`` or ``skip``: is this dataset's fingerprint new to the registered model? (``retrain.decide``)"""
+    from blendsign.head_to_head import CHAMPION_TAG, MODEL_TAG
     from blendsign.retrain import decide
 
     client = ref.tracker().client
     decision = decide(manifest, client=client, model_name=model_name, only_if_new_data=only_if_new_data)
     client.set_tag(ref.parent_run_id, "retrain_decision", decision.reason)
+    client.set_tag(ref.parent_run_id, MODEL_TAG, model_name)  # evaluate compares with this champion
+    if decision.champion_version:
+        client.set_tag(ref.parent_run_id, CHAMPION_TAG, decision.champion_version)
     return decision
 
 
@@ -425,11 +429,21 @@ def evaluate_step(cfg: Config, ref: RunRef, *, ingest_dir: str | Path, labels_di
     """Every fold's final model on its held-out fold (``blendsign evaluate``), logged on ``cross-validation``;
     the evaluation goes to ``out/evaluation``. The fold models come from ``model_sources`` or the run's work
     folder (:func:`job_models`); ``register`` reads them from there too, so ``out`` does not carry them."""
-    from blendsign.evaluate import evaluate
+    from blendsign.evaluate import PREDICTIONS_FILE, evaluate
+    from blendsign.head_to_head import CHAMPION_TAG, FILE, MODEL_TAG, compare
 
+    out_dir = Path(out) / "evaluation"
     with job_models(ref, fold_ids(folds_dir), model_sources) as found, ref.step("evaluate") as tracker:
-        return evaluate(cfg, ingest_dir=ingest_dir, labels_dir=labels_dir, folds_dir=folds_dir, models_dir=found,
-                        out_dir=Path(out) / "evaluation", tracker=tracker, run_id=ref.cv_run_id, progress=progress)
+        result = evaluate(cfg, ingest_dir=ingest_dir, labels_dir=labels_dir, folds_dir=folds_dir, models_dir=found,
+                          out_dir=out_dir, tracker=tracker, run_id=ref.cv_run_id, progress=progress)
+        tags = tracker.client.get_run(ref.parent_run_id).data.tags
+        if MODEL_TAG in tags:  # check_new_data ran: compare with the champion it saw
+            compare(client=tracker.client, tracking_uri=tracker.uri, name=tags[MODEL_TAG],
+                    champion_version=tags.get(CHAMPION_TAG), ingest_dir=ingest_dir, labels_dir=labels_dir,
+                    folds_dir=folds_dir, predictions=out_dir / PREDICTIONS_FILE, device=cfg.train.device,
+                    batch_size=cfg.train.batch_size).write(out_dir)
+            tracker.client.log_artifact(ref.cv_run_id, str(out_dir / FILE), "evaluation")
+        return result
 
 
 @step
@@ -446,6 +460,8 @@ def register_step(cfg: Config, ref: RunRef, *, cv_dir: str | Path, ingest_dir: s
 
     from blendsign.distill import final_checkpoint
     from blendsign.evaluate import EvalResult, read_metrics
+    from blendsign.head_to_head import SCANS_ARTIFACT, HeadToHead, write_training_scans
+    from blendsign.ingest import read_manifest
     from blendsign.model_package import log_model
     from blendsign.registry import Promotion, check_promotion_metric, model_card, register_version
 
@@ -484,8 +500,11 @@ def register_step(cfg: Config, ref: RunRef, *, cv_dir: str | Path, ingest_dir: s
                                   agreement=agreement, ingest=ingest_report, fingerprint=fingerprint, commit=commit,
                                   image=tags.get("image"), promotion=promotion, command=reproduce)
 
+            write_training_scans(read_manifest(ingest_dir), out_dir / Path(SCANS_ARTIFACT).name)
+            run.log_artifact(out_dir / Path(SCANS_ARTIFACT).name, str(Path(SCANS_ARTIFACT).parent))
             version, promotion = register_version(tracker.client, name=name, run_id=run.run_id, metric=metric,
-                                                  value=value, margin=margin, tags=tags, card=card_of)
+                                                  value=value, margin=margin, tags=tags, card=card_of,
+                                                  head_to_head=HeadToHead.read(cv_dir / "evaluation"))
             card = card_of(version, promotion)
             write_text_atomic(out_dir / "model_card.md", card)
             if card_path is not None:

@@ -13,9 +13,12 @@ import math
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from blendsign import CLASSES, METRICS
+
+if TYPE_CHECKING:
+    from blendsign.head_to_head import HeadToHead
 
 log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
@@ -42,15 +45,18 @@ class Promotion:
     text: str
 
 
+CV_BASIS = "cross-validated, each version on the data it was trained with"
+
+
 def decide(new_value: float, champion_value: float | None, *, metric: str, margin: float,
-           champion_version: str | None) -> Promotion:
-    """Champion gate: promote when there is no champion or ``new > champion + margin`` (NaN never wins)."""
+           champion_version: str | None, basis: str = CV_BASIS) -> Promotion:
+    """Champion gate: promote when there is no champion or ``new > champion + margin`` (NaN never wins);
+    ``basis`` says what the two values were measured on."""
     if math.isnan(new_value):
         return Promotion(False, new_value, champion_value, champion_version,
                          f"not promoted: {metric} is undefined for this version")
     if champion_value is None:
         return Promotion(True, new_value, None, None, f"promoted: first champion ({metric} {new_value:.4f})")
-    basis = "cross-validated, each version on the data it was trained with"
     if new_value > champion_value + margin:
         return Promotion(True, new_value, champion_value, champion_version,
                          f"promoted: {metric} {new_value:.4f} beats champion v{champion_version} "
@@ -153,15 +159,33 @@ class Registration:
     token: str | None  # the champion token read with the champion
 
 
-def prepare(client: Any, *, name: str, run_id: str, metric: str, value: float, margin: float) -> Registration:
+def prepare(client: Any, *, name: str, run_id: str, metric: str, value: float, margin: float,
+            head_to_head: HeadToHead | None = None) -> Registration:
     """The version of ``name`` logged from ``run_id`` (the latest, if several) and the gate's decision against
-    the champion as it is now. Writes nothing. ``client`` is an ``mlflow.MlflowClient``."""
+    the champion as it is now. Writes nothing. ``client`` is an ``mlflow.MlflowClient``.
+
+    With ``head_to_head`` (:mod:`blendsign.head_to_head`) comparing this very champion on scans it never trained
+    on, the gate compares the two there; otherwise ``value`` (the cross-validated metric) against the
+    champion's own, and the decision says why."""
     versions = [v for v in client.search_model_versions(f"name='{name}'") if v.run_id == run_id]
     if not versions:
         raise ValueError(f"no version of {name!r} was logged from run {run_id}")
     version = str(max(versions, key=lambda v: int(v.version)).version)
     champion_version, champion_value, token = _champion(client, name, metric)
-    promotion = decide(value, champion_value, metric=metric, margin=margin, champion_version=champion_version)
+    basis, new_value = CV_BASIS, value
+    if champion_version is not None and head_to_head is not None:
+        pair = head_to_head.values(metric) if head_to_head.champion_version == champion_version else None
+        if pair is not None:
+            new_value, champion_value = pair
+            basis = (f"both on the {head_to_head.scans} scans ({head_to_head.slices} slices) of this dataset "
+                     f"that v{champion_version} never trained on: this version's out-of-fold predictions")
+        elif head_to_head.champion_version != champion_version:
+            basis += (f"; the held-out comparison was made with v{head_to_head.champion_version}, not the "
+                      "current champion")
+        else:
+            basis += f"; no held-out comparison: {head_to_head.reason or f'{metric} undefined on the new scans'}"
+    promotion = decide(new_value, champion_value, metric=metric, margin=margin, champion_version=champion_version,
+                       basis=basis)
     return Registration(name, version, metric, value, promotion, token)
 
 
@@ -226,13 +250,15 @@ def register_version(
     margin: float,
     tags: dict[str, str],
     card: Callable[[str, Promotion], str] | str,
+    head_to_head: HeadToHead | None = None,
 ) -> tuple[str, Promotion]:
     """Register the model logged in ``run_id`` (latest version of ``name`` from that run) behind the gate:
     :func:`prepare`, then :func:`publish` with ``card`` (text, or made from the version and the final decision).
 
     ``client`` is an ``mlflow.MlflowClient``. Returns (version, final decision).
     """
-    reg = prepare(client, name=name, run_id=run_id, metric=metric, value=value, margin=margin)
+    reg = prepare(client, name=name, run_id=run_id, metric=metric, value=value, margin=margin,
+                  head_to_head=head_to_head)
     return reg.version, publish(client, reg, tags=tags,
                                 card=lambda decision: card(reg.version, decision) if callable(card) else card)
 

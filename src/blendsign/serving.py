@@ -311,6 +311,17 @@ class BlendSignModel(mlflow.pyfunc.PythonModel):
                  "per request", len(models), cfg.model.backbone, cfg.preset, target, where, self.batch_size,
                  self.settings.max_rows)
 
+    @property
+    def data_config(self) -> DataConfig:
+        """The preprocessing the loaded networks were trained with (:func:`to_model_input` takes it)."""
+        return self._loaded().data
+
+    def probabilities(self, x: Tensor) -> np.ndarray:
+        """Preprocessed slices ``x [N, 3, S, S]`` → the ensemble's class probabilities ``[N, K]``."""
+        ens = self._loaded()
+        probs, _ = ens(x.to(ens.device))
+        return probs.numpy()
+
     def _loaded(self) -> _Ensemble:
         if self._ensemble is None:
             raise RuntimeError("model not loaded: load it with mlflow.pyfunc.load_model (or load_checkpoints)")
