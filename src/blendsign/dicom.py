@@ -17,8 +17,13 @@ import pydicom
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
+
+from blendsign import codecs
+
+codecs.register()  # every process that reads pixels (ingest workers, the served model) decodes the same syntaxes
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
@@ -225,8 +230,8 @@ def header_from_dataset(ds: Dataset, path: str, pixel_offset: int | None = None)
                 bits_stored=int(v.get("BitsStored", 0) or 0),
                 pixel_representation=int(v.get("PixelRepresentation", 0) or 0),
                 samples=int(v.get("SamplesPerPixel", 1) or 1),
-                slope=float(v.get("RescaleSlope", 1) or 1),
-                intercept=float(v.get("RescaleIntercept", 0) or 0),
+                slope=_rescale(v.get("RescaleSlope"), 1.0),
+                intercept=_rescale(v.get("RescaleIntercept"), 0.0),
                 offset=pixel_offset,
             ),
         )
@@ -234,6 +239,12 @@ def header_from_dataset(ds: Dataset, path: str, pixel_offset: int | None = None)
         raise
     except Exception as exc:
         raise UnusableFileError(f"malformed header ({type(exc).__name__}: {exc})") from None
+
+
+def _rescale(value: object, default: float) -> float:
+    """RescaleSlope/RescaleIntercept as a float, ``default`` when absent or empty (0 stays 0: :func:`to_hu` refuses
+    a slope that is not positive)."""
+    return default if value is None or value == "" else float(value)  # type: ignore[arg-type]
 
 
 def _as_list(value: object) -> list[object]:
@@ -325,8 +336,13 @@ def to_hu(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:
     """HU = stored × RescaleSlope + RescaleIntercept, as int16 ``[rows, cols]``.
 
     Exact for the integer slope/intercept of CT; other values are rounded to the nearest HU.
-    Raises ``UnusableFileError`` when the result does not fit int16.
+    Raises ``UnusableFileError`` when the slope is not positive and finite (0 would flatten the image, a negative
+    one invert it), the intercept is not finite, or the result does not fit int16.
     """
+    if not (math.isfinite(slope) and slope > 0):
+        raise UnusableFileError(f"RescaleSlope {slope:g} is not a positive finite number")
+    if not math.isfinite(intercept):
+        raise UnusableFileError(f"RescaleIntercept {intercept:g} is not a finite number")
     lo, hi = int(stored.min()), int(stored.max())
     if float(slope) == 1.0 and float(intercept).is_integer():
         b = int(intercept)
@@ -356,7 +372,11 @@ def read_hu(path: str | Path, fmt: PixelFormat | None = None) -> np.ndarray:
         ds = pydicom.dcmread(str(path))
     except Exception as exc:
         raise UnusableFileError(f"unreadable DICOM ({type(exc).__name__}: {exc})") from None
-    return hu_from_dataset(ds)
+    return hu_from_dataset(ds, pixel_tag_seen=fmt is not None and fmt.offset is not None)
+
+
+def missing_pixels_reason(syntax: str, pixel_tag_seen: bool) -> str:
+    return f"pixel data cut short ({syntax}): the file is truncated" if pixel_tag_seen else "no pixel data"
 
 
 def _read_native(path: str, fmt: PixelFormat) -> np.ndarray:
@@ -379,17 +399,22 @@ def _read_native(path: str, fmt: PixelFormat) -> np.ndarray:
     return arr
 
 
-def hu_from_dataset(ds: Dataset) -> np.ndarray:
+def hu_from_dataset(ds: Dataset, pixel_tag_seen: bool = False) -> np.ndarray:
+    """HU of a single-frame dataset, int16 ``[rows, cols]``; compressed frames are size-checked before decoding.
+
+    ``pixel_tag_seen``: the file holds a Pixel Data tag (pydicom drops an element cut short by truncation).
+    """
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    syntax = ts.name if ts is not None else "unknown transfer syntax"
     if "PixelData" not in ds:
-        raise UnusableFileError("no pixel data")
+        raise UnusableFileError(missing_pixels_reason(syntax, pixel_tag_seen))
     try:
+        if ts is not None and UID(ts).is_encapsulated and ts != RLELossless:
+            frame = next(generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames", 1) or 1)))
+            codecs.check_frame_size(frame, int(ds.Rows), int(ds.Columns), syntax)
         stored = ds.pixel_array
-    except Exception as exc:  # missing decoder, truncated data, ...
-        ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-        syntax = ts.name if ts is not None else "unknown transfer syntax"
+    except Exception as exc:  # missing decoder, truncated data, a frame larger than its header says, ...
         raise UnusableFileError(f"pixel data cannot be decoded ({syntax}: {type(exc).__name__}: {exc})") from None
     if stored.ndim != 2:
         raise UnusableFileError(f"expected one 2-D frame, got pixel array of shape {tuple(stored.shape)}")
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    return to_hu(stored, slope, intercept)
+    return to_hu(stored, _rescale(ds.get("RescaleSlope"), 1.0), _rescale(ds.get("RescaleIntercept"), 0.0))

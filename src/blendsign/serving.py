@@ -42,7 +42,13 @@ from torch import Tensor
 
 from blendsign import CLASSES
 from blendsign.config import Config, DataConfig, IngestConfig
-from blendsign.dicom import UnusableFileError, header_from_dataset, hu_from_dataset
+from blendsign.dicom import (
+    PIXEL_DATA_TAG,
+    UnusableFileError,
+    header_from_dataset,
+    hu_from_dataset,
+    missing_pixels_reason,
+)
 from blendsign.explain import cam_to_png, grad_cam
 from blendsign.ingest import series_role
 from blendsign.model import BlendSignNet
@@ -170,7 +176,11 @@ def read_slice(value: Any, ingest: IngestConfig | None = None) -> np.ndarray:
     Raises ``RowError`` with the reason (not DICOM, not CT, an image ingestion sets aside under ``ingest``'s
     rules — a localizer, a contrast-enhanced or non-axial series —, no pixel data, undecodable, absurd size, …).
     """
-    ds = _dataset(_as_bytes(value))
+    data = _as_bytes(value)
+    ds = _dataset(data)
+    if "PixelData" not in ds and PIXEL_DATA_TAG in data:  # cut short inside Pixel Data: pydicom drops the rest
+        ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+        raise RowError(missing_pixels_reason(ts.name if ts else "unknown transfer syntax", True))
     modality = str(ds.get("Modality", "") or "").upper()
     if modality != "CT":
         raise RowError(f"not a CT image (Modality {modality or 'missing'})")
