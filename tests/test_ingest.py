@@ -375,3 +375,81 @@ def test_cli_ingest_and_lazy_imports(tmp_path: Path, ct_writer: Callable[..., st
     code = f"import sys, blendsign.cli; print(sorted(m for m in {heavy} if m in sys.modules))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]"
+
+
+# --- hostile and broken sources -----------------------------------------------------------------------------
+
+
+def test_a_named_pipe_is_reported_and_never_opened(tmp_path: Path, ct_writer: Callable[..., str]) -> None:
+    make_study(tmp_path / "src" / "s1", ct_writer, study="1.2.3.1")
+    os.mkfifo(tmp_path / "src" / "s1" / "pipe")  # opening it for reading would block forever
+    report = ingest(tmp_path / "src", tmp_path / "out", replace(CFG, workers=1), progress=False).report
+    assert report["scans_written"] == 1
+    rows = {r["file"]: r["reason"] for r in locate(tmp_path / "src", tmp_path / "out")}
+    assert rows == {"s1/pipe": "not a regular file (named pipe): not read"}
+
+
+def test_an_unreadable_folder_is_reported_not_dropped(tmp_path: Path, ct_writer: Callable[..., str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    make_study(tmp_path / "src" / "s1", ct_writer, study="1.2.3.1")
+    make_study(tmp_path / "src" / "s2", ct_writer, study="1.2.3.2", patient_id="P2")
+    locked = tmp_path / "src" / "s2"
+    if os.geteuid() == 0:  # root reads a chmod-000 folder anyway: make listing it fail as it would for a user
+        real_scandir = os.scandir
+
+        def scandir(path: object = ".") -> object:
+            if Path(str(path)) == locked:
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_scandir(path)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(os, "scandir", scandir)
+    else:
+        locked.chmod(0)
+    try:
+        report = ingest(tmp_path / "src", tmp_path / "out", replace(CFG, workers=1), progress=False).report
+        rows = {r["file"]: r["reason"] for r in locate(tmp_path / "src", tmp_path / "out")}
+    finally:
+        locked.chmod(0o755)
+    assert report["scans_written"] == 1
+    assert rows == {"s2": "folder cannot be read (Permission denied): its files were not ingested"}
+    assert "folder cannot be read" in (tmp_path / "out" / "ingest_report.md").read_text()
+
+
+def test_a_killed_reingest_leaves_an_output_no_later_stage_reads(tmp_path: Path, ct_writer: Callable[..., str],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from blendsign import ingest as ingest_module
+    from blendsign.labels import read_ingested_slices
+
+    cfg = replace(CFG, workers=1)
+    make_study(tmp_path / "src" / "s1", ct_writer, study="1.2.3.1", patient_id="P1")
+    out = tmp_path / "out"
+    ingest(tmp_path / "src", out, cfg, progress=False)
+    assert (out / "_SUCCESS").is_file() and len(read_ingested_slices(out)[0]) == 5
+    make_study(tmp_path / "src" / "s2", ct_writer, study="1.2.3.2", patient_id="P2")
+
+    def killed(task: object) -> object:
+        raise KeyboardInterrupt  # the run dies after the old manifest, before the new one
+
+    monkeypatch.setattr(ingest_module, "write_scan", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ingest(tmp_path / "src", out, cfg, progress=False)
+    assert (out / "manifest.json").is_file() and not (out / "_SUCCESS").exists()
+    with pytest.raises(FileNotFoundError, match="not a complete ingest output"):
+        read_ingested_slices(out)
+    monkeypatch.undo()
+    ingest(tmp_path / "src", out, cfg, progress=False)
+    assert len(read_ingested_slices(out)[0]) == 10
+
+
+def test_the_flow_report_adds_up_and_names_failed_scans(tmp_path: Path, ct_writer: Callable[..., str]) -> None:
+    make_study(tmp_path / "src" / "s1", ct_writer, study="1.2.3.1", patient_id="P1")
+    make_study(tmp_path / "src" / "s2", ct_writer, study="1.2.3.2", patient_id="P2")
+    make_study(tmp_path / "src" / "s3", ct_writer, study="1.2.3.3", patient_id="P3", age="003Y")
+    for p in (tmp_path / "src" / "s2" / "ax").iterdir():  # every slice of s2's axial series cut inside its pixels
+        p.write_bytes(p.read_bytes()[:-100])
+    report = ingest(tmp_path / "src", tmp_path / "out", replace(CFG, workers=1), progress=False).report
+    assert (report["studies_found"], sum(report["excluded"].values()), len(report["scans_failed"]),
+            report["scans_written"]) == (3, 1, 1, 1)
+    md = (tmp_path / "out" / "ingest_report.md").read_text()
+    assert "1 scans written, 5 slices = 3 − 1 − 1" in md
+    assert f"| `{report['scans_failed'][0]['scan_id']}` | no slice of the scan could be decoded |" in md

@@ -29,6 +29,7 @@ from blendsign.labels import (
     read_rsna,
     reader_label,
 )
+from blendsign.storage import mark_complete
 
 FIXTURES = Path(__file__).parent / "fixtures"
 KEY = "test-key-0123456789abcdef"
@@ -169,6 +170,7 @@ def write_ingest(folder: Path, slices: list[tuple[str, str, int, str]], *, rows:
     (folder / "slices").mkdir(parents=True)
     pq.write_table(table, folder / "slices" / "part-0.parquet")
     (folder / "ingest_report.json").write_text(json.dumps({"key_fingerprint": pz.fingerprint}))
+    mark_complete(folder)
     return folder
 
 

@@ -8,6 +8,7 @@ Output (``OUT``):
     manifest.json              per-scan file, slice count and source digest; the dataset fingerprint
     ingest_report.json         counts, exclusions, quarantined files with reasons (no identifiers)
     ingest_report.md           the same as a flow chart for people
+    _SUCCESS                   written last; removed before a re-run changes anything (later stages require it)
 
 Files are named in reports and logs by keyed pseudonyms (``file-<hash>`` of the path under SOURCE): export
 file and folder names are often UIDs or patient names. ``locate`` maps them back for whoever holds SOURCE.
@@ -25,6 +26,7 @@ import json
 import logging
 import multiprocessing
 import os
+import stat
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, as_completed
@@ -137,17 +139,51 @@ class IngestResult:
 # --- pass 1: headers ---------------------------------------------------------------------------------
 
 
-def find_files(source: Path, skip: Iterable[Path] = ()) -> list[Path]:
-    """Every regular file under ``source`` (any name, with or without ``.dcm``), sorted; ``skip`` excluded."""
+@dataclass(frozen=True)
+class SourceFiles:
+    """What a walk of the source found: regular files to read, and ``(path, reason)`` for what cannot be read."""
+
+    files: list[Path]
+    unusable: list[tuple[str, str]]  # non-regular files (never opened: a named pipe would block) and folders
+
+
+_NOT_REGULAR = {stat.S_IFIFO: "named pipe", stat.S_IFSOCK: "socket", stat.S_IFCHR: "character device",
+                stat.S_IFBLK: "block device"}  # fmt: skip
+
+
+def find_files(source: Path, skip: Iterable[Path] = ()) -> SourceFiles:
+    """Every regular file under ``source`` (any name, with or without ``.dcm``), sorted; ``skip`` excluded.
+
+    Named pipes, sockets and devices are listed as unusable without being opened; so is a folder that cannot be
+    listed (its files would otherwise vanish without a word).
+    """
     if not source.is_dir():
         raise NotADirectoryError(f"DICOM source {source} is not a folder")
     skip_set = {p.resolve() for p in skip}
     files: list[Path] = []
-    for root, dirs, names in os.walk(source):
+    unusable: list[tuple[str, str]] = []
+
+    def unreadable(exc: OSError) -> None:
+        unusable.append((str(exc.filename), f"folder cannot be read ({exc.strerror}): its files were not ingested"))
+
+    for root, dirs, names in os.walk(source, onerror=unreadable):
         root_path = Path(root)
         dirs[:] = sorted(d for d in dirs if (root_path / d).resolve() not in skip_set)
-        files.extend(root_path / n for n in sorted(names) if (root_path / n).resolve() not in skip_set)
-    return files
+        for name in sorted(names):
+            path = root_path / name
+            if path.resolve() in skip_set:
+                continue
+            try:
+                mode = path.stat().st_mode
+            except OSError as exc:
+                unusable.append((str(path), f"cannot read file ({exc.strerror})"))
+                continue
+            if stat.S_ISREG(mode):
+                files.append(path)
+            else:
+                kind = _NOT_REGULAR.get(stat.S_IFMT(mode), "special file")
+                unusable.append((str(path), f"not a regular file ({kind}): not read"))
+    return SourceFiles(files, unusable)
 
 
 def read_headers(paths: Sequence[str]) -> tuple[list[SliceHeader], list[tuple[str, str]]]:
@@ -546,14 +582,18 @@ def ingest(
     found = find_clinical(source) if not clinical_csv else None
     clinical = Path(clinical_csv) if clinical_csv else Path(found) if found else None
     postoperative = read_clinical(clinical) if clinical else set()
-    files = find_files(source, skip=[out, *([clinical] if clinical else [])])
+    found_files = find_files(source, skip=[out, *([clinical] if clinical else [])])
+    files = found_files.files
     if not files:
-        raise ValueError(f"no files under {source}: nothing to ingest")
+        reasons = "; ".join(sorted({r for _, r in found_files.unusable}))
+        raise ValueError(f"no files under {source} that can be read: nothing to ingest"
+                         + (f" ({reasons})" if reasons else ""))
 
     slices_dir = out / "slices"
     pseudo = load_or_create_key(out)
     _check_same_key(out, pseudo)
     slices_dir.mkdir(parents=True, exist_ok=True)
+    storage.clear_complete(out)  # before the first change: a killed run leaves an output no later stage reads
     remove_stale_temporaries(slices_dir)
     if clinical:
         log.info("clinical list: %s (%d postoperative studies)", clinical.name, len(postoperative))
@@ -562,7 +602,7 @@ def ingest(
 
     log.info("found %d files under %s", len(files), source.name)
     headers: list[SliceHeader] = []
-    quarantined: list[tuple[str, str]] = []
+    quarantined: list[tuple[str, str]] = list(found_files.unusable)
     chunks = _chunks([str(p) for p in files], 64)
     outcomes: list[ScanOutcome] = []
     failed: list[dict[str, str]] = []
@@ -604,6 +644,7 @@ def ingest(
     write_json_atomic(out / MANIFEST, manifest)
     write_json_atomic(out / REPORT, report)
     write_text_atomic(out / "ingest_report.md", flow_markdown(report))
+    storage.mark_complete(out)
     for q in report["quarantined"]:
         log.warning("quarantined %s: %s", q["file"], q["reason"])
     if report["quarantined"]:
@@ -622,7 +663,9 @@ def locate(source: str | Path, out: str | Path) -> list[dict[str, str]]:
     report = read_report(out)
     pseudo = load_or_create_key(out, create=False)
     _check_same_key(out, pseudo)
-    paths = {_file_name(str(p), source, pseudo): _relative(str(p), source) for p in find_files(source, skip=[out])}
+    found = find_files(source, skip=[out])
+    paths = {_file_name(p, source, pseudo): _relative(p, source) for p in [*map(str, found.files),
+                                                                           *(u for u, _ in found.unusable)]}
     unknown = "(not under SOURCE any more)"
     rows = sorted(({"file": paths.get(q["file"], unknown), "pseudonym": q["file"], "reason": q["reason"]}
                    for q in report["quarantined"]), key=lambda r: r["file"])
@@ -656,7 +699,7 @@ def locate_slices(source: str | Path, out: str | Path, keys: Iterable[str]) -> d
     wanted = set(keys)
     pseudo = load_or_create_key(out, create=False)
     _check_same_key(out, pseudo)
-    headers, _ = read_headers([str(p) for p in find_files(source, skip=[out])])
+    headers, _ = read_headers([str(p) for p in find_files(source, skip=[out]).files])
     found = {pseudo.instance(h.sop_uid): _relative(h.path, source) for h in headers}
     return {k: found.get(k) for k in sorted(wanted)}
 
@@ -737,8 +780,12 @@ def flow_markdown(report: dict[str, Any]) -> str:
     for reason, n in excluded.items():
         text = _REASON_TEXT.get(reason, reason.replace("age_lt_", "patient younger than "))
         lines.append(f"         ├─ {n:>4}  {text}")
+    failed = report["scans_failed"]
+    if failed:
+        lines.append(f"{len(failed):>6} failed (no slice could be decoded: see below)")
     lines += [
-        f"{report['scans_written']:>6} scans written, {report['slices_written']} slices",
+        f"{report['scans_written']:>6} scans written, {report['slices_written']} slices"
+        f" = {report['studies_found']} − {total_excl}" + (f" − {len(failed)}" if failed else ""),
         "```",
         "",
         "| not used | count |",
@@ -751,9 +798,14 @@ def flow_markdown(report: dict[str, Any]) -> str:
     lines += [
         f"| duplicate files (same SOPInstanceUID) | {len(report['duplicates'])} |",
         f"| quarantined files | {len(report['quarantined'])} |",
-        f"| scans that failed | {len(report['scans_failed'])} |",
+        f"| scans that failed | {len(failed)} |",
+        f"| scans written of unknown age (no PatientAge, no birth date) | {report['age_unknown_scans']} |",
         "",
     ]
+    if failed:
+        lines += ["## Scans that failed", "", "| scan | reason |", "|---|---|"]
+        lines += [f"| `{f['scan_id']}` | {f['reason']} |" for f in failed]
+        lines.append("")
     if report["quarantined"]:
         lines += ["## Quarantined files", "", "Files are named by keyed pseudonyms; `blendsign locate SOURCE OUT` "
                   "lists them by path for whoever holds the source.", "", "| file | reason |", "|---|---|"]

@@ -33,7 +33,7 @@ import pyarrow as pa
 
 from blendsign.config import LabelConfig
 from blendsign.deid import Pseudonymizer, load_or_create_key
-from blendsign.storage import atomic_path, write_json_atomic, write_text_atomic
+from blendsign.storage import atomic_path, require_complete, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -336,6 +336,7 @@ def read_ingested_slices(ingest_dir: str | Path) -> tuple[dict[str, dict[str, An
     report_path, slices_dir = ingest_dir / "ingest_report.json", ingest_dir / "slices"
     if not report_path.is_file() or not slices_dir.is_dir():
         raise FileNotFoundError(f"{ingest_dir} is not an ingest output (no ingest_report.json or slices/)")
+    require_complete(ingest_dir, "ingest")
     expected = json.loads(report_path.read_text()).get("key_fingerprint")
     pz = load_or_create_key(ingest_dir, create=False)
     if pz.fingerprint != expected:

@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+MARKER = "_SUCCESS"  # written last into an output folder or under an output prefix: the output there is complete
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a hidden temporary path beside ``path``; on success it replaces ``path`` in one step.
@@ -82,6 +85,25 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def mark_complete(folder: str | Path) -> None:
+    """Write the completion marker (:data:`MARKER`) into a local output, last: the output there is complete."""
+    write_text_atomic(Path(folder) / MARKER, "")
+
+
+def clear_complete(folder: str | Path) -> None:
+    """Remove a local output's completion marker before the first change to it."""
+    (Path(folder) / MARKER).unlink(missing_ok=True)
+
+
+def require_complete(folder: str | Path, what: str) -> None:
+    """Raise ``FileNotFoundError`` unless the local output ``folder`` holds its completion marker."""
+    if not (Path(folder) / MARKER).is_file():
+        raise FileNotFoundError(
+            f"{folder} is not a complete {what} output (no {MARKER} marker): the {what} that wrote it was killed "
+            f"or is still running, so its files may mix two runs. Run the {what} again (it reuses what is done)."
+        )
+
+
 def remove_stale_temporaries(folder: str | Path) -> int:
     """Delete temporaries left by a killed run (``.<name>.<pid>.tmp``); returns how many."""
     removed = 0
@@ -95,7 +117,6 @@ def remove_stale_temporaries(folder: str | Path) -> int:
 
 # --- S3 ----------------------------------------------------------------------------------------------
 
-MARKER = "_SUCCESS"  # written last under an output prefix: the output there is complete
 PART_SIZE = 8 * 1024 * 1024  # multipart threshold and part size of uploads (boto3's default)
 WORKERS = 8  # concurrent transfers
 _ENDPOINT_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
@@ -301,11 +322,14 @@ def _download(client: Any, bucket: str, obj: S3Object, dest: Path) -> None:
 def sync_down(uri: str | Path, local_dir: str | Path, *, delete: bool = True, client: Any = None) -> SyncStats:
     """Mirror the prefix ``uri`` into ``local_dir``: download new or changed objects (size + ETag),
     give each file the object's LastModified as mtime, and (``delete``) remove local files not in the
-    prefix. The completion marker is not downloaded."""
+    prefix. The mirror of a prefix with a completion marker gets a local marker (:func:`mark_complete`), written
+    after every file; one without it gets none."""
     client = client or s3_client()
     bucket, key = split_s3(uri)
     prefix, root = _prefix(key), Path(local_dir)
-    remote = {rel: o for rel, o in list_objects(client, bucket, prefix).items() if rel != MARKER}
+    remote = list_objects(client, bucket, prefix)
+    complete = remote.pop(MARKER, None) is not None
+    clear_complete(root)
     todo = [(rel, o) for rel, o in remote.items() if not _same(_safe_join(root, rel), o)]
     _parallel(lambda item: _download(client, bucket, item[1], _safe_join(root, item[0])), todo)
     deleted = 0
@@ -314,6 +338,8 @@ def sync_down(uri: str | Path, local_dir: str | Path, *, delete: bool = True, cl
             if p.relative_to(root).as_posix() not in remote:
                 p.unlink()
                 deleted += 1
+    if complete:
+        mark_complete(root)
     stats = SyncStats(len(todo), len(remote) - len(todo), deleted, sum(o.size for _, o in todo))
     log.info("s3://%s/%s → local: %d downloaded (%d bytes), %d unchanged, %d local files removed",
              bucket, prefix, stats.transferred, stats.bytes, stats.skipped, stats.deleted)
