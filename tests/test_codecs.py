@@ -164,3 +164,19 @@ def test_rescale_slopes_that_are_not_positive_are_refused(tmp_path: Path, slope:
         read_hu(tmp_path / "s.dcm", read_header(tmp_path / "s.dcm").pixels)
     with pytest.raises(RowError, match=reason):
         read_slice((tmp_path / "s.dcm").read_bytes())
+
+
+def test_one_sop_lossless_and_lossy_keeps_the_lossless_copy_and_says_so(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    (src / "b").mkdir()
+    native = uncompressed(HEAD, tmp_path)
+    codecs.transcode(native, src / "a" / "lossy", uid.JPEG2000)  # first by path: kept without the rule
+    codecs.transcode(native, src / "b" / "lossless", uid.JPEGLSLossless)
+    out = tmp_path / "out"
+    np.testing.assert_array_equal(ingested_hu(src, out), reference_hu(HEAD))
+    (row,) = locate(src, out)
+    assert row["file"] == "a/lossy" and row["reason"] == (
+        "duplicate of b/lossless: kept the lossless copy (JPEG-LS Lossless Image Compression) over this "
+        "JPEG 2000 Image Compression one")
+    assert "| … of which a lossy copy, the lossless one kept | 1 |" in (out / "ingest_report.md").read_text()

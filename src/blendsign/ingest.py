@@ -41,6 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from blendsign import storage
+from blendsign.codecs import LOSSY_SYNTAXES
 from blendsign.config import IngestConfig
 from blendsign.deid import Pseudonymizer, load_or_create_key
 from blendsign.dicom import (
@@ -210,7 +211,7 @@ class Plan:
     studies_found: int = 0
     excluded: dict[str, list[str]] = field(default_factory=dict)  # reason -> scan ids
     quarantined: list[tuple[str, str]] = field(default_factory=list)
-    duplicates: list[tuple[str, str]] = field(default_factory=list)  # (file, file kept)
+    duplicates: list[tuple[str, str, str]] = field(default_factory=list)  # (file, file kept, why that one)
     series_skipped: Counter[str] = field(default_factory=Counter)
     images_skipped: Counter[str] = field(default_factory=Counter)
     age_unknown: int = 0
@@ -273,12 +274,17 @@ def plan_ingest(
     """Group headers by study/series, pick each study's scan, apply exclusions (paper Figure 2)."""
     plan = Plan()
     unique: list[SliceHeader] = []
-    seen: dict[str, str] = {}
-    for h in sorted(headers, key=lambda h: h.path):
+    seen: dict[str, SliceHeader] = {}
+    # one file per SOPInstanceUID: a lossless copy before a lossy one (archives keep both), then by path
+    for h in sorted(headers, key=lambda h: (h.pixels.transfer_syntax_uid in LOSSY_SYNTAXES, h.path)):
         if h.sop_uid in seen:
-            plan.duplicates.append((h.path, seen[h.sop_uid]))
+            kept = seen[h.sop_uid]
+            lossy = h.pixels.transfer_syntax_uid in LOSSY_SYNTAXES
+            why = (f"kept the lossless copy ({kept.transfer_syntax}) over this {h.transfer_syntax} one"
+                   if lossy and kept.pixels.transfer_syntax_uid not in LOSSY_SYNTAXES else "same file again")
+            plan.duplicates.append((h.path, kept.path, why))
             continue
-        seen[h.sop_uid] = h.path
+        seen[h.sop_uid] = h
         if h.modality != "CT":
             plan.quarantined.append((h.path, f"modality {h.modality or 'missing'} is not CT"))
             continue
@@ -670,7 +676,7 @@ def locate(source: str | Path, out: str | Path) -> list[dict[str, str]]:
     rows = sorted(({"file": paths.get(q["file"], unknown), "pseudonym": q["file"], "reason": q["reason"]}
                    for q in report["quarantined"]), key=lambda r: r["file"])
     rows += [{"file": paths.get(d["file"], unknown), "pseudonym": d["file"],
-              "reason": f"duplicate of {paths.get(d['duplicate_of'], d['duplicate_of'])}"}
+              "reason": f"duplicate of {paths.get(d['duplicate_of'], d['duplicate_of'])}: {d['why']}"}
              for d in report["duplicates"]]
     return rows
 
@@ -740,8 +746,8 @@ def _report(
         "scans_failed": sorted(failed, key=lambda d: d["scan_id"]),
         "quarantined": [{"file": f, "reason": r} for f, r in q],
         "duplicates": [
-            {"file": _file_name(a, source, pseudo), "duplicate_of": _file_name(b, source, pseudo)}
-            for a, b in sorted(plan.duplicates)
+            {"file": _file_name(a, source, pseudo), "duplicate_of": _file_name(b, source, pseudo), "why": why}
+            for a, b, why in sorted(plan.duplicates)
         ],
         "series_skipped": dict(sorted(plan.series_skipped.items())),
         "images_skipped": dict(sorted(plan.images_skipped.items())),
@@ -797,6 +803,8 @@ def flow_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| images skipped: {reason} | {n} |")
     lines += [
         f"| duplicate files (same SOPInstanceUID) | {len(report['duplicates'])} |",
+        f"| … of which a lossy copy, the lossless one kept | "
+        f"{sum(d['why'].startswith('kept the lossless') for d in report['duplicates'])} |",
         f"| quarantined files | {len(report['quarantined'])} |",
         f"| scans that failed | {len(failed)} |",
         f"| scans written of unknown age (no PatientAge, no birth date) | {report['age_unknown_scans']} |",
