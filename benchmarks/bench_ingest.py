@@ -96,7 +96,7 @@ def main() -> None:
         # the slices ingestion writes, found the way ingestion finds them (not timed)
         headers, _ = read_headers(files)
         plan = plan_ingest(headers, read_clinical(clinical), IngestConfig(),
-                           Pseudonymizer(os.environ["BLENDSIGN_PSEUDONYM_KEY"].encode()), work / "x", source)
+                           Pseudonymizer(os.environ["BLENDSIGN_PSEUDONYM_KEY"].encode()), work / "x")
         slices = [s.path for t in plan.tasks for s in t.slices]
 
         rates: dict[tuple[str, int], float] = {}

@@ -453,3 +453,22 @@ def test_the_flow_report_adds_up_and_names_failed_scans(tmp_path: Path, ct_write
     md = (tmp_path / "out" / "ingest_report.md").read_text()
     assert "1 scans written, 5 slices = 3 − 1 − 1" in md
     assert f"| `{report['scans_failed'][0]['scan_id']}` | no slice of the scan could be decoded |" in md
+
+
+def test_sources_are_fingerprinted_by_content_not_by_names_or_mtimes(tmp_path: Path,
+                                                                     ct_writer: Callable[..., str]) -> None:
+    make_study(tmp_path / "src" / "s1", ct_writer, study="1.2.3.1", patient_id="P1")
+    out = tmp_path / "out"
+    first = ingest(tmp_path / "src", out, CFG, progress=False).report
+    copy = tmp_path / "copy"  # a re-upload: other file names, every mtime new
+    for i, p in enumerate(sorted(p for p in (tmp_path / "src").rglob("*") if p.is_file())):
+        (copy / f"d{i % 2}").mkdir(parents=True, exist_ok=True)
+        (copy / f"d{i % 2}" / f"f{i}").write_bytes(p.read_bytes())
+    again = ingest(copy, out, CFG, progress=False).report
+    assert again["scans_reused"] == 1 and again["dataset_fingerprint"] == first["dataset_fingerprint"]
+    one = copy / "d0" / "f0"  # s1/ax/im0: a slice of the scan
+    data = bytearray(one.read_bytes())
+    data[-1] ^= 1  # one pixel's bit: a new dataset
+    one.write_bytes(bytes(data))
+    changed = ingest(copy, out, CFG, progress=False).report
+    assert changed["dataset_fingerprint"] != first["dataset_fingerprint"]

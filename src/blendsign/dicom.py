@@ -95,6 +95,7 @@ class SliceHeader:
     instance_number: int | None
     transfer_syntax: str
     pixels: PixelFormat
+    content_digest: str = ""  # of the whole file's bytes (ingest's source digests; never of its path or mtime)
 
     @property
     def is_localizer(self) -> bool:

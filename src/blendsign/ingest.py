@@ -15,7 +15,8 @@ file and folder names are often UIDs or patient names. ``locate`` maps them back
 
 Two passes: headers of every file (no pixels) to group, select and exclude; then per scan, decode,
 convert to HU, order along the slice normal and write. Re-running skips scans whose Parquet file was
-written from the same source files (same digest) and rewrites the rest, so a killed run completes.
+written from the same source files (same digest of their bytes: a copy, a re-upload or a fresh S3 mirror of the
+same data reuses everything and keeps the dataset fingerprint) and rewrites the rest, so a killed run completes.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -92,6 +93,7 @@ class SliceSource:
     slice_thickness: float | None
     transfer_syntax: str
     pixels: PixelFormat
+    content_digest: str
 
 
 @dataclass(frozen=True)
@@ -187,12 +189,18 @@ def find_files(source: Path, skip: Iterable[Path] = ()) -> SourceFiles:
     return SourceFiles(files, unusable)
 
 
+def file_digest(path: str) -> str:
+    """BLAKE2b of a file's bytes: a byte-identical copy, re-upload or fresh S3 mirror digests the same."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+
+
 def read_headers(paths: Sequence[str]) -> tuple[list[SliceHeader], list[tuple[str, str]]]:
     """Headers of ``paths`` and ``(path, reason)`` for files that are not usable DICOM."""
     headers, bad = [], []
     for p in paths:
         try:
-            headers.append(read_header(p))
+            headers.append(replace(read_header(p), content_digest=file_digest(p)))
         except UnusableFileError as exc:
             bad.append((p, str(exc)))
         except OSError as exc:
@@ -269,7 +277,6 @@ def plan_ingest(
     cfg: IngestConfig,
     pseudo: Pseudonymizer,
     slices_dir: Path,
-    source: Path,
 ) -> Plan:
     """Group headers by study/series, pick each study's scan, apply exclusions (paper Figure 2)."""
     plan = Plan()
@@ -334,7 +341,7 @@ def plan_ingest(
         if not patient_id:
             plan.patient_id_missing += 1
         patient_key = pseudo.patient(patient_id) if patient_id else pseudo.patient(f"study:{study_uid}")
-        plan.tasks.append(_scan_task(scan_id, patient_key, chosen, cfg, pseudo, slices_dir, source))
+        plan.tasks.append(_scan_task(scan_id, patient_key, chosen, cfg, pseudo, slices_dir))
     return plan
 
 
@@ -345,7 +352,6 @@ def _scan_task(
     cfg: IngestConfig,
     pseudo: Pseudonymizer,
     slices_dir: Path,
-    source: Path,
 ) -> ScanTask:
     normal = slice_normal(images[0].orientation)  # type: ignore[arg-type]
     slices = sorted(
@@ -361,6 +367,7 @@ def _scan_task(
                 slice_thickness=h.slice_thickness,
                 transfer_syntax=h.transfer_syntax,
                 pixels=h.pixels,
+                content_digest=h.content_digest,
             )
             for h in images
         ),
@@ -369,9 +376,8 @@ def _scan_task(
     digest = hashlib.sha256()
     digest.update(f"{FORMAT_VERSION}|{pseudo.fingerprint}|{cfg.compression}|{cfg.compression_level}|".encode())
     digest.update(f"{cfg.rows_per_row_group}|{patient_key}".encode())
-    for s in slices:
-        st = os.stat(s.path)
-        digest.update(f"|{Path(s.path).relative_to(source)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    for s in slices:  # by content, in z order: file names, folders and mtimes do not change what is written
+        digest.update(f"|{s.instance_key}:{s.content_digest}".encode())
     return ScanTask(
         scan_id=scan_id,
         patient_key=patient_key,
@@ -621,7 +627,7 @@ def ingest(
                 headers.extend(res[0])
                 quarantined.extend(res[1])
 
-        plan = plan_ingest(headers, postoperative, cfg, pseudo, slices_dir, source)
+        plan = plan_ingest(headers, postoperative, cfg, pseudo, slices_dir)
         quarantined.extend(plan.quarantined)
         for task, res in _run_parallel(write_scan, plan.tasks, pool, "scans", progress, "scan"):
             if isinstance(res, BaseException):

@@ -58,7 +58,7 @@ def ingest_uri(
     """:func:`blendsign.ingest.ingest` from/to local paths or S3 prefixes.
 
     An S3 ``out`` is prefetched into the staging folder, so scans whose source digest is unchanged are
-    reused, not decoded again (S3 mirrors keep each object's LastModified as mtime, so digests are stable).
+    reused, not decoded again (source digests are of the files' bytes, so a fresh mirror digests the same).
     Without ``clinical_csv``, ``clinical.csv`` is looked for in and beside the source
     (:func:`blendsign.ingest.find_clinical`, for S3 prefixes and local folders alike).
     """

@@ -316,7 +316,7 @@ def _download(client: Any, bucket: str, obj: S3Object, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(dest) as tmp:
         client.download_file(bucket, obj.key, str(tmp))
-        os.utime(tmp, (obj.mtime, obj.mtime))  # stable mtimes: ingest's source digests survive a fresh mirror
+        os.utime(tmp, (obj.mtime, obj.mtime))  # the mirror shows when the object was written
 
 
 def sync_down(uri: str | Path, local_dir: str | Path, *, delete: bool = True, client: Any = None) -> SyncStats:
