@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +12,16 @@ import pytest
 from pydicom.dataelem import RawDataElement
 from pydicom.multival import MultiValue
 
+from blendsign.config import HeadRules, load_preset
 from blendsign.dicom import (
     HEADER_TAGS,
     HeaderValues,
+    SliceHeader,
     UnusableFileError,
     age_in_years,
+    head_verdict,
     is_axial,
+    is_derived,
     read_header,
     slice_normal,
     to_hu,
@@ -178,3 +183,79 @@ def test_header_values_equal_pydicom_on_every_real_file() -> None:
             compared += 1
         fast += sum(isinstance(ds.get_item(t), RawDataElement) for t in ds.keys())  # noqa: SIM118 (iterating converts)
     assert compared > 1000 and fast > 100  # many files, most values decoded without pydicom
+
+
+# --- head or not ----------------------------------------------------------------------------------------------
+
+
+def _header(body_part: str = "", descriptions: tuple[str, str, str] = ("", "", ""), cols: int = 512,
+            spacing: float | None = 0.45, z: float = 0.0, image_type: tuple[str, ...] = ("ORIGINAL", "PRIMARY"),
+            sop_class: str = "1.2.840.10008.5.1.4.1.1.2") -> SliceHeader:
+    h = read_header(real_file("693_UNCI.dcm"))
+    return replace(h, body_part=body_part, descriptions=descriptions, cols=cols, image_type=image_type,
+                   pixel_spacing=None if spacing is None else (spacing, spacing), position=(0.0, 0.0, z),
+                   sop_class_uid=sop_class)
+
+
+@pytest.mark.parametrize(("header", "verdict"), [
+    (_header("HEAD"), (True, "BodyPartExamined")),
+    (_header("Abdomen", ("HEAD 5mm", "", "")), (False, "BodyPartExamined")),  # the tag speaks first
+    (_header("PANCREAS"), (False, "BodyPartExamined")),
+    (_header("", ("", "", "CT ABDOMEN PELVIS")), (False, "study description")),
+    (_header("", ("Schädel nativ", "", "CT ABDOMEN")), (True, "series description")),  # series before study
+    (_header("", ("", "CRANE SANS INJECTION", "")), (True, "series description")),  # French, protocol name
+    (_header("", ("5/5mm Plain", "", "")), (True, "geometry")),  # 512 × 0.45 = 230 mm
+    (_header("NECK", ("", "", ""), spacing=0.8), (False, "field of view")),  # 410 mm: no head
+    (_header("", spacing=None), (True, "nothing known")),
+])  # fmt: skip
+def test_head_verdicts_follow_the_rules_in_their_order(header: SliceHeader, verdict: tuple[bool, str]) -> None:
+    assert head_verdict([header], HeadRules()) == verdict
+
+
+def test_a_series_longer_than_a_head_is_not_one_and_site_rules_change_the_verdicts() -> None:
+    series = [_header(z=z) for z in (0.0, 200.0, 400.0)]
+    assert head_verdict(series, HeadRules()) == (False, "extent")
+    orbit = _header("", ("ORBITA 2mm", "", ""))
+    assert head_verdict([orbit], HeadRules()) == (True, "geometry")
+    assert head_verdict([orbit], HeadRules(extra_other_words=("ORBITA",))) == (False, "series description")
+    assert head_verdict([_header(spacing=None)], HeadRules(unknown="set_aside")) == (False, "nothing known")
+
+
+def test_the_packaged_rules_file_documents_every_rule() -> None:
+    import tomllib
+    from dataclasses import fields
+    from importlib.resources import files
+
+    data = tomllib.loads(files("blendsign").joinpath("head_rules.toml").read_text())
+    assert set(data) == {f.name for f in fields(HeadRules)}
+
+
+@pytest.mark.parametrize(("table", "error"), [
+    ('head_wrds = ["X"]', r"unknown config field\(s\) for HeadRules: \['head_wrds'\]"),
+    ('head_words = "HEAD"', "ingest.head.head_words must be a list of non-empty strings"),
+    ("max_extent_mm = -1", "ingest.head.max_extent_mm must be a positive number"),
+    ('unknown = "drop"', 'ingest.head.unknown must be "keep" or "set_aside"'),
+])  # fmt: skip
+def test_a_site_rules_table_is_checked_at_load_with_the_file_named(tmp_path: Path, table: str, error: str) -> None:
+    site = tmp_path / "site.toml"
+    site.write_text(f"[ingest.head]\n{table}\n")
+    with pytest.raises(ValueError, match=f"{site}: .*{error}"):
+        load_preset(str(site))
+
+
+def test_a_site_file_adds_words_and_keeps_every_other_default(tmp_path: Path) -> None:
+    site = tmp_path / "site.toml"
+    site.write_text('[ingest.head]\nextra_head_words = ["NNH"]\nmax_field_of_view_mm = 280\n')
+    rules = load_preset(str(site)).ingest.head
+    assert rules == replace(HeadRules(), extra_head_words=("NNH",), max_field_of_view_mm=280.0)
+
+
+@pytest.mark.parametrize(("image_type", "sop_class", "derived"), [
+    (("ORIGINAL", "PRIMARY", "AXIAL"), "1.2.840.10008.5.1.4.1.1.2", False),
+    (("DERIVED", "SECONDARY", "AXIAL"), "1.2.840.10008.5.1.4.1.1.2", False),  # thick slices from thin ones
+    (("DERIVED", "SECONDARY", "MIP"), "1.2.840.10008.5.1.4.1.1.2", True),
+    (("DERIVED", "PRIMARY", "PERFUSION", "RCBF"), "1.2.840.10008.5.1.4.1.1.2.1", True),  # eCT_Supplemental.dcm
+    (("ORIGINAL", "PRIMARY"), "1.2.840.10008.5.1.4.1.1.7", True),  # a screen save
+])  # fmt: skip
+def test_derived_and_secondary_images(image_type: tuple[str, ...], sop_class: str, derived: bool) -> None:
+    assert is_derived(_header(image_type=image_type, sop_class=sop_class)) is derived

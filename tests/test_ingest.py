@@ -67,7 +67,8 @@ def test_real_ct_small_is_excluded_under_paper_rules(tmp_path: Path) -> None:
     shutil.copy(real_file("CT_small.dcm"), src)
     report = ingest(src, tmp_path / "out", CFG, progress=False).report
     # its only series has ContrastBolusAgent → no non-contrast axial series (checked before age 000Y)
-    assert report["excluded"] == {"postoperative": 0, "no_noncontrast_axial_series": 1, "age_lt_7": 0}
+    assert report["excluded"] == {"postoperative": 0, "not_head_ct": 0, "no_noncontrast_axial_series": 1,
+                                  "age_lt_7": 0}
     assert report["scans_written"] == 0 and report["series_skipped"] == {"contrast": 1}
 
 
@@ -178,7 +179,8 @@ def test_exclusions_follow_the_paper(tmp_path: Path, ct_writer: Callable[..., st
     )
     report = ingest(src, tmp_path / "out", CFG, clinical_csv=tmp_path / "clinical.csv", progress=False).report
     assert report["studies_found"] == 4
-    assert report["excluded"] == {"postoperative": 1, "no_noncontrast_axial_series": 1, "age_lt_7": 1}
+    assert report["excluded"] == {"postoperative": 1, "not_head_ct": 0, "no_noncontrast_axial_series": 1,
+                                  "age_lt_7": 1}
     assert report["scans_written"] == 1 and report["slices_written"] == 5
     assert len({e["scan_id"] for e in report["excluded_scans"]}) == 3
     flow = (tmp_path / "out" / "ingest_report.md").read_text()
@@ -472,3 +474,24 @@ def test_sources_are_fingerprinted_by_content_not_by_names_or_mtimes(tmp_path: P
     one.write_bytes(bytes(data))
     changed = ingest(copy, out, CFG, progress=False).report
     assert changed["dataset_fingerprint"] != first["dataset_fingerprint"]
+
+
+def test_an_abdominal_ct_is_not_ingested_as_a_head_scan(tmp_path: Path, ct_writer: Callable[..., str]) -> None:
+    make_study(tmp_path / "src" / "head", ct_writer, study="1.2.3.1", patient_id="P1")
+    for i, z in enumerate((0.0, 5.0, 10.0)):
+        ct_writer(tmp_path / "src" / "abd" / f"im{i}", phantom(i), study="1.2.3.9", series="1.2.3.9.2", z=z,
+                  patient_id="P9", BodyPartExamined="ABDOMEN", StudyDescription="CT ABDOMEN PELVIS")
+    for i, z in enumerate((0.0, 5.0)):  # no body part, a description in German
+        ct_writer(tmp_path / "src" / "bauch" / f"im{i}", phantom(i), study="1.2.3.8", series="1.2.3.8.2", z=z,
+                  patient_id="P8", SeriesDescription="Abdomen nativ 5mm")
+    out = tmp_path / "out"
+    report = ingest(tmp_path / "src", out, CFG, progress=False).report
+    assert report["scans_written"] == 1 and report["excluded"]["not_head_ct"] == 2
+    assert report["series_skipped"]["not_head"] == 2
+    md = (out / "ingest_report.md").read_text()
+    assert "├─    2  not a head CT" in md and "| series skipped: not a head CT (ingest.head rules) | 2 |" in md
+    site = tmp_path / "site.toml"  # a site that scans abdomens too turns the rule off
+    site.write_text("[ingest.head]\nrequired = false\n")
+    from blendsign.config import load_preset
+
+    assert ingest(tmp_path / "src", out, load_preset(str(site)).ingest, progress=False).report["scans_written"] == 3

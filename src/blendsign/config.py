@@ -50,6 +50,46 @@ class SynthConfig:
     reader_miss_area_mm2: float = 60.0  # regions of about this area or smaller are sometimes not boxed
 
 
+def _head_rule_defaults() -> dict[str, Any]:
+    """The packaged ``head_rules.toml``: the documented home of :class:`HeadRules`' defaults."""
+    from importlib.resources import files
+
+    return tomllib.loads(files("blendsign").joinpath("head_rules.toml").read_text())
+
+
+_HEAD = _head_rule_defaults()
+
+
+@dataclass(frozen=True)
+class HeadRules:
+    """Which CT series is a head CT (paper §Data collection: head CT only). Defaults and the order in which the
+    rules speak: ``src/blendsign/head_rules.toml``; a site file's ``[ingest.head]`` overrides them."""
+
+    required: bool = _HEAD["required"]
+    head_body_parts: tuple[str, ...] = tuple(_HEAD["head_body_parts"])
+    other_body_parts: tuple[str, ...] = tuple(_HEAD["other_body_parts"])
+    head_words: tuple[str, ...] = tuple(_HEAD["head_words"])
+    other_words: tuple[str, ...] = tuple(_HEAD["other_words"])
+    extra_head_words: tuple[str, ...] = tuple(_HEAD["extra_head_words"])
+    extra_other_words: tuple[str, ...] = tuple(_HEAD["extra_other_words"])
+    max_field_of_view_mm: float = _HEAD["max_field_of_view_mm"]
+    max_extent_mm: float = _HEAD["max_extent_mm"]
+    unknown: str = _HEAD["unknown"]
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(_HEAD[f.name], list) and not (
+                isinstance(value, tuple) and all(isinstance(v, str) and v.strip() for v in value)
+            ):
+                raise ValueError(f"ingest.head.{f.name} must be a list of non-empty strings, got {value!r}")
+        for name in ("max_field_of_view_mm", "max_extent_mm"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"ingest.head.{name} must be a positive number of mm, got {getattr(self, name)!r}")
+        if self.unknown not in ("keep", "set_aside"):
+            raise ValueError(f'ingest.head.unknown must be "keep" or "set_aside", got {self.unknown!r}')
+
+
 @dataclass(frozen=True)
 class IngestConfig:
     """DICOM → Parquet ingestion (``blendsign ingest``)."""
@@ -61,6 +101,7 @@ class IngestConfig:
     compression_level: int = 1  # zstd level: fast writes; HU images compress ~2× at any level
     rows_per_row_group: int = 1  # one slice per row group: the data loader reads single slices
     workers: int = 1
+    head: HeadRules = field(default_factory=HeadRules)  # head CT only (paper §Data collection)
 
 
 @dataclass(frozen=True)

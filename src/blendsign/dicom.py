@@ -7,6 +7,9 @@ turns into pseudonyms.
 from __future__ import annotations
 
 import math
+import re
+import unicodedata
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -22,6 +25,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 
 from blendsign import codecs
+from blendsign.config import HeadRules
 
 codecs.register()  # every process that reads pixels (ingest workers, the served model) decodes the same syntaxes
 
@@ -38,7 +42,8 @@ HEADER_TAGS = [
     "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "SliceThickness", "Rows", "Columns",
     "NumberOfFrames", "ContrastBolusAgent", "PatientAge", "PatientBirthDate", "StudyDate", "SeriesNumber",
     "InstanceNumber", "BitsAllocated", "BitsStored", "PixelRepresentation", "SamplesPerPixel",
-    "RescaleSlope", "RescaleIntercept",
+    "RescaleSlope", "RescaleIntercept", "SOPClassUID", "BodyPartExamined", "SeriesDescription", "ProtocolName",
+    "StudyDescription",
 ]  # fmt: skip
 PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
 NATIVE_LITTLE_ENDIAN = {ExplicitVRLittleEndian: 12, ImplicitVRLittleEndian: 8}  # element header bytes
@@ -96,6 +101,9 @@ class SliceHeader:
     transfer_syntax: str
     pixels: PixelFormat
     content_digest: str = ""  # of the whole file's bytes (ingest's source digests; never of its path or mtime)
+    sop_class_uid: str = ""
+    body_part: str = ""  # BodyPartExamined
+    descriptions: tuple[str, str, str] = ("", "", "")  # SeriesDescription, ProtocolName, StudyDescription
 
     @property
     def is_localizer(self) -> bool:
@@ -235,11 +243,19 @@ def header_from_dataset(ds: Dataset, path: str, pixel_offset: int | None = None)
                 intercept=_rescale(v.get("RescaleIntercept"), 0.0),
                 offset=pixel_offset,
             ),
+            sop_class_uid=_text(v.get("SOPClassUID")),
+            body_part=_text(v.get("BodyPartExamined")),
+            descriptions=(_text(v.get("SeriesDescription")), _text(v.get("ProtocolName")),
+                          _text(v.get("StudyDescription"))),
         )
     except UnusableFileError:
         raise
     except Exception as exc:
         raise UnusableFileError(f"malformed header ({type(exc).__name__}: {exc})") from None
+
+
+def _text(value: object) -> str:
+    return " ".join(str(v) for v in _as_list(value))
 
 
 def _rescale(value: object, default: float) -> float:
@@ -302,6 +318,75 @@ def is_axial(orientation: tuple[float, ...] | None, max_tilt_deg: float) -> bool
 def z_position(position: tuple[float, float, float], normal: np.ndarray) -> float:
     """Position along the slice normal (mm): ``ImagePositionPatient · normal``."""
     return float(np.dot(np.asarray(position, dtype=np.float64), normal))
+
+
+# Secondary Capture Image Storage and its multi-frame variants (screen saves, dose pages captured as images)
+SECONDARY_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.7",)
+DERIVED_IMAGE_TYPES = frozenset({"MIP", "MINIP", "MINIMUM IP", "MPR", "REFORMATTED", "CURVED", "PROJECTION IMAGE",
+                                 "PERFUSION", "SCREEN SAVE", "VOLUME", "3D", "VR", "SSD", "SUBTRACTION", "DOSE"})
+
+
+def is_derived(h: SliceHeader) -> bool:
+    """A derived or secondary image that is not an acquired axial slice: a secondary capture (screen save), a
+    MIP, reformat, projection, perfusion map, volume rendering or dose page (``ImageType`` values 3 and on)."""
+    if h.sop_class_uid.startswith(SECONDARY_SOP_CLASSES):
+        return True
+    # not DERIVED\SECONDARY as such: scanners mark thick axial slices reconstructed from thin ones so
+    return any(t.strip().upper() in DERIVED_IMAGE_TYPES for t in h.image_type[2:])
+
+
+# --- head or not (paper §Data collection: head CT only) ----------------------------------------------
+
+
+def _fold(text: str) -> str:
+    """Upper case without accents: ``"Schädel"`` → ``"SCHADEL"``."""
+    return "".join(c for c in unicodedata.normalize("NFKD", text.upper()) if not unicodedata.combining(c))
+
+
+def _words(text: str) -> list[str]:
+    return [w for w in re.split(r"[^A-Z0-9]+", _fold(text)) if w]
+
+
+def _says(texts: Iterable[str], head: Iterable[str], other: Iterable[str]) -> bool | None:
+    words = [w for t in texts for w in _words(t)]
+    if any(w.startswith(_fold(h)) for w in words for h in head):
+        return True
+    if any(w.startswith(_fold(o)) for w in words for o in other):
+        return False
+    return None
+
+
+def head_verdict(series: Sequence[SliceHeader], rules: HeadRules) -> tuple[bool, str]:
+    """Whether a CT series is a head CT, and what said so (the rules and their order: ``head_rules.toml``)."""
+    h = series[0]
+    part = re.sub(r"[^A-Z0-9]", "", _fold(h.body_part))
+    if part:
+        if part in {re.sub(r"[^A-Z0-9]", "", _fold(p)) for p in rules.head_body_parts}:
+            return True, "BodyPartExamined"
+        if part in {re.sub(r"[^A-Z0-9]", "", _fold(p)) for p in rules.other_body_parts}:
+            return False, "BodyPartExamined"
+    head_words = (*rules.head_words, *rules.extra_head_words)
+    other_words = (*rules.other_words, *rules.extra_other_words)
+    for texts, source in ((h.descriptions[:2], "series description"), (h.descriptions[2:], "study description")):
+        said = _says(texts, head_words, other_words)
+        if said is not None:
+            return said, source
+    if h.pixel_spacing is not None and h.cols > 0:
+        fov = h.cols * h.pixel_spacing[1]
+        if fov > rules.max_field_of_view_mm:
+            return False, "field of view"
+        extent = 0.0
+        if h.orientation is not None and all(s.position is not None for s in series):
+            try:
+                normal = slice_normal(h.orientation)
+                zs = [z_position(s.position, normal) for s in series]  # type: ignore[arg-type]
+                extent = max(zs) - min(zs)
+            except ValueError:
+                pass
+        if extent > rules.max_extent_mm:
+            return False, "extent"
+        return True, "geometry"
+    return rules.unknown == "keep", "nothing known"
 
 
 # --- age ---------------------------------------------------------------------------------------------

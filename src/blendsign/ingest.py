@@ -49,7 +49,9 @@ from blendsign.dicom import (
     PixelFormat,
     SliceHeader,
     UnusableFileError,
+    head_verdict,
     is_axial,
+    is_derived,
     read_header,
     read_hu,
     slice_normal,
@@ -231,14 +233,19 @@ def age_reason(cfg: IngestConfig) -> str:
 
 
 def series_role(series: list[SliceHeader], cfg: IngestConfig) -> str:
-    """Why a CT series is not a candidate scan (``localizer``, ``contrast``, ``non_axial``) or ``axial``."""
+    """Why a CT series is not a candidate scan (``localizer``, ``derived``, ``contrast``, ``non_axial``,
+    ``not_head``) or ``axial``."""
     images = [h for h in series if not h.is_localizer]
     if not images:
         return "localizer"
+    if is_derived(images[0]):
+        return "derived"
     if cfg.require_non_contrast and any(h.contrast for h in images):
         return "contrast"
     if not is_axial(images[0].orientation, cfg.max_axial_tilt_deg):
         return "non_axial"
+    if cfg.head.required and not head_verdict(images, cfg.head)[0]:
+        return "not_head"
     return "axial"
 
 
@@ -301,15 +308,17 @@ def plan_ingest(
     for h in unique:
         studies[h.study_uid][h.series_uid].append(h)
     plan.studies_found = len(studies)
-    plan.excluded = {r: [] for r in ("postoperative", "no_noncontrast_axial_series", age_reason(cfg))}
+    plan.excluded = {r: [] for r in ("postoperative", "not_head_ct", "no_noncontrast_axial_series", age_reason(cfg))}
 
     for study_uid in sorted(studies):
         series_map = studies[study_uid]
         scan_id = pseudo.scan(study_uid)
         candidates: list[list[SliceHeader]] = []
+        roles = set()
         for series_uid in sorted(series_map):
             series = series_map[series_uid]
             role = series_role(series, cfg)
+            roles.add(role)
             if role != "axial":
                 plan.series_skipped[role] += 1
                 continue
@@ -325,6 +334,8 @@ def plan_ingest(
         age = next((h.age_years for h in all_headers if h.age_years is not None), None)
         if study_uid in postoperative:
             reason = "postoperative"
+        elif not candidates and "not_head" in roles:
+            reason = "not_head_ct"
         elif not candidates:
             reason = "no_noncontrast_axial_series"
         elif age is not None and age < cfg.min_age_years:
@@ -774,7 +785,18 @@ def _manifest(outcomes: list[ScanOutcome]) -> dict[str, Any]:
 
 _REASON_TEXT = {
     "postoperative": "postoperative patient",
+    "not_head_ct": "not a head CT",
     "no_noncontrast_axial_series": "no non-contrast axial series",
+}
+
+
+_SERIES_TEXT = {
+    "not_head": "not a head CT (ingest.head rules)",
+    "derived": "derived or secondary (MIP, reformat, perfusion map, screen save, …)",
+    "non_axial": "not axial",
+    "contrast": "contrast-enhanced",
+    "localizer": "localizer",
+    "extra_axial_series": "another axial series of the study was chosen",
 }
 
 
@@ -804,7 +826,7 @@ def flow_markdown(report: dict[str, Any]) -> str:
         "|---|---:|",
     ]
     for reason, n in report["series_skipped"].items():
-        lines.append(f"| series skipped: {reason} | {n} |")
+        lines.append(f"| series skipped: {_SERIES_TEXT.get(reason, reason)} | {n} |")
     for reason, n in report["images_skipped"].items():
         lines.append(f"| images skipped: {reason} | {n} |")
     lines += [
