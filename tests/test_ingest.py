@@ -495,3 +495,62 @@ def test_an_abdominal_ct_is_not_ingested_as_a_head_scan(tmp_path: Path, ct_write
     from blendsign.config import load_preset
 
     assert ingest(tmp_path / "src", out, load_preset(str(site)).ingest, progress=False).report["scans_written"] == 3
+
+
+# --- multi-frame CT ----------------------------------------------------------------------------------------------
+
+
+def legacy_enhanced(files: list[Path], out: Path) -> None:
+    """highdicom's legacy converter: one Legacy Converted Enhanced CT object from single-frame CT files."""
+    import highdicom as hd
+    from pydicom.uid import generate_uid
+
+    datasets = []
+    for f in files:
+        ds = pydicom.dcmread(f)
+        # attributes the converter's modules require and write_ct leaves out
+        for key, value in {"Manufacturer": "blendsign-test", "StudyTime": "120000", "StudyID": "1",
+                           "PatientSex": "O", "FrameOfReferenceUID": "1.2.3.4.5", "PositionReferenceIndicator": "",
+                           "SeriesDate": "20200314", "SeriesTime": "120000", "ContentDate": "20200314",
+                           "ContentTime": "120000", "AcquisitionNumber": 1, "KVP": 120, "RescaleType": "HU"}.items():
+            setattr(ds, key, value)
+        datasets.append(ds)
+    image = hd.legacy.LegacyConvertedEnhancedCTImage(
+        datasets, series_instance_uid=generate_uid(), series_number=3, sop_instance_uid=generate_uid(),
+        instance_number=1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save_as(out)
+
+
+def test_a_series_as_one_enhanced_ct_object_gives_the_same_rows_as_its_single_frame_files(
+        tmp_path: Path, ct_writer: Callable[..., str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, "one-key-for-both-outputs")
+    singles = tmp_path / "singles"
+    expected = make_study(singles, ct_writer, study="1.2.3.1", patient_id="P1")
+    ax = sorted((singles / "ax").iterdir())
+    for i, f in enumerate(ax):  # per-frame rescale: each file its own intercept (the same HU stored otherwise)
+        ds = pydicom.dcmread(f)
+        ds.RescaleIntercept = -10 * i
+        ds.PixelData = (ds.pixel_array.astype(np.int32) + 10 * i).astype(np.int16).tobytes()
+        ds.save_as(f)
+    multi = tmp_path / "multi"
+    legacy_enhanced(ax, multi / "series.dcm")
+    assert pydicom.dcmread(multi / "series.dcm").NumberOfFrames == 5
+    rows = {}
+    for name, src in (("singles", singles / "ax"), ("multi", multi)):
+        ingest(src, tmp_path / f"out-{name}", CFG, progress=False)
+        rows[name] = read_slices(tmp_path / f"out-{name}")
+    strip = [{k: v for k, v in r.items() if k != "transfer_syntax"} for r in rows["multi"]]
+    assert strip == [{k: v for k, v in r.items() if k != "transfer_syntax"} for r in rows["singles"]]
+    for row, hu in zip(rows["multi"], expected.values(), strict=True):  # z order, HU exact
+        np.testing.assert_array_equal(hu_of(row), hu)
+
+
+def test_a_perfusion_map_is_set_aside_as_derived(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(real_file("eCT_Supplemental.dcm"), src / "perfusion")  # pydicom-data: Enhanced CT, rCBF map
+    report = ingest(src, tmp_path / "out", RELAXED, progress=False).report
+    assert report["series_skipped"] == {"derived": 1} and report["scans_written"] == 0
+    assert "| series skipped: derived or secondary (MIP, reformat, perfusion map, screen save, …) | 1 |" in (
+        tmp_path / "out" / "ingest_report.md").read_text()

@@ -10,7 +10,7 @@ import math
 import re
 import unicodedata
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
 from typing import BinaryIO
@@ -45,6 +45,9 @@ HEADER_TAGS = [
     "RescaleSlope", "RescaleIntercept", "SOPClassUID", "BodyPartExamined", "SeriesDescription", "ProtocolName",
     "StudyDescription",
 ]  # fmt: skip
+# Enhanced CT: per-frame geometry, rescale and frame type live in the functional groups (PS3.3 C.7.6.16)
+FUNCTIONAL_GROUP_TAGS = ["SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
+                         "ContrastBolusAgentSequence"]
 PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
 NATIVE_LITTLE_ENDIAN = {ExplicitVRLittleEndian: 12, ImplicitVRLittleEndian: 8}  # element header bytes
 
@@ -104,10 +107,20 @@ class SliceHeader:
     sop_class_uid: str = ""
     body_part: str = ""  # BodyPartExamined
     descriptions: tuple[str, str, str] = ("", "", "")  # SeriesDescription, ProtocolName, StudyDescription
+    frame: int | None = None  # of a multi-frame object: this slice's 0-based frame (None: a single-frame file)
 
     @property
     def is_localizer(self) -> bool:
         return any(t.strip().upper() == "LOCALIZER" for t in self.image_type)
+
+
+def read_headers_of(path: str | Path) -> list[SliceHeader]:
+    """The slices of one file: its header, or one header per frame of a multi-frame CT object (Enhanced CT,
+    Legacy Converted Enhanced CT), each with the frame's own position, orientation, spacing and rescale."""
+    header, ds = _read_header(path)
+    if header.frames == 1:
+        return [header]
+    return frame_headers(ds, header)
 
 
 def read_header(path: str | Path) -> SliceHeader:
@@ -115,11 +128,15 @@ def read_header(path: str | Path) -> SliceHeader:
 
     Raises ``UnusableFileError`` with a reason.
     """
+    return _read_header(path)[0]
+
+
+def _read_header(path: str | Path) -> tuple[SliceHeader, Dataset]:
     path = str(path)
     try:
         with open(path, "rb") as fp:
             try:
-                ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=HEADER_TAGS)
+                ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=HEADER_TAGS + FUNCTIONAL_GROUP_TAGS)
             except InvalidDicomError:
                 fp.seek(0)
                 ds = _read_forced(fp, path)
@@ -130,7 +147,50 @@ def read_header(path: str | Path) -> SliceHeader:
         raise UnusableFileError(f"cannot read file ({exc.strerror})") from None
     except Exception as exc:  # pydicom raises many types on truncated/corrupt input
         raise UnusableFileError(f"unreadable DICOM header ({type(exc).__name__}: {exc})") from None
-    return header_from_dataset(ds, path, None if offset is None else offset - 4)
+    return header_from_dataset(ds, path, None if offset is None else offset - 4), ds
+
+
+def frame_headers(ds: Dataset, header: SliceHeader) -> list[SliceHeader]:
+    """One header per frame of a multi-frame CT object, from its per-frame and shared functional groups (a
+    per-frame item wins). A frame converted from a single-frame file keeps that file's SOPInstanceUID (Conversion
+    Source Attributes), so the same series gives the same slices either way; other frames are named
+    ``<SOPInstanceUID>.<frame number>``. Raises ``UnusableFileError`` without per-frame geometry."""
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if not per_frame or len(per_frame) != header.frames:
+        raise UnusableFileError(f"multi-frame image ({header.frames} frames) without per-frame functional groups")
+    shared = (ds.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
+    contrast = header.contrast or any(str(i.get("ContrastBolusAgent", "")).strip()
+                                      for i in ds.get("ContrastBolusAgentSequence") or [])
+    out = []
+    for i, group in enumerate(per_frame):
+
+        def item(name: str, group: Dataset = group) -> Dataset:
+            seq = group.get(name) or shared.get(name)
+            return seq[0] if seq else Dataset()
+
+        measures, rescale = item("PixelMeasuresSequence"), item("PixelValueTransformationSequence")
+        source = item("ConversionSourceAttributesSequence").get("ReferencedSOPInstanceUID")
+        frame_type = item("CTImageFrameTypeSequence").get("FrameType")
+        try:
+            out.append(replace(
+                header,
+                sop_uid=str(source) if source else f"{header.sop_uid}.{i + 1}",
+                orientation=_floats(item("PlaneOrientationSequence").get("ImageOrientationPatient"), 6)
+                or header.orientation,
+                position=_floats(item("PlanePositionSequence").get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
+                pixel_spacing=_floats(measures.get("PixelSpacing"), 2) or header.pixel_spacing,  # type: ignore[arg-type]
+                slice_thickness=_float_or_none(measures.get("SliceThickness")) or header.slice_thickness,
+                image_type=tuple(str(t) for t in _as_list(frame_type)) or header.image_type,
+                contrast=contrast,
+                instance_number=i + 1,
+                frame=i,
+                pixels=replace(header.pixels, offset=None,
+                               slope=_rescale(rescale.get("RescaleSlope"), header.pixels.slope),
+                               intercept=_rescale(rescale.get("RescaleIntercept"), header.pixels.intercept)),
+            ))
+        except (TypeError, ValueError) as exc:
+            raise UnusableFileError(f"malformed functional groups in frame {i + 1} ({exc})") from None
+    return out
 
 
 def _read_forced(fp: BinaryIO, path: str) -> Dataset:
@@ -446,12 +506,15 @@ def to_hu(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:
     return hu.astype(np.int16)
 
 
-def read_hu(path: str | Path, fmt: PixelFormat | None = None) -> np.ndarray:
-    """Decode one single-frame slice and return its HU as int16 ``[rows, cols]``.
+def read_hu(path: str | Path, fmt: PixelFormat | None = None, frame: int | None = None) -> np.ndarray:
+    """Decode one slice and return its HU as int16 ``[rows, cols]``: a single-frame file, or ``frame`` of a
+    multi-frame one (rescaled with ``fmt``'s per-frame slope and intercept).
 
     Uncompressed little-endian data (``fmt.direct``) is read straight from its offset, with pydicom's
     unused-bit correction; everything else goes through pydicom's decoders.
     """
+    if frame is not None:
+        return _read_frame_hu(str(path), fmt, frame)
     if fmt is not None and fmt.direct:
         return to_hu(_read_native(str(path), fmt), fmt.slope, fmt.intercept)
     try:
@@ -459,6 +522,19 @@ def read_hu(path: str | Path, fmt: PixelFormat | None = None) -> np.ndarray:
     except Exception as exc:
         raise UnusableFileError(f"unreadable DICOM ({type(exc).__name__}: {exc})") from None
     return hu_from_dataset(ds, pixel_tag_seen=fmt is not None and fmt.offset is not None)
+
+
+def _read_frame_hu(path: str, fmt: PixelFormat | None, frame: int) -> np.ndarray:
+    """HU of one frame of a multi-frame object (pydicom decodes only that frame)."""
+    from pydicom.pixels import pixel_array
+
+    try:
+        stored = pixel_array(path, index=frame)
+    except Exception as exc:
+        raise UnusableFileError(f"frame {frame + 1} cannot be decoded ({type(exc).__name__}: {exc})") from None
+    if stored.ndim != 2:
+        raise UnusableFileError(f"expected a 2-D grey frame, got pixel array of shape {tuple(stored.shape)}")
+    return to_hu(stored, fmt.slope if fmt else 1.0, fmt.intercept if fmt else 0.0)
 
 
 def missing_pixels_reason(syntax: str, pixel_tag_seen: bool) -> str:

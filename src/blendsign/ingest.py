@@ -52,7 +52,7 @@ from blendsign.dicom import (
     head_verdict,
     is_axial,
     is_derived,
-    read_header,
+    read_headers_of,
     read_hu,
     slice_normal,
     z_position,
@@ -96,6 +96,7 @@ class SliceSource:
     transfer_syntax: str
     pixels: PixelFormat
     content_digest: str
+    frame: int | None  # of a multi-frame object
 
 
 @dataclass(frozen=True)
@@ -202,7 +203,9 @@ def read_headers(paths: Sequence[str]) -> tuple[list[SliceHeader], list[tuple[st
     headers, bad = [], []
     for p in paths:
         try:
-            headers.append(replace(read_header(p), content_digest=file_digest(p)))
+            found = read_headers_of(p)
+            digest = file_digest(p)
+            headers.extend(replace(h, content_digest=digest) for h in found)
         except UnusableFileError as exc:
             bad.append((p, str(exc)))
         except OSError as exc:
@@ -255,7 +258,7 @@ def _usable_images(series: list[SliceHeader], plan: Plan) -> list[SliceHeader]:
     for h in series:
         if h.is_localizer:
             plan.images_skipped["localizer_in_axial_series"] += 1
-        elif h.frames != 1:
+        elif h.frames != 1 and h.frame is None:
             plan.quarantined.append((h.path, f"multi-frame image ({h.frames} frames) is not supported"))
         elif h.position is None or h.orientation is None:
             plan.quarantined.append((h.path, "no ImagePositionPatient/ImageOrientationPatient"))
@@ -379,6 +382,7 @@ def _scan_task(
                 transfer_syntax=h.transfer_syntax,
                 pixels=h.pixels,
                 content_digest=h.content_digest,
+                frame=h.frame,
             )
             for h in images
         ),
@@ -440,7 +444,7 @@ def write_scan(task: ScanTask) -> ScanOutcome:
     kept: list[tuple[SliceSource, bytes]] = []
     for s in task.slices:
         try:
-            hu = read_hu(s.path, s.pixels)
+            hu = read_hu(s.path, s.pixels, s.frame)
             if hu.shape != (s.rows, s.cols):
                 raise UnusableFileError(f"pixel array {hu.shape} does not match Rows/Columns {(s.rows, s.cols)}")
         except UnusableFileError as exc:
