@@ -1,6 +1,6 @@
 """Ingest throughput against a decode-only loop over the same files, 1 and 2 workers, in one run.
 
-    python benchmarks/bench_ingest.py [--scans 30] [--size 512] [--repeats 2] [--syntax native|j2k]
+    python benchmarks/bench_ingest.py [--scans 30] [--size 512] [--repeats 2] [--syntax native|j2k|each]
 
 Both contestants go over the same files: every file of the source (localizers, contrast series and
 reformats included), all 512×512. Decode-only = ``pydicom.dcmread`` + ``pixel_array`` of each, nothing
@@ -9,6 +9,8 @@ Parquet writes, reports) into a fresh folder. Both see a warm page cache. ``--sy
 re-encodes every file as JPEG 2000 lossless, as many PACS exports are. Rates are files per second. It
 then times the Parquet codec alone on the ``hu`` values ingestion wrote, which bounds the ratio from above
 (the ratio if everything else were free). The last line is ``ratio=<ingest rate / decode-only rate, 1 worker>``.
+``--syntax each`` instead re-encodes the cohort into every transfer syntax an archive uses
+(``blendsign.codecs.transcode``) and prints a row per syntax: size, decode-only and ingest files/s, their ratio.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import pyarrow.dataset as ds
 import pydicom
 from pydicom.uid import JPEG2000Lossless
 
+from blendsign import codecs
 from blendsign.config import IngestConfig, SynthConfig
 from blendsign.deid import Pseudonymizer
 from blendsign.ingest import ingest, plan_ingest, read_clinical, read_headers
@@ -41,6 +44,46 @@ def to_j2k(path: str) -> None:
     if ds.file_meta.TransferSyntaxUID != JPEG2000Lossless:
         ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg", generate_instance_uid=False)
         ds.save_as(path, enforce_file_format=True)
+
+
+def to_native(path: str) -> None:
+    ds = pydicom.dcmread(path)
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        ds.decompress(generate_instance_uid=False)
+        ds.save_as(path, enforce_file_format=True)
+
+
+SYNTAXES = {u.name: u for u in codecs.ENCODABLE}
+
+
+def per_syntax(source: Path, clinical: Path, work: Path, repeats: int) -> None:
+    """One row per transfer syntax: the cohort re-encoded into it, ingest against decode-only, 1 worker."""
+    native = work / "native"
+    shutil.copytree(source, native)
+    files = sorted(p for p in native.rglob("*") if p.is_file())
+    for f in files:
+        to_native(str(f))
+    print(f"\nper transfer syntax ({len(files)} files each, 1 worker, best of {repeats}):")
+    print(f"{'transfer syntax':72}{'MB':>8}{'decode/s':>10}{'ingest/s':>10}{'ratio':>8}")
+    for name, syntax in SYNTAXES.items():
+        src = work / f"src-{syntax}"
+        try:
+            for f in files:
+                dst = src / f.relative_to(native)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                codecs.transcode(f, dst, syntax)
+        except Exception as exc:  # e.g. 12-bit JPEG of 16-bit data
+            print(f"{name:72}  not encodable here ({type(exc).__name__}: {str(exc)[:60]})")
+            shutil.rmtree(src, ignore_errors=True)
+            continue
+        paths = sorted(str(p) for p in src.rglob("*") if p.is_file())
+        size = sum(Path(p).stat().st_size for p in paths) / 1e6
+        for p in paths:
+            Path(p).read_bytes()
+        dec = len(paths) / min(decode_only(paths, 1) for _ in range(repeats))
+        ing = len(paths) / min(run_ingest(src, clinical, work, 1)[0] for _ in range(repeats))
+        print(f"{name:72}{size:8.1f}{dec:10.1f}{ing:10.1f}{ing / dec:8.2f}")
+        shutil.rmtree(src, ignore_errors=True)
 
 
 def decode(paths: list[str]) -> int:
@@ -73,8 +116,9 @@ def main() -> None:
     ap.add_argument("--scans", type=int, default=30)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=2, help="best of N for every measurement")
-    ap.add_argument("--syntax", choices=["native", "j2k"], default="native",
-                    help="transfer syntax of the cohort's files (native: as synthesised, a few RLE)")
+    ap.add_argument("--syntax", choices=["native", "j2k", "each"], default="native",
+                    help="transfer syntax of the cohort's files (native: as synthesised, a few RLE); each: "
+                         "a row per transfer syntax an archive uses, instead of the worker comparison")
     args = ap.parse_args()
     os.environ.setdefault("BLENDSIGN_PSEUDONYM_KEY", "benchmark-key-not-secret-0123456789")
 
@@ -91,6 +135,9 @@ def main() -> None:
             print(f"re-encoded {len(files)} files as JPEG 2000 lossless in {time.perf_counter() - t0:.1f} s")
         print(f"cohort: {args.scans} scans at {args.size}x{args.size}, {len(files)} files "
               f"(synthesised in {time.perf_counter() - t0:.1f} s)")
+        if args.syntax == "each":
+            per_syntax(source, clinical, work, args.repeats)
+            return
         for f in files:  # warm the page cache for both contestants
             Path(f).read_bytes()
         # the slices ingestion writes, found the way ingestion finds them (not timed)

@@ -554,3 +554,14 @@ def test_a_perfusion_map_is_set_aside_as_derived(tmp_path: Path) -> None:
     assert report["series_skipped"] == {"derived": 1} and report["scans_written"] == 0
     assert "| series skipped: derived or secondary (MIP, reformat, perfusion map, screen save, …) | 1 |" in (
         tmp_path / "out" / "ingest_report.md").read_text()
+
+
+def test_locate_escapes_control_characters_of_file_names(tmp_path: Path, ct_writer: Callable[..., str],
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    make_study(tmp_path / "src" / "s1", ct_writer, study="1.2.3.1")
+    (tmp_path / "src" / "notes\tfrom\nexport").write_text("not DICOM")
+    ingest(tmp_path / "src", tmp_path / "out", replace(CFG, workers=1), progress=False)
+    capsys.readouterr()
+    assert cli.main(["locate", str(tmp_path / "src"), str(tmp_path / "out")]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.startswith("notes\\tfrom\\nexport\tnot a DICOM file\tfile-")

@@ -260,3 +260,14 @@ def test_sync_up_sends_the_files_named_last_after_the_others(s3: Any, tmp_path: 
             last=("last.pt", "distill.json"))
     assert sorted(order[:2]) == ["history.json", "model.pt"] and sorted(order[2:]) == ["distill.json", "last.pt"]
     assert not any(k.endswith("_SUCCESS") for k in keys(s3, "work/run/jobs/fold0/"))  # work in progress
+
+
+def test_a_misspelt_bucket_is_one_line_from_the_cli(s3: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    from blendsign.cli import main
+
+    with caplog.at_level("ERROR"):
+        rc = main(["ingest", f"s3://{BUCKET}-misspelt/raw/dicom/", str(tmp_path / "out")])
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert rc == 2 and len(errors) == 1 and "\n" not in errors[0] and "NoSuchBucket" in errors[0], errors
+    assert "Traceback" not in capsys.readouterr().err

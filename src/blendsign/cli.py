@@ -124,14 +124,19 @@ def _run_locate(args: argparse.Namespace) -> int:
     if args.slices:
         keys = [k for item in args.slices for k in _instance_keys(item)]
         for key, path in locate_slices(args.source, args.out, keys).items():
-            print(f"{key}\t{path or '(not under SOURCE)'}")
+            print(f"{key}\t{_printable(path) if path else '(not under SOURCE)'}")
         return 0
     rows = locate(args.source, args.out)
     for r in rows:
-        print(f"{r['file']}\t{r['reason']}\t{r['pseudonym']}")
+        print(f"{_printable(r['file'])}\t{_printable(r['reason'])}\t{r['pseudonym']}")
     if not rows:
         print("nothing was quarantined or duplicated")
     return 0
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters escaped (a tab or newline in a file name would break the columns)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _instance_keys(item: str) -> list[str]:
@@ -720,6 +725,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("blendsign").error("%s", exc)
         return 2
     except Exception as exc:
+        if type(exc).__module__.split(".")[0] in ("botocore", "boto3"):  # S3: one line, not a traceback
+            logging.getLogger("blendsign").error("S3: %s (%s)", exc, type(exc).__name__)
+            return 2
         if type(exc).__name__ != "MlflowException":  # (not imported here: the CLI starts without mlflow)
             raise
         from blendsign.tracking import tracking_uri
