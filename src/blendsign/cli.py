@@ -171,6 +171,26 @@ def _run_import_annotations(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_import_nifti(sub: argparse._SubParsersAction) -> None:
+    p = _stage(sub, "import-nifti", help="NIfTI volumes (+ masks) of a public hemorrhage set → DICOM series and "
+                                         "the masks' boxes as a native annotation CSV")
+    p.add_argument("volumes", type=Path, help="folder of the volumes in HU (.nii, .nii.gz)")
+    p.add_argument("out_dicom", type=Path, help="folder to write a DICOM series per volume into (then: ingest it)")
+    p.add_argument("--masks", type=Path, default=None, help="folder of the masks, named as their volumes")
+    p.add_argument("--annotations", type=Path, default=None, help="annotation CSV to write (with --masks)")
+    p.add_argument("--dataset", default="nifti", help="the set's name: the reader and the PatientID prefix")
+    p.set_defaults(func=_run_import_nifti)
+
+
+def _run_import_nifti(args: argparse.Namespace) -> int:
+    from blendsign.nifti import import_nifti
+
+    result = import_nifti(args.volumes, args.out_dicom, masks=args.masks, annotations_out=args.annotations,
+                          dataset=args.dataset, progress=args.progress)
+    print(result.summary())
+    return 0 if result.scans else 2
+
+
 def _add_fuse(sub: argparse._SubParsersAction) -> None:
     p = _stage(sub, "fuse", help="readers' annotations + ingest → gold labels, fused boxes, Fleiss' κ")
     p.add_argument("annotations", help="native annotation CSV (one row per reader, slice, box); path or s3://")
@@ -697,7 +717,7 @@ def _run_registry(args: argparse.Namespace) -> int:
 
 
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_synth, _add_ingest, _add_locate, _add_import_annotations, _add_fuse, _add_folds, _add_train,
+    _add_synth, _add_ingest, _add_locate, _add_import_annotations, _add_import_nifti, _add_fuse, _add_folds, _add_train,
     _add_distill, _add_evaluate, _add_cv, _add_ablation, _add_run, _add_pipeline, _add_predict, _add_serve,
     _add_registry,
 ]
