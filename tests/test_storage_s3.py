@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -271,3 +272,34 @@ def test_a_misspelt_bucket_is_one_line_from_the_cli(s3: Any, tmp_path: Path, cap
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert rc == 2 and len(errors) == 1 and "\n" not in errors[0] and "NoSuchBucket" in errors[0], errors
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_cli_cache_keeps_the_mirror_and_scratch_of_killed_runs_is_removed(
+        s3: Any, s3_cohort: Cohort, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from blendsign.cli import main
+
+    downloads: list[int] = []
+    real = storage.sync_down
+
+    def counting(*args: Any, **kw: Any) -> SyncStats:
+        stats = real(*args, **kw)
+        downloads.append(stats.transferred)
+        return stats
+
+    monkeypatch.setattr(storage, "sync_down", counting)
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
+    source = f"s3://{BUCKET}/raw/dicom/"
+    for out in ("one", "two"):
+        assert main(["ingest", source, str(tmp_path / out), "--no-progress"]) == 0
+    assert downloads[0] > 0 and downloads[1] == 0  # the second run found every object in the cache
+
+    # a temporary mirror a killed run left behind (its pid is gone) goes; a live one stays
+    monkeypatch.setattr(storage.tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    dead = tmp_path / "tmp" / f"{storage.SCRATCH_PREFIX}999999999-x"
+    live = tmp_path / "tmp" / f"{storage.SCRATCH_PREFIX}{os.getpid()}-y"
+    dead.mkdir()
+    live.mkdir()
+    with storage.scratch_dir(None) as scratch:
+        assert scratch.parent == tmp_path / "tmp" and scratch.name.startswith(f"{storage.SCRATCH_PREFIX}{os.getpid()}-")
+    assert not dead.exists() and live.exists() and not scratch.exists()

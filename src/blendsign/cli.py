@@ -36,7 +36,17 @@ def _common() -> argparse.ArgumentParser:
                         help="preset (paper, demo or ci; default paper) or a site .toml file (configs/)")
     common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     common.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    common.add_argument("--cache", type=Path, default=None,
+                        help="keep S3 inputs mirrored in this folder between runs, so unchanged objects are not "
+                             "downloaded again (default: $BLENDSIGN_CACHE, else a temporary folder removed after "
+                             "the run: nothing of the source stays on this machine)")
     return common
+
+
+def _cache(args: argparse.Namespace) -> Path | None:
+    from blendsign.storage import default_cache
+
+    return getattr(args, "cache", None) or default_cache()
 
 
 def _fold(text: str) -> int | None:
@@ -100,7 +110,8 @@ def _run_ingest(args: argparse.Namespace) -> int:
     cfg = _config(args).ingest
     if args.workers is not None:
         cfg = replace(cfg, workers=args.workers)
-    result = ingest_uri(args.source, args.out, cfg, clinical_csv=args.clinical, progress=args.progress)
+    result = ingest_uri(args.source, args.out, cfg, clinical_csv=args.clinical, progress=args.progress,
+                        cache=_cache(args))
     print(result.summary())
     return 0
 
@@ -208,7 +219,7 @@ def _run_fuse(args: argparse.Namespace) -> int:
     cfg = _config(args).labels
     if args.box_match_iou is not None:
         cfg = replace(cfg, box_match_iou=args.box_match_iou)
-    print(fuse_uri(args.annotations, args.ingest_dir, args.out, cfg).summary())
+    print(fuse_uri(args.annotations, args.ingest_dir, args.out, cfg, cache=_cache(args)).summary())
     return 0
 
 
@@ -229,7 +240,7 @@ def _run_folds(args: argparse.Namespace) -> int:
 
     cfg = _config(args).folds
     changes = {k: v for k, v in {"k": args.k, "seed": args.seed}.items() if v is not None}
-    print(folds_uri(args.labels_dir, args.out, replace(cfg, **changes)).summary())
+    print(folds_uri(args.labels_dir, args.out, replace(cfg, **changes), cache=_cache(args)).summary())
     return 0
 
 
@@ -316,7 +327,8 @@ def _staged(args: argparse.Namespace, stack: ExitStack) -> None:
 
     for name in ("ingest", "labels", "folds", "models"):
         if getattr(args, name, None) is not None:
-            setattr(args, name, stack.enter_context(local_input(getattr(args, name), require_marker=True)))
+            setattr(args, name, stack.enter_context(local_input(getattr(args, name), require_marker=True,
+                                                                cache=_cache(args), progress=args.progress)))
     args.out = stack.enter_context(local_output(args.out, prefetch=True))
 
 

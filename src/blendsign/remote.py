@@ -67,7 +67,7 @@ def ingest_uri(
         _require_env_key(f"ingest into {out}")
     with ExitStack() as stack:
         root = stack.enter_context(scratch_dir(cache))
-        src = stack.enter_context(local_input(source, cache=root))
+        src = stack.enter_context(local_input(source, cache=root, progress=progress))
         clinical_uri = uri_text(clinical_csv) if clinical_csv else find_clinical(source) if is_s3(source) else None
         clinical = stack.enter_context(local_input(clinical_uri, cache=root)) if clinical_uri else None
         dst = stack.enter_context(local_output(out, cache=root, prefetch=True))

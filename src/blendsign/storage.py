@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
+
+from blendsign.progress import progress as progress_bar
 
 if TYPE_CHECKING:
     import pyarrow.fs
@@ -319,7 +322,8 @@ def _download(client: Any, bucket: str, obj: S3Object, dest: Path) -> None:
         os.utime(tmp, (obj.mtime, obj.mtime))  # the mirror shows when the object was written
 
 
-def sync_down(uri: str | Path, local_dir: str | Path, *, delete: bool = True, client: Any = None) -> SyncStats:
+def sync_down(uri: str | Path, local_dir: str | Path, *, delete: bool = True, client: Any = None,
+              progress: bool = False) -> SyncStats:
     """Mirror the prefix ``uri`` into ``local_dir``: download new or changed objects (size + ETag),
     give each file the object's LastModified as mtime, and (``delete``) remove local files not in the
     prefix. The mirror of a prefix with a completion marker gets a local marker (:func:`mark_complete`), written
@@ -331,7 +335,20 @@ def sync_down(uri: str | Path, local_dir: str | Path, *, delete: bool = True, cl
     complete = remote.pop(MARKER, None) is not None
     clear_complete(root)
     todo = [(rel, o) for rel, o in remote.items() if not _same(_safe_join(root, rel), o)]
-    _parallel(lambda item: _download(client, bucket, item[1], _safe_join(root, item[0])), todo)
+    bar = progress_bar(total=sum(o.size for _, o in todo), desc=f"s3://{bucket}/{prefix}", unit="B",
+                       enabled=progress and bool(todo))
+
+    lock = threading.Lock()
+
+    def fetch(item: tuple[str, S3Object]) -> None:
+        _download(client, bucket, item[1], _safe_join(root, item[0]))
+        with lock:
+            bar.update(item[1].size)
+
+    try:
+        _parallel(fetch, todo)
+    finally:
+        bar.close()
     deleted = 0
     if delete and root.is_dir():
         for p in [p for p in root.rglob("*") if p.is_file()]:
@@ -419,16 +436,52 @@ def _object(client: Any, bucket: str, key: str) -> S3Object | None:
 
 @contextmanager
 def scratch_dir(cache: Path | None) -> Iterator[Path]:
-    """``cache`` itself (kept), or a temporary folder removed on exit."""
+    """``cache`` itself (kept), or a temporary folder removed on exit. Temporary folders that a killed run left
+    behind (their process is gone) are removed first."""
     if cache is not None:
         Path(cache).mkdir(parents=True, exist_ok=True)
         yield Path(cache)
         return
-    tmp = tempfile.mkdtemp(prefix="blendsign-s3-")
+    remove_orphaned_scratch()
+    tmp = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-")
     try:
         yield Path(tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+SCRATCH_PREFIX = "blendsign-s3-"
+CACHE_ENV = "BLENDSIGN_CACHE"  # a folder that keeps S3 mirrors between runs (unset: temporary, removed)
+
+
+def default_cache() -> Path | None:
+    """``$BLENDSIGN_CACHE`` as a path, or None (a temporary mirror per run: nothing of the source stays here)."""
+    value = os.environ.get(CACHE_ENV, "").strip()
+    return Path(value) if value else None
+
+
+def remove_orphaned_scratch(root: str | Path | None = None) -> int:
+    """Remove ``blendsign-s3-<pid>-*`` folders under the temporary folder whose process no longer runs."""
+    removed = 0
+    for p in Path(root or tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*"):
+        pid = p.name[len(SCRATCH_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)) or not p.is_dir():
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed += 1
+    if removed:
+        log.info("removed %d S3 scratch folders that killed runs left in %s", removed, root or tempfile.gettempdir())
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def mirror_path(root: Path, uri: str | Path) -> Path:
@@ -438,7 +491,8 @@ def mirror_path(root: Path, uri: str | Path) -> Path:
 
 
 @contextmanager
-def local_input(uri: str | Path, *, cache: Path | None = None, require_marker: bool = False) -> Iterator[Path]:
+def local_input(uri: str | Path, *, cache: Path | None = None, require_marker: bool = False,
+                progress: bool = False) -> Iterator[Path]:
     """A local path holding ``uri``: a local path as is; an S3 object as a file, an S3 prefix as a folder.
 
     S3 data is mirrored to ``cache/bucket/key`` (kept, so re-runs download only what changed) or to a
@@ -466,7 +520,7 @@ def local_input(uri: str | Path, *, cache: Path | None = None, require_marker: b
         if require_marker and _object(client, bucket, prefix + MARKER) is None:
             raise FileNotFoundError(f"s3://{bucket}/{prefix} has no {MARKER} marker: the stage that writes it "
                                     "did not finish")
-        sync_down(uri, local, client=client)
+        sync_down(uri, local, client=client, progress=progress)
         yield local
 
 
