@@ -53,9 +53,11 @@ def test_resume_gives_the_uninterrupted_result(cohort: dict[str, Path], tmp_path
     # a run cut short after one of its two epochs
     train(CFG, **_dirs(cohort), fold=1, out_dir=tmp_path / "cut", stop_after_epochs=1, progress=False)
     assert not (tmp_path / "cut" / "model.pt").exists()  # unfinished: no model yet
+    (tmp_path / "cut" / ".last.pt.4242.tmp").write_bytes(b"half a checkpoint of a killed run")
     with pytest.raises(ValueError, match="pass --resume"):
         train(CFG, **_dirs(cohort), fold=1, out_dir=tmp_path / "cut", progress=False)
     resumed = train(CFG, **_dirs(cohort), fold=1, out_dir=tmp_path / "cut", resume=True, progress=False)
+    assert not list((tmp_path / "cut").glob(".*.tmp"))  # the killed run's temporary is gone
     a = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
     b = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)
     for key, value in a["model"].items():

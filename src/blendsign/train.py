@@ -30,7 +30,7 @@ from blendsign.engine import predict, softmax, train_one_epoch
 from blendsign.ingest import data_fingerprint
 from blendsign.metrics import per_class_metrics
 from blendsign.model import build_model
-from blendsign.storage import atomic_path, write_json_atomic
+from blendsign.storage import atomic_path, remove_stale_temporaries, write_json_atomic
 from blendsign.tracking import Tracker, finite
 
 log = logging.getLogger(__name__)
@@ -216,6 +216,8 @@ def train(
         raise ValueError(f"batch_size {cfg.train.batch_size} does not split over {world} processes")
     cuda = device.type == "cuda"
 
+    if rank == 0 and (removed := remove_stale_temporaries(out_dir)):
+        log.info("%s: removed %d temporaries a killed run left (.last.pt.<pid>.tmp, …)", out_dir, removed)
     train_index, val_index, data_digest = training_data(cfg, ingest_dir, labels_dir, folds_dir, fold)
     source = {"data": data_digest, "teacher": teacher_digest(teacher)}
     state = _load_existing(out_dir, cfg, resume, source)
