@@ -36,7 +36,7 @@ def _common() -> argparse.ArgumentParser:
                         help="preset (paper, demo or ci; default paper) or a site .toml file (configs/)")
     common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     common.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    common.add_argument("--cache", type=Path, default=None,
+    common.add_argument("--cache-dir", type=Path, default=None,
                         help="keep S3 inputs mirrored in this folder between runs, so unchanged objects are not "
                              "downloaded again (default: $BLENDSIGN_CACHE, else a temporary folder removed after "
                              "the run: nothing of the source stays on this machine)")
@@ -46,7 +46,7 @@ def _common() -> argparse.ArgumentParser:
 def _cache(args: argparse.Namespace) -> Path | None:
     from blendsign.storage import default_cache
 
-    return getattr(args, "cache", None) or default_cache()
+    return getattr(args, "cache_dir", None) or default_cache()
 
 
 def _fold(text: str) -> int | None:
