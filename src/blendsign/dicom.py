@@ -6,6 +6,7 @@ turns into pseudonyms.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import unicodedata
@@ -407,11 +408,25 @@ def _words(text: str) -> list[str]:
     return [w for w in re.split(r"[^A-Z0-9]+", _fold(text)) if w]
 
 
-def _says(texts: Iterable[str], head: Iterable[str], other: Iterable[str]) -> bool | None:
+def _key(text: str) -> str:
+    """A body part as compared: folded, letters and digits only (``"Head Neck"`` → ``"HEADNECK"``)."""
+    return re.sub(r"[^A-Z0-9]", "", _fold(text))
+
+
+@functools.lru_cache(maxsize=8)
+def _folded(rules: HeadRules) -> tuple[frozenset[str], frozenset[str], tuple[str, ...], tuple[str, ...]]:
+    """The rules' body parts and word beginnings, folded once per rules (not per series or served row)."""
+    return (frozenset(map(_key, rules.head_body_parts)), frozenset(map(_key, rules.other_body_parts)),
+            tuple(map(_fold, (*rules.head_words, *rules.extra_head_words))),
+            tuple(map(_fold, (*rules.other_words, *rules.extra_other_words))))
+
+
+def _says(texts: Iterable[str], head: tuple[str, ...], other: tuple[str, ...]) -> bool | None:
+    """``head``/``other``: folded word beginnings."""
     words = [w for t in texts for w in _words(t)]
-    if any(w.startswith(_fold(h)) for w in words for h in head):
+    if any(w.startswith(head) for w in words):
         return True
-    if any(w.startswith(_fold(o)) for w in words for o in other):
+    if any(w.startswith(other) for w in words):
         return False
     return None
 
@@ -419,14 +434,12 @@ def _says(texts: Iterable[str], head: Iterable[str], other: Iterable[str]) -> bo
 def head_verdict(series: Sequence[SliceHeader], rules: HeadRules) -> tuple[bool, str]:
     """Whether a CT series is a head CT, and what said so (the rules and their order: ``head_rules.toml``)."""
     h = series[0]
-    part = re.sub(r"[^A-Z0-9]", "", _fold(h.body_part))
-    if part:
-        if part in {re.sub(r"[^A-Z0-9]", "", _fold(p)) for p in rules.head_body_parts}:
-            return True, "BodyPartExamined"
-        if part in {re.sub(r"[^A-Z0-9]", "", _fold(p)) for p in rules.other_body_parts}:
-            return False, "BodyPartExamined"
-    head_words = (*rules.head_words, *rules.extra_head_words)
-    other_words = (*rules.other_words, *rules.extra_other_words)
+    head_parts, other_parts, head_words, other_words = _folded(rules)
+    part = _key(h.body_part)
+    if part and part in head_parts:
+        return True, "BodyPartExamined"
+    if part and part in other_parts:
+        return False, "BodyPartExamined"
     for texts, source in ((h.descriptions[:2], "series description"), (h.descriptions[2:], "study description")):
         said = _says(texts, head_words, other_words)
         if said is not None:
