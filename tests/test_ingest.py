@@ -363,6 +363,34 @@ def test_a_dead_worker_pool_stops_the_run_with_a_clear_error(tmp_path: Path, ct_
     assert not list((tmp_path / "out" / "slices").glob("*.parquet"))
 
 
+def test_killing_the_main_process_ends_its_workers(tmp_path: Path) -> None:
+    """SIGKILL of the process that made the ingest pool (the OOM killer, ``kill -9``) ends the fork server and
+    every worker within seconds: none is left waiting on its task queue for ever."""
+    import signal
+    import time
+
+    script = tmp_path / "pool.py"
+    script.write_text("import time\nfrom blendsign import ingest\nif __name__ == '__main__':\n"
+                      "    pool = ingest._pool(2)\n    [f.result() for f in [pool.submit(time.sleep, 0.1) "
+                      "for _ in range(4)]]\n    print('ready', flush=True)\n    time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+
+    def group() -> list[int]:
+        out = subprocess.run(["ps", "-o", "pid=", "-g", str(proc.pid)], capture_output=True, text=True).stdout
+        return [int(pid) for pid in out.split()]
+
+    assert len(group()) >= 3  # main, fork server, two workers (and the resource tracker)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 20
+    while (left := group()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert left == [], f"{len(left)} processes outlived the killed main process"
+
+
 # --- CLI ---------------------------------------------------------------------------------------------
 
 

@@ -533,12 +533,59 @@ POOL_DIED = (
 
 
 def _pool(workers: int) -> Executor | None:
-    """Worker processes forked from a server that imported this module once (cheap starts, no inherited threads)."""
+    """Worker processes forked from a server that imported this module once (cheap starts, no inherited threads);
+    each exits when the process that made the pool does, even when that one is killed (:func:`_follow`)."""
     if workers <= 1:
         return None
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([__name__])
-    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_follow, initargs=(os.getpid(),))
+
+
+def _follow(owner: int) -> None:
+    """Worker initializer: exit when process ``owner`` ends.
+
+    A pool worker blocks on its task queue, whose pipe it holds both ends of, so a killed owner (SIGKILL, the
+    OOM killer) would leave it waiting for ever. A daemon thread waits on a pidfd of the owner (Linux ≥ 5.3:
+    readable once the owner exits; no PID-reuse race) or, elsewhere, polls the owner's PID every second. On
+    Linux the worker also asks for SIGTERM when its parent, the fork server, dies.
+    """
+    import contextlib
+    import sys
+    import threading
+    import time
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    try:
+        pidfd: int | None = os.pidfd_open(owner)
+    except (AttributeError, OSError):  # no pidfd here, or the owner is already gone (then the poll ends at once)
+        pidfd = None
+
+    def alive() -> bool:
+        try:
+            os.kill(owner, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def watch() -> None:
+        if pidfd is not None:
+            import select
+
+            select.select([pidfd], [], [])
+        else:
+            while alive():
+                time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="blendsign-follow-owner", daemon=True).start()
 
 
 def _chunks(items: Sequence[str], n: int) -> list[list[str]]:
