@@ -95,7 +95,10 @@ def test_bad_files_are_quarantined_with_reasons(tmp_path: Path) -> None:
     assert reasons["empty.dcm"] == "empty file"
     assert reasons["readme.txt"] == "not a DICOM file"
     assert "truncated" in reasons["head_cut.dcm"]
-    assert "cannot be decoded" in reasons["pixels_cut.dcm"] or "unreadable" in reasons["pixels_cut.dcm"]
+    data = raw.read_bytes()
+    kept = len(data) // 2 - (data.rfind(b"\xe0\x7f\x10\x00OW") + 12)  # after Pixel Data's tag, VR and length
+    assert reasons["pixels_cut.dcm"] == ("pixel data cut short (Explicit VR Little Endian): the file is truncated "
+                                         f"({kept} of {512 * 512 * 2} bytes)")
     assert report["scans_written"] == 1 and report["slices_written"] == 1
     assert report["scans_failed"] == [{"scan_id": report["scans_failed"][0]["scan_id"],
                                        "reason": "no slice of the scan could be decoded"}]
@@ -572,6 +575,32 @@ def test_a_series_as_one_enhanced_ct_object_gives_the_same_rows_as_its_single_fr
     assert strip == [{k: v for k, v in r.items() if k != "transfer_syntax"} for r in rows["singles"]]
     for row, hu in zip(rows["multi"], expected.values(), strict=True):  # z order, HU exact
         np.testing.assert_array_equal(hu_of(row), hu)
+
+
+def test_a_compressed_frame_larger_than_its_header_is_refused_before_decoding(
+        tmp_path: Path, ct_writer: Callable[..., str]) -> None:
+    """An Enhanced CT object in JPEG-LS whose third frame declares 16384² (its SOF55 marker) behind a 16×20 header:
+    that frame is refused with the reason, before the decoder would allocate it; the other frames are ingested."""
+    from pydicom import encaps, uid
+
+    make_study(tmp_path / "singles", ct_writer)
+    legacy_enhanced(sorted((tmp_path / "singles" / "ax").iterdir()), tmp_path / "multi.dcm")
+    ds = pydicom.dcmread(tmp_path / "multi.dcm")
+    ds.compress(uid.JPEGLSLossless, generate_instance_uid=False)
+    frames = list(encaps.generate_frames(ds.PixelData, number_of_frames=5))
+    at = frames[2].find(b"\xff\xf7")  # SOF55: length (2), precision (1), Y (2), X (2)
+    bomb = bytearray(frames[2])
+    bomb[at + 5 : at + 9] = (16384).to_bytes(2, "big") * 2
+    frames[2] = bytes(bomb)
+    ds.PixelData = encaps.encapsulate(frames, has_bot=True)
+    (tmp_path / "src").mkdir()
+    ds.save_as(tmp_path / "src" / "series.dcm")
+    ingest(tmp_path / "src", tmp_path / "out", CFG, progress=False)
+    (row,) = locate(tmp_path / "src", tmp_path / "out")
+    assert row["file"] == "series.dcm"
+    assert "frame 3 cannot be decoded" in row["reason"]
+    assert "declares 16384x16384 pixels but the DICOM header says 16x20" in row["reason"]
+    assert len(read_slices(tmp_path / "out")) == 4
 
 
 def test_a_perfusion_map_is_set_aside_as_derived(tmp_path: Path) -> None:

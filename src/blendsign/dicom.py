@@ -21,7 +21,7 @@ import pydicom
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.encaps import generate_frames
+from pydicom.encaps import generate_frames, get_frame
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 
@@ -50,6 +50,7 @@ HEADER_TAGS = [
 FUNCTIONAL_GROUP_TAGS = ["SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
                          "ContrastBolusAgentSequence"]
 PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
+PIXEL_DATA_TAGS = (PIXEL_DATA_TAG, b"\x7f\xe0\x00\x10")  # little and big endian
 NATIVE_LITTLE_ENDIAN = {ExplicitVRLittleEndian: 12, ImplicitVRLittleEndian: 8}  # element header bytes
 
 
@@ -67,6 +68,7 @@ class PixelFormat:
     slope: float
     intercept: float
     offset: int | None
+    frames: int = 1  # NumberOfFrames of the object
 
     @property
     def direct(self) -> bool:
@@ -141,7 +143,7 @@ def _read_header(path: str | Path) -> tuple[SliceHeader, Dataset]:
             except InvalidDicomError:
                 fp.seek(0)
                 ds = _read_forced(fp, path)
-            offset = fp.tell() if fp.read(4) == PIXEL_DATA_TAG else None
+            offset = fp.tell() if fp.read(4) in PIXEL_DATA_TAGS else None
     except UnusableFileError:
         raise
     except OSError as exc:
@@ -185,7 +187,7 @@ def frame_headers(ds: Dataset, header: SliceHeader) -> list[SliceHeader]:
                 contrast=contrast,
                 instance_number=i + 1,
                 frame=i,
-                pixels=replace(header.pixels, offset=None,
+                pixels=replace(header.pixels, frames=header.frames,
                                slope=_rescale(rescale.get("RescaleSlope"), header.pixels.slope),
                                intercept=_rescale(rescale.get("RescaleIntercept"), header.pixels.intercept)),
             ))
@@ -541,6 +543,8 @@ def _read_frame_hu(path: str, fmt: PixelFormat | None, frame: int) -> np.ndarray
     """HU of one frame of a multi-frame object (pydicom decodes only that frame)."""
     from pydicom.pixels import pixel_array
 
+    if fmt is not None:
+        _check_frame(path, fmt, frame)
     try:
         stored = pixel_array(path, index=frame)
     except Exception as exc:
@@ -548,6 +552,21 @@ def _read_frame_hu(path: str, fmt: PixelFormat | None, frame: int) -> np.ndarray
     if stored.ndim != 2:
         raise UnusableFileError(f"expected a 2-D grey frame, got pixel array of shape {tuple(stored.shape)}")
     return to_hu(stored, fmt.slope if fmt else 1.0, fmt.intercept if fmt else 0.0)
+
+
+def _check_frame(path: str, fmt: PixelFormat, frame: int) -> None:
+    """Refuse a compressed frame of a multi-frame object whose codestream declares another size than Rows ×
+    Columns, before a decoder allocates what it asks for (the single-frame check of :func:`hu_from_dataset`)."""
+    ts = UID(fmt.transfer_syntax_uid)
+    if fmt.offset is None or not ts.is_encapsulated or ts == RLELossless:
+        return
+    try:
+        with open(path, "rb") as f:
+            f.seek(fmt.offset + 12)  # Pixel Data tag, VR OB, 2 reserved bytes, undefined length: then the items
+            data = get_frame(f, frame, number_of_frames=fmt.frames)
+        codecs.check_frame_size(data, fmt.rows, fmt.cols, ts.name)
+    except Exception as exc:
+        raise UnusableFileError(f"frame {frame + 1} cannot be decoded ({type(exc).__name__}: {exc})") from None
 
 
 def missing_pixels_reason(syntax: str, pixel_tag_seen: bool) -> str:
@@ -566,7 +585,8 @@ def _read_native(path: str, fmt: PixelFormat) -> np.ndarray:
             raise UnusableFileError(f"pixel data cannot be decoded (element of {length} bytes, need {expected})")
         buf = f.read(expected)
     if len(buf) < expected:
-        raise UnusableFileError(f"pixel data cannot be decoded (truncated: {len(buf)} of {expected} bytes)")
+        reason = missing_pixels_reason(UID(fmt.transfer_syntax_uid).name, True)
+        raise UnusableFileError(f"{reason} ({len(buf)} of {expected} bytes)")
     arr = np.frombuffer(buf, dtype="<i2" if fmt.pixel_representation else "<u2").reshape(fmt.rows, fmt.cols)
     shift = 16 - fmt.bits_stored
     if shift:  # pydicom's correct_unused_bits: mask (unsigned) or sign-extend (signed) above BitsStored
@@ -583,6 +603,11 @@ def hu_from_dataset(ds: Dataset, pixel_tag_seen: bool = False) -> np.ndarray:
     syntax = ts.name if ts is not None else "unknown transfer syntax"
     if "PixelData" not in ds:
         raise UnusableFileError(missing_pixels_reason(syntax, pixel_tag_seen))
+    if ts is not None and not UID(ts).is_encapsulated:
+        need = (int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * int(ds.get("NumberOfFrames", 1) or 1)
+                * int(ds.get("SamplesPerPixel", 1) or 1) * (int(ds.get("BitsAllocated", 16) or 16) // 8))
+        if len(ds.PixelData) < need:
+            raise UnusableFileError(f"{missing_pixels_reason(syntax, True)} ({len(ds.PixelData)} of {need} bytes)")
     try:
         if ts is not None and UID(ts).is_encapsulated and ts != RLELossless:
             frame = next(generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames", 1) or 1)))

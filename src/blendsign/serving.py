@@ -43,7 +43,7 @@ from torch import Tensor
 from blendsign import CLASSES
 from blendsign.config import Config, DataConfig, IngestConfig
 from blendsign.dicom import (
-    PIXEL_DATA_TAG,
+    PIXEL_DATA_TAGS,
     UnusableFileError,
     header_from_dataset,
     hu_from_dataset,
@@ -178,7 +178,7 @@ def read_slice(value: Any, ingest: IngestConfig | None = None) -> np.ndarray:
     """
     data = _as_bytes(value)
     ds = _dataset(data)
-    if "PixelData" not in ds and PIXEL_DATA_TAG in data:  # cut short inside Pixel Data: pydicom drops the rest
+    if "PixelData" not in ds and any(tag in data for tag in PIXEL_DATA_TAGS):  # cut inside Pixel Data: pydicom drops it
         ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
         raise RowError(missing_pixels_reason(ts.name if ts else "unknown transfer syntax", True))
     modality = str(ds.get("Modality", "") or "").upper()
@@ -213,7 +213,8 @@ def read_slice(value: Any, ingest: IngestConfig | None = None) -> np.ndarray:
 
 def to_model_input(hu: np.ndarray, cfg: DataConfig) -> Tensor:
     """HU ``[rows, cols]`` → model input ``[3, size, size]``: exactly :func:`blendsign.transforms.preprocess`."""
-    return preprocess(torch.from_numpy(np.ascontiguousarray(hu)), cfg)
+    hu = np.ascontiguousarray(hu)
+    return preprocess(torch.from_numpy(hu if hu.flags.writeable else hu.copy()), cfg)  # torch wants writable
 
 
 # --- the ensemble ----------------------------------------------------------------------------------------
