@@ -642,6 +642,32 @@ def _run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_triage(sub: argparse._SubParsersAction) -> None:
+    p = _stage(sub, "triage", "scan-level triage of an ingested set against scan-level reads (CQ500 reads.csv): "
+                              "AUC, sensitivity, specificity beside the trivial baselines, readers' κ")
+    p.add_argument("ingest_dir", type=Path, help="output of `blendsign ingest` of the scans (e.g. CQ500's DICOM)")
+    p.add_argument("out", type=Path, help="output folder (triage.json, triage.md, triage_roc.png, scans.parquet)")
+    p.add_argument("--reads", type=Path, required=True, help="CQ500's reads.csv (name, R1:ICH … R3:SAH)")
+    p.add_argument("--threshold", type=float, default=0.5, help="flag a scan at score ≥ this (0.5)")
+    _model_args(p)
+    p.set_defaults(func=_run_triage)
+
+
+def _run_triage(args: argparse.Namespace) -> int:
+    from blendsign.model_package import load
+    from blendsign.triage import triage
+
+    model = load(args.model, tracking_uri=_model_store(args),
+                 model_config={"device": args.device} if args.device else None).unwrap_python_model()
+    result = triage(model, args.ingest_dir, args.reads, args.out, threshold=args.threshold, progress=args.progress)
+    m = result["metrics"]
+    print(f"triage of {m['scans']} scans ({m['positives']} with ICH): AUC {m['auc']:.3f} "
+          f"(95% CI {m['auc_ci'][0]:.3f}–{m['auc_ci'][1]:.3f}); at score ≥ {args.threshold:g}: sensitivity "
+          f"{m['at_threshold']['sensitivity']:.3f}, specificity {m['at_threshold']['specificity']:.3f}; "
+          f"{len(result['join']['unmatched_rows'])} reads without an ingested scan → {args.out / 'triage.md'}")
+    return 0
+
+
 # --- serve: the model over HTTP ---------------------------------------------------------------------------
 
 
@@ -730,7 +756,7 @@ def _run_registry(args: argparse.Namespace) -> int:
 
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_synth, _add_ingest, _add_locate, _add_import_annotations, _add_import_nifti, _add_fuse, _add_folds, _add_train,
-    _add_distill, _add_evaluate, _add_cv, _add_ablation, _add_run, _add_pipeline, _add_predict, _add_serve,
+    _add_distill, _add_evaluate, _add_cv, _add_ablation, _add_run, _add_pipeline, _add_predict, _add_triage, _add_serve,
     _add_registry,
 ]
 

@@ -131,6 +131,31 @@ def roc_curves(
     return _save(fig, path)
 
 
+def triage_roc(positive: Any, score: Any, metrics: Mapping[str, Any], path: PathLike) -> Path:
+    """Scan-level ROC of ``score [S]`` against ``positive [S]`` with the operating point of ``metrics``
+    (:func:`blendsign.triage.triage_metrics`) and the trivial baselines (chance diagonal, flag all / none)."""
+    positive, score = _np(positive, bool), _np(score)
+    fig, ax = plt.subplots(figsize=(5.0, 5.0), layout="constrained")
+    ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="grey", label="constant score (AUC 0.5)")
+    ax.scatter([1, 0], [1, 0], marker="s", color="grey", zorder=3, label="flag every / no scan")
+    auc = metrics.get("auc", math.nan)
+    if auc is not None and not math.isnan(auc):
+        fpr, tpr, _ = roc_curve(positive, score)
+        low, high = metrics["auc_ci"]
+        ax.plot(fpr, tpr, color=_COLOURS[1], lw=2, label=f"model (AUC {auc:.3f}, 95% CI {low:.3f}–{high:.3f})")
+    at = metrics["at_threshold"]
+    if not any(math.isnan(at[k]) for k in ("sensitivity", "specificity")):
+        ax.scatter([1 - at["specificity"]], [at["sensitivity"]], color="black", zorder=4,
+                   label=f"score ≥ {metrics['threshold']:g}")
+    ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel="False positive rate (1 − specificity)",
+           ylabel="True positive rate (sensitivity)",
+           title=f"Scan-level triage, any ICH ({int(positive.sum())} of {len(positive)} scans)")
+    ax.set_aspect("equal")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
 def _draw_confusion(ax: Any, labels: Any, pred: Any, title: str) -> Any:
     """Figure 6 layout on ``ax``: rows = predicted, columns = true, each column normalised to 1. Returns the image."""
     labels, pred = _np(labels, np.int64), _np(pred, np.int64)
