@@ -46,12 +46,26 @@ def test_cross_validation_end_to_end(cohort: dict[str, Path], tmp_path: Path) ->
         assert (out / name).read_bytes().startswith(PNG)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["decision_rule"] == "argmax" and set(metrics["scan"]) == {"auc_any_ich", "auc_blend_sign"}
+    # baselines on the same folds: the prior has no skill, and its accuracy is the held-out share of the training
+    # majority class of each fold
+    base = metrics["baselines"]
+    assert set(base) == {"prior", "hu_rule"}
+    train_labels = labels.merge(folds, on="scan_id")
+    for k, fold_metrics in base["prior"]["per_fold"].items():
+        assert [fold_metrics[f"auc_{c}"] for c in CLASSES] == [0.5, 0.5, 0.5]
+        majority = train_labels[train_labels["fold"] != int(k)]["label"].value_counts().idxmax()
+        held = pred[pred["fold"] == int(k)]
+        assert fold_metrics["accuracy"] == pytest.approx((held["label"] == majority).mean())
+    report = (out / "report.md").read_text()
+    assert "| prior |" in report and "| hu_rule |" in report and "| model |" in report
     # MLflow: the CV run carries cv_<metric>_<class>, each fold run its own <metric>_<class>
     runs = tracker.client.search_runs([tracker.experiment_id])
     (cv_run,) = [r for r in runs if r.data.tags.get("stage") == "cross-validation"]
     expected = {f"cv_{m}_{c}" for m in ("auc", "sensitivity", "specificity", "f1") for c in CLASSES}
     assert expected <= set(cv_run.data.metrics)
     assert cv_run.data.metrics["cv_auc_blend_sign"] == pytest.approx(result.cv["auc_blend_sign"][0])
+    assert cv_run.data.metrics["baseline_prior_cv_auc_normal_ich"] == 0.5 and "baseline_hu_rule_cv_accuracy" in \
+        cv_run.data.metrics
     fold_runs = [r for r in runs if r.data.tags.get("stage") == "fold"]
     assert len(fold_runs) == 3 and all("specificity_non_ich" in r.data.metrics for r in fold_runs)
     assert all(r.data.tags["mlflow.parentRunId"] == cv_run.info.run_id for r in fold_runs)

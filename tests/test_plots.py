@@ -132,10 +132,12 @@ def test_gradcam_grid(tmp_path: Path, texts: list[str]) -> None:
         {"image": np.random.rand(3, 64, 64), "cam": cam.numpy(), "boxes": np.array([[30.0, 10.0, 50.0, 30.0]]),
          "true": "normal_ich", "pred": "normal_ich", "p": 0.81},
         {"image": torch.rand(3, 64, 64), "cam": torch.zeros(64, 64), "boxes": torch.tensor([[30, 10, 50, 30, 0.6]]),
-         "true": "blend_sign", "pred": "normal_ich", "p": 0.55},
+         "gold": torch.tensor([[28.0, 12.0, 48.0, 32.0]]), "true": "blend_sign", "pred": "normal_ich", "p": 0.55},
     ]  # fmt: skip
     _check_png(plots.gradcam_grid(items, tmp_path / "cam.png", title="Figure 7"))
-    assert "(C) true blend sign\npred normal ICH (p=0.55)" in texts
+    assert "(C) true blend sign: wrong\npred normal ICH (p=0.55)" in texts
+    assert "(A) true non-ICH: correct\npred non-ICH (p=0.97)" in texts
+    assert "Grad-CAM (normalised)" in texts and "readers' box" in texts  # colour bar and legend
     assert "(F) Grad-CAM: normal ICH" in texts
     assert "0.60" in texts  # the box's score
     with pytest.raises(ValueError):

@@ -24,8 +24,10 @@ import pyarrow.parquet as pq
 import torch
 
 from blendsign import CLASSES, METRICS
+from blendsign.baselines import NAMES as BASELINES
+from blendsign.baselines import baseline_table, blood_share, fold_baselines, shortfalls
 from blendsign.config import Config
-from blendsign.data import SliceDataset, load_index, make_loader
+from blendsign.data import SliceDataset, SliceIndex, load_index, make_loader, read_slice_hu
 from blendsign.distill import final_checkpoint, load_model, read_state
 from blendsign.engine import predict, softmax
 from blendsign.explain import grad_cam
@@ -47,6 +49,7 @@ class EvalResult:
     ci: dict[str, tuple[float, float]]  # pooled out-of-fold, bootstrap over scans
     scan: dict[str, float]
     figures: tuple[Path, ...] = field(default_factory=tuple)
+    baselines: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)  # name → like ``cv``
 
     def table(self) -> str:
         """Markdown: rows = classes, columns = metrics as mean ± sd over folds [pooled 95% CI]."""
@@ -65,7 +68,9 @@ class EvalResult:
         """The result an ``evaluate`` output folder holds (its ``metrics.json``)."""
         m = read_metrics(out_dir)
         return cls(Path(out_dir), {int(k): v for k, v in m["per_fold"].items()},
-                   {k: tuple(v) for k, v in m["cv"].items()}, {k: tuple(v) for k, v in m["ci"].items()}, m["scan"])
+                   {k: tuple(v) for k, v in m["cv"].items()}, {k: tuple(v) for k, v in m["ci"].items()}, m["scan"],
+                   baselines={name: {k: tuple(v) for k, v in b["cv"].items()}
+                              for name, b in m.get("baselines", {}).items()})
 
     def cv_means(self) -> dict[str, float]:
         """``cv_<metric>_<class>`` means over folds, finite ones only (the parent MLflow run's metrics and the
@@ -94,7 +99,19 @@ def read_metrics(out_dir: str | Path) -> dict[str, Any]:
             return [nan(x) for x in v]
         return math.nan if v is None else v
 
-    return {k: nan(v) if k in ("per_fold", "cv", "ci", "scan") else v for k, v in m.items()}
+    return {k: nan(v) if k in ("per_fold", "cv", "ci", "scan", "baselines") else v for k, v in m.items()}
+
+
+def _features(index: SliceIndex, desc: str, progress: bool) -> dict[str, float]:
+    """:func:`blendsign.baselines.blood_share` of every slice of ``index``, by ``instance_key``."""
+    from blendsign.progress import progress as progress_bar
+
+    out = {}
+    for i in progress_bar(range(len(index)), desc=desc, unit="slice", enabled=progress):
+        hu = read_slice_hu(index.file[i], int(index.row_group[i]), int(index.offset[i]), int(index.rows[i]),
+                           int(index.cols[i]))
+        out[index.instance_key[i]] = blood_share(hu)
+    return out
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -116,6 +133,20 @@ def _cam_candidates(probs: np.ndarray, labels: np.ndarray, per_class: int) -> li
     return picks
 
 
+def figure_picks(cams: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """``n`` Grad-CAM examples (``class``, ``correct``, ``p`` each) covering every class: per class its most
+    confident correct and its most confident wrong one, class by class (as the paper's Figure 7), then the next
+    most confident of each kind in the same order while fewer than ``n``."""
+    groups: dict[tuple[int, bool], list[dict[str, Any]]] = {}
+    for item in sorted(cams, key=lambda d: -d["p"]):
+        groups.setdefault((item["class"], item["correct"]), []).append(item)
+    order = [(c, correct) for c in range(len(CLASSES)) for correct in (True, False)]
+    out: list[dict[str, Any]] = []
+    for rank in range(max((len(g) for g in groups.values()), default=0)):
+        out += [groups[key][rank] for key in order if rank < len(groups.get(key, []))]
+    return out[:n]
+
+
 def evaluate(
     cfg: Config,
     *,
@@ -134,7 +165,10 @@ def evaluate(
     out_dir, models_dir = Path(out_dir), Path(models_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.train.device)
-    folds = sorted(set(load_index(ingest_dir, labels_dir, folds_dir).fold.tolist()))
+    everything = load_index(ingest_dir, labels_dir, folds_dir)
+    folds = sorted(set(everything.fold.tolist()))
+    feature = _features(everything, "baseline features", progress)
+    base_fold: dict[str, dict[int, dict[str, float]]] = {name: {} for name in BASELINES}
     rows: dict[str, list[Any]] = {k: [] for k in ("scan_id", "slice_index", "instance_key", "fold", "label")}
     probs_all, per_fold, roc_folds, cams = [], {}, [], []
     fold_runs: dict[int, str | None] = {}
@@ -143,7 +177,7 @@ def evaluate(
         checkpoint = final_checkpoint(fold_dir)
         model, trained = load_model(checkpoint, device)  # preprocessing as it was trained
         fold_runs[k] = read_state(fold_dir).get("fold_run_id")
-        _, val, digest = training_data(trained, ingest_dir, labels_dir, folds_dir, k)
+        train_index, val, digest = training_data(trained, ingest_dir, labels_dir, folds_dir, k)
         if trained_on(checkpoint).get("data") != digest:
             raise ValueError(f"the fold {k} model {checkpoint} was not trained on fold {k}'s training slices of "
                              f"these ingest, labels and folds folders: scoring it here could score slices it "
@@ -156,6 +190,10 @@ def evaluate(
         order = np.argsort(pred["index"])
         probs, labels = softmax(pred["logits"][order]), pred["labels"][order]
         per_fold[k] = per_class_metrics(probs, labels)
+        for name, base in fold_baselines(np.array([feature[key] for key in train_index.instance_key]),
+                                         train_index.label, np.array([feature[key] for key in val.instance_key])
+                                         ).items():
+            base_fold[name][k] = per_class_metrics(base, labels)
         roc_folds.append((probs, labels))
         probs_all.append(probs)
         rows["scan_id"] += list(val.scan_id)
@@ -170,13 +208,20 @@ def evaluate(
             with torch.no_grad():
                 det = model(image[None])["det"][0].float().cpu()
             cams.append({"image": sample["image"], "cam": cam, "boxes": decode_boxes(det, stride=model.stride)[:, :4],
-                         "true": CLASSES[labels[i]], "pred": CLASSES[int(probs[i].argmax())],
+                         "gold": sample["boxes"], "true": CLASSES[labels[i]], "pred": CLASSES[int(probs[i].argmax())],
                          "p": float(probs[i].max()), "correct": correct, "class": int(labels[i])})
 
     probs = np.concatenate(probs_all)
     labels = np.asarray(rows["label"], dtype=np.int64)
     groups = np.asarray(rows["scan_id"])
-    cv = {f"{m}_{c}": _mean_sd([per_fold[k][f"{m}_{c}"] for k in folds]) for m in METRICS for c in CLASSES}
+    keys = ["accuracy", *(f"{m}_{c}" for m in METRICS for c in CLASSES)]
+    cv = {key: _mean_sd([per_fold[k][key] for k in folds]) for key in keys}
+    base_cv = {name: {key: _mean_sd([base_fold[name][k][key] for k in folds]) for key in keys}
+               for name in BASELINES}
+    warnings = shortfalls(cv, base_cv, cfg.eval.baseline_margin)
+    beaten = [key for key in ("accuracy", *(f"auc_{c}" for c in CLASSES)) if base_cv["hu_rule"][key][0] > cv[key][0]]
+    for text in warnings:
+        log.warning("the model is no better than a trivial one: %s", text)
     ci = bootstrap_ci(probs, labels, groups, n_boot=cfg.eval.bootstrap, seed=cfg.train.seed)
     scan = scan_auc(probs, labels, groups)
     cal = calibration(probs, labels, bins=cfg.eval.calibration_bins)
@@ -186,29 +231,37 @@ def evaluate(
     with atomic_path(out_dir / PREDICTIONS_FILE) as tmp:
         pq.write_table(table, tmp)
     pred_all = probs.argmax(1)
-    # one correct and one wrong example per class first, then the rest
-    cams.sort(key=lambda d: (not d["correct"], d["class"]))
     figures = (
         plots.roc_curves(probs, labels, out_dir / "roc.png", title="ROC, out-of-fold (light: per fold)",
                          folds=roc_folds),
         plots.confusion_matrix(labels, pred_all, out_dir / "confusion.png",
                                title="Confusion, normalised by true class"),
         plots.reliability_diagram(cal, out_dir / "calibration.png"),
-        plots.gradcam_grid(cams[: 2 * len(CLASSES)] or cams, out_dir / "gradcam.png",
-                           title="Grad-CAM (bottom) and detection boxes (top)"),
+        plots.gradcam_grid(figure_picks(cams, 2 * len(CLASSES)), out_dir / "gradcam.png",
+                           title="Grad-CAM (bottom) and detection boxes (top): a correct and a wrong example per "
+                                 "class, the most confident of each"),
     )
     metrics = {"per_fold": per_fold, "cv": cv, "ci": ci, "scan": scan,
                "ece": {c: cal[c]["ece"] for c in CLASSES}, "decision_rule": "argmax",
-               "slices": len(labels), "scans": len(set(rows["scan_id"]))}
+               "slices": len(labels), "scans": len(set(rows["scan_id"])),
+               "baselines": {name: {"per_fold": base_fold[name], "cv": base_cv[name]} for name in BASELINES}}
     write_json_atomic(out_dir / METRICS_FILE, metrics)
-    result = EvalResult(out_dir, per_fold, cv, ci, scan, figures)
+    result = EvalResult(out_dir, per_fold, cv, ci, scan, figures, base_cv)
     report = ["# Cross-validated evaluation", "", f"{len(folds)} folds, {len(labels)} slices of "
               f"{metrics['scans']} scans; decision rule: argmax of the class probabilities.", "",
               "Per class, one-vs-rest: mean ± sd over folds [95% CI, bootstrap over scans, pooled out-of-fold].",
               "The mean is over the folds' own values (the paper's protocol); the CI is of all out-of-fold "
               "predictions pooled, which ranks across folds too, so the mean can fall outside it when folds "
               "disagree in calibration.",
-              "", result.table(), "", "Scan level (most suspicious slice per scan): "
+              "", result.table(), "",
+              "Against trivial baselines on the same held-out folds (mean over folds): `prior` gives every slice the "
+              "training folds' class shares (no skill: AUC 0.5, accuracy of always answering the majority class); "
+              "`hu_rule` is a logistic regression on one number per slice, the share of intracranial pixels "
+              "(0–100 HU) in the acute-blood range (50–90 HU).", "", baseline_table(cv, base_cv), "",
+              *([f"**Warning: this model is no better than a trivial one**: {'; '.join(warnings)}.", ""]
+                if warnings else []),
+              *([f"The one-feature HU rule beats the model on {', '.join(beaten)}.", ""] if beaten else []),
+              "Scan level (most suspicious slice per scan): "
               + ", ".join(f"{k} {v:.3f}" for k, v in scan.items()), "",
               "Expected calibration error: " + ", ".join(f"{c} {cal[c]['ece']:.3f}" for c in CLASSES), "",
               *[f"![{p.stem}]({p.name})" for p in figures], ""]
@@ -226,6 +279,7 @@ def evaluate(
                 flat |= {f"ci_low_{key}": v[0] for key, v in ci.items()}
                 flat |= {f"ci_high_{key}": v[1] for key, v in ci.items()}
                 flat |= {f"scan_{key}": v for key, v in scan.items()} | {f"ece_{c}": cal[c]["ece"] for c in CLASSES}
+                flat |= {f"baseline_{name}_cv_{key}": v[0] for name, b in base_cv.items() for key, v in b.items()}
                 r.log_metrics(finite(flat))
                 files = (REPORT_FILE, HTML_REPORT_FILE, METRICS_FILE, PREDICTIONS_FILE)
                 for path in (*figures, *(out_dir / f for f in files)):

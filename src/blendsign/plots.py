@@ -261,33 +261,47 @@ def gradcam_grid(items: Sequence[Mapping[str, Any]], path: PathLike, *, title: s
     Args:
         items: one column each: ``image`` ``[3, H, W]`` model input, ``cam`` ``[H, W]`` in [0, 1], ``boxes``
             ``[K, 4]`` (or ``[K, 5]`` with a score, as :func:`blendsign.targets.decode_boxes`) predicted xyxy boxes
-            in input pixels, possibly empty; ``true`` and ``pred`` class names; ``p`` the predicted class's
-            probability.
+            in input pixels, possibly empty; optional ``gold`` ``[G, 4]`` the readers' fused boxes in the same
+            pixels; ``true`` and ``pred`` class names; ``p`` the predicted class's probability.
         path: PNG to write.
         title: optional figure title.
 
-    Top row: the brain window in grey with the detection branch's boxes; bottom row: the heat map overlay.
+    Top row: the brain window in grey with the gold boxes (green, dashed) and the detection branch's (red);
+    bottom row: the heat map overlay, with its colour bar.
     """
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
     n = len(items)
     if n == 0:
         raise ValueError("gradcam_grid needs at least one item")
-    fig, axes = plt.subplots(2, n, figsize=(3.4 * n, 7.4), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(2, n, figsize=(3.4 * n + 0.8, 7.4), squeeze=False, layout="constrained")
     for i, item in enumerate(items):
         image, cam = _np(item["image"], np.float32), _np(item["cam"], np.float32)
         top, bottom = axes[0, i], axes[1, i]
         top.imshow(np.clip(image[BRAIN_CHANNEL], 0, 1), cmap="gray", vmin=0, vmax=1)
+        for box in _boxes(item.get("gold")):
+            x0, y0, x1, y1 = box[:4]
+            top.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="lime", lw=1.2, ls="--"))
         for box in _boxes(item.get("boxes")):
             x0, y0, x1, y1 = box[:4]
             top.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="red", lw=1.5))
             if len(box) > 4:
                 top.text(x0, y0, f"{box[4]:.2f}", color="red", fontsize=7, va="bottom")
         true, pred = DISPLAY.get(item["true"], item["true"]), DISPLAY.get(item["pred"], item["pred"])
-        top.set_title(f"({chr(ord('A') + i)}) true {true}\npred {pred} (p={float(item['p']):.2f})", fontsize=9)
+        verdict = "correct" if item["true"] == item["pred"] else "wrong"
+        top.set_title(f"({chr(ord('A') + i)}) true {true}: {verdict}\npred {pred} (p={float(item['p']):.2f})",
+                      fontsize=9, color="black" if verdict == "correct" else "firebrick")
         bottom.imshow(overlay(image, cam))
         bottom.set_title(f"({chr(ord('A') + n + i)}) Grad-CAM: {pred}", fontsize=9)
         for ax in (top, bottom):
             ax.set_xticks([])
             ax.set_yticks([])
+    fig.colorbar(ScalarMappable(Normalize(0, 1), cmap="jet"), ax=list(axes[1]), shrink=0.8,
+                 label="Grad-CAM (normalised)")
+    handles = [Rectangle((0, 0), 1, 1, fill=False, edgecolor="lime", ls="--", label="readers' box"),
+               Rectangle((0, 0), 1, 1, fill=False, edgecolor="red", label="detected box (score)")]
+    fig.legend(handles=handles, loc="outside upper right", fontsize=8)
     if title:
         fig.suptitle(title)
     return _save(fig, path)
