@@ -16,6 +16,7 @@ from blendsign.metrics import per_class_metrics
 from blendsign.pipeline import run_pipeline
 from blendsign.registry import (
     PROMOTION_METRICS,
+    baseline_verdict,
     check_promotion_metric,
     decide,
     model_card,
@@ -174,6 +175,34 @@ def test_rollback_moves_the_champion_back_and_back_again(tmp_path: Path) -> None
     assert str(client.get_model_version_by_alias(name, "previous-champion").version) == v1
 
 
+def test_a_model_no_better_than_a_trivial_one_is_rejected_even_as_the_first_version(tmp_path: Path) -> None:
+    """The demo's old champion: normal ICH AUC below chance and accuracy under "always non-ICH". It is rejected,
+    named by the failing metrics, and gets no alias, although no champion exists; a good version then becomes
+    the first champion."""
+    tracker = Tracker.open("test-reject", uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client, name = tracker.client, "blendsign-reject"
+    client.create_registered_model(name)
+    bad = {"cv": {"auc_non_ich": [0.71, 0.1], "auc_normal_ich": [0.425, 0.155], "auc_blend_sign": [0.97, 0.0],
+                  "accuracy": [0.29, 0.05]},
+           "baselines": {"prior": {"cv": {"accuracy": [0.71, 0.02], "auc_normal_ich": [0.5, 0.0]}}}}
+    refusals = baseline_verdict(bad, 0.05)
+    assert refusals == ["cv_auc_normal_ich 0.4250 does not beat the no-skill baseline (0.5) by more than 0.05",
+                        "cv_accuracy 0.2900 is below always answering the majority class (0.7100)"]
+    v1, p1 = register_version(client, name=name, run_id=_version(tracker, name), metric="cv_auc_blend_sign",
+                              value=0.97, margin=0.0, tags={}, card=lambda v, d: d.text, refusals=refusals)
+    assert p1.rejected and not p1.promoted and p1.alias is None
+    assert client.get_registered_model(name).aliases == {}
+    version = client.get_model_version(name, v1)
+    assert version.tags["rejected"] == "true" and "cv_auc_normal_ich 0.4250" in version.tags["promotion"]
+    assert version.description.startswith("rejected: no better than a trivial model")
+    good = {**bad, "cv": {**bad["cv"], "auc_normal_ich": [0.9, 0.0], "accuracy": [0.8, 0.0]}}
+    assert baseline_verdict(good, 0.05) == []
+    v2, p2 = register_version(client, name=name, run_id=_version(tracker, name), metric="cv_auc_blend_sign",
+                              value=0.96, margin=0.0, tags={}, card="card", refusals=baseline_verdict(good, 0.05))
+    assert p2.promoted and "first champion" in p2.text
+    assert str(client.get_model_version_by_alias(name, "champion").version) == v2
+
+
 def test_model_card_says_what_a_reader_needs() -> None:
     cv = {f"{m}_{c}": (0.9, 0.01) for m in ("sensitivity", "specificity", "f1", "auc") for c in CLASSES}
     metrics = {"cv": cv, "ci": {k: (0.85, 0.95) for k in cv}, "scan": {"auc_any_ich": 0.97}, "per_fold": {0: {}}}
@@ -185,6 +214,14 @@ def test_model_card_says_what_a_reader_needs() -> None:
                                                                            champion_version=None),
                       command="blendsign run")
     needles = ("## Intended use", "## Limitations", "Asian population", "prevalence", "0.900 ± 0.010 [0.850, 0.950]",
-               "f00d", "blend_sign 0.79", "postoperative 65", "promoted: first champion", "blendsign run")
+               "f00d", "blend_sign 0.79", "postoperative 65", "promoted: first champion", "blendsign run",
+               "Trained with preset `paper` on the dataset above")
     for needle in needles:
         assert needle in card, needle
+    assert "## Against trivial baselines" not in card  # an evaluation from before the baselines
+    metrics["baselines"] = {"prior": {"cv": {"accuracy": (0.7, 0.0), "auc_non_ich": (0.5, 0.0)}}}
+    demo = model_card(name="blendsign", version="5", mode="refit", preset="demo", metrics=metrics,
+                      agreement=agreement, ingest={}, fingerprint="f00d", commit="c0ffee",
+                      promotion=decide(0.9, None, metric="m", margin=0, champion_version=None), command="x")
+    assert "## Against trivial baselines" in demo and "| prior | 0.700 | 0.500 |" in demo
+    assert "made for the embedded synthetic cohort" in demo and "never seen a real CT" in demo

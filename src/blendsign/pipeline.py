@@ -463,7 +463,7 @@ def register_step(cfg: Config, ref: RunRef, *, cv_dir: str | Path, ingest_dir: s
     from blendsign.head_to_head import SCANS_ARTIFACT, HeadToHead, write_training_scans
     from blendsign.ingest import read_manifest
     from blendsign.model_package import log_model
-    from blendsign.registry import Promotion, check_promotion_metric, model_card, register_version
+    from blendsign.registry import Promotion, baseline_verdict, check_promotion_metric, model_card, register_version
 
     check_settings(metric=metric, register_mode=mode, margin=margin)
     cv_dir = Path(cv_dir)
@@ -502,18 +502,24 @@ def register_step(cfg: Config, ref: RunRef, *, cv_dir: str | Path, ingest_dir: s
 
             write_training_scans(read_manifest(ingest_dir), out_dir / Path(SCANS_ARTIFACT).name)
             run.log_artifact(out_dir / Path(SCANS_ARTIFACT).name, str(Path(SCANS_ARTIFACT).parent))
+            shortfalls = baseline_verdict(metrics, cfg.eval.baseline_margin)
+            if shortfalls and not cfg.eval.refuse_below_baselines:
+                log.warning("not refused (preset %s: eval.refuse_below_baselines = false), although %s", cfg.preset,
+                            "; ".join(shortfalls))
+                tags["baseline_shortfalls"] = "; ".join(shortfalls)
             version, promotion = register_version(tracker.client, name=name, run_id=run.run_id, metric=metric,
                                                   value=value, margin=margin, tags=tags, card=card_of,
-                                                  head_to_head=HeadToHead.read(cv_dir / "evaluation"))
+                                                  head_to_head=HeadToHead.read(cv_dir / "evaluation"),
+                                                  refusals=shortfalls if cfg.eval.refuse_below_baselines else ())
             card = card_of(version, promotion)
             write_text_atomic(out_dir / "model_card.md", card)
             if card_path is not None:
                 write_text_atomic(card_path, card)
             run.log_artifact(out_dir / "model_card.md", "registry")
-            run.log_metrics({metric: value, "promoted": float(promotion.promoted)})
-        alias = "champion" if promotion.promoted else "challenger"
-        registered = {"registered_model": name, "model_version": version, "alias": alias,
-                      "promoted": promotion.promoted, "decision": promotion.text,
+            run.log_metrics({metric: value, "promoted": float(promotion.promoted),
+                             "rejected": float(promotion.rejected)})
+        registered = {"registered_model": name, "model_version": version, "alias": promotion.alias or "rejected",
+                      "promoted": promotion.promoted, "rejected": promotion.rejected, "decision": promotion.text,
                       "model_uri": f"models:/{name}@champion", "version_uri": model_uri}
         record = finish_pipeline_run(ref, cv_metrics=evaluation.cv_means(), registered=registered)
         return _published({**record, "cv_uri": str(cv_dir)})

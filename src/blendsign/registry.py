@@ -1,8 +1,11 @@
 """The champion-gated model registry and the model card.
 
-A new version of the registered model (default ``blendsign``) gets the alias ``champion`` only when its
-cross-validated promotion metric (default ``cv_auc_blend_sign``) beats the current champion's by more
-than a margin; otherwise it gets ``challenger``. The comparison is written into the version description.
+A new version of the registered model (default ``blendsign``) is first judged against trivial models
+(:func:`baseline_verdict`: every class's CV AUC above chance by a margin, accuracy at least the majority class's
+share): one that fails is ``rejected`` (a version tag, no alias), the first version too. Otherwise it gets the
+alias ``champion`` only when its cross-validated promotion metric (default ``cv_auc_blend_sign``) beats the
+current champion's by more than a margin, else ``challenger``. The decision is written into the version
+description.
 Every version carries tags (data fingerprint, git commit, preset, CV metrics) and a model card.
 """
 
@@ -11,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +46,20 @@ class Promotion:
     champion_value: float | None  # the previous champion's metric (None: there was none)
     champion_version: str | None
     text: str
+    rejected: bool = False  # refused by the baseline gate: neither champion nor challenger
+
+    @property
+    def alias(self) -> str | None:
+        """The alias this version gets: champion, challenger, or none (rejected)."""
+        return CHAMPION if self.promoted else None if self.rejected else CHALLENGER
+
+
+def baseline_verdict(metrics: dict[str, Any], margin: float) -> list[str]:
+    """:func:`blendsign.baselines.shortfalls` of an evaluation's ``metrics.json`` (:func:`evaluate.read_metrics`);
+    one made before baselines existed is judged on its AUCs alone."""
+    from blendsign.baselines import shortfalls
+
+    return shortfalls(metrics["cv"], {k: b["cv"] for k, b in metrics.get("baselines", {}).items()}, margin)
 
 
 CV_BASIS = "cross-validated, each version on the data it was trained with"
@@ -118,6 +135,7 @@ def model_card(*, name: str, version: str, mode: str, preset: str, metrics: dict
         "",
         "Scan level: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.get("scan", {}).items()) + ".",
         "",
+        *_baseline_section(metrics),
         "## Limitations",
         "- The paper's data came from one hospital and an Asian population; performance on other scanners, "
         "protocols and populations must be checked locally before use.",
@@ -126,13 +144,29 @@ def model_card(*, name: str, version: str, mode: str, preset: str, metrics: dict
         "- Labels are a majority vote of readers who disagree most on the blend sign (κ above); the model "
         "inherits that uncertainty, which self-knowledge distillation only partly absorbs.",
         "- Grad-CAM and the detection boxes are coarse localisations, not segmentations.",
-        "- If this model was trained on the embedded synthetic cohort (preset `demo` or `ci`), its numbers say "
-        "nothing about clinical performance.",
+        (f"- Trained with preset `{preset}`, which is made for the embedded synthetic cohort (`make demo`, the "
+         "test suite): its numbers say nothing about clinical performance, and it has never seen a real CT."
+         if preset in ("demo", "ci") else
+         f"- Trained with preset `{preset}` on the dataset above; whether that data resembles the site's own must "
+         "be checked there."),
         "",
         "## Registry decision",
         promotion.text,
         "",
     ])
+
+
+def _baseline_section(metrics: dict[str, Any]) -> list[str]:
+    """The card's comparison with the trivial baselines (none for an evaluation made before they existed)."""
+    from blendsign.baselines import baseline_table
+
+    baselines = {k: b["cv"] for k, b in metrics.get("baselines", {}).items()}
+    if not baselines:
+        return []
+    return ["## Against trivial baselines", "The same held-out folds (mean over folds): `prior` = the training "
+            "class shares for every slice (no skill), `hu_rule` = one HU feature per slice (share of intracranial "
+            "pixels at acute-blood density) with a logistic regression.", "",
+            baseline_table(metrics["cv"], baselines), ""]
 
 
 def _champion(client: Any, name: str, metric: str) -> tuple[str | None, float | None, str | None]:
@@ -160,13 +194,14 @@ class Registration:
 
 
 def prepare(client: Any, *, name: str, run_id: str, metric: str, value: float, margin: float,
-            head_to_head: HeadToHead | None = None) -> Registration:
+            head_to_head: HeadToHead | None = None, refusals: Sequence[str] = ()) -> Registration:
     """The version of ``name`` logged from ``run_id`` (the latest, if several) and the gate's decision against
     the champion as it is now. Writes nothing. ``client`` is an ``mlflow.MlflowClient``.
 
     With ``head_to_head`` (:mod:`blendsign.head_to_head`) comparing this very champion on scans it never trained
     on, the gate compares the two there; otherwise ``value`` (the cross-validated metric) against the
-    champion's own, and the decision says why."""
+    champion's own, and the decision says why. ``refusals`` (:func:`baseline_verdict`): the version is rejected
+    whatever the champion, the first version too."""
     versions = [v for v in client.search_model_versions(f"name='{name}'") if v.run_id == run_id]
     if not versions:
         raise ValueError(f"no version of {name!r} was logged from run {run_id}")
@@ -184,8 +219,12 @@ def prepare(client: Any, *, name: str, run_id: str, metric: str, value: float, m
                       "current champion")
         else:
             basis += f"; no held-out comparison: {head_to_head.reason or f'{metric} undefined on the new scans'}"
-    promotion = decide(new_value, champion_value, metric=metric, margin=margin, champion_version=champion_version,
-                       basis=basis)
+    if refusals:
+        promotion = Promotion(False, value, champion_value, champion_version,
+                              "rejected: no better than a trivial model: " + "; ".join(refusals), rejected=True)
+    else:
+        promotion = decide(new_value, champion_value, metric=metric, margin=margin,
+                           champion_version=champion_version, basis=basis)
     return Registration(name, version, metric, value, promotion, token)
 
 
@@ -222,15 +261,17 @@ def publish(client: Any, reg: Registration, *, tags: dict[str, str], card: Calla
         client.update_model_version(reg.name, reg.version, description=card(decision))
 
     describe(promotion)
+    if promotion.rejected:
+        client.set_model_version_tag(reg.name, reg.version, "rejected", "true")
     if promotion.promoted:
         try:
             _move_champion(client, reg.name, reg.version, promotion.champion_version)
         except ChampionChangedError as exc:
             promotion = _refused(promotion, str(exc))
             describe(promotion)
-    if not promotion.promoted:
+    if promotion.alias == CHALLENGER:
         client.set_registered_model_alias(reg.name, CHALLENGER, reg.version)
-    log.info("%s v%s: %s", reg.name, reg.version, promotion.text)
+    (log.warning if promotion.rejected else log.info)("%s v%s: %s", reg.name, reg.version, promotion.text)
     return promotion
 
 
@@ -251,6 +292,7 @@ def register_version(
     tags: dict[str, str],
     card: Callable[[str, Promotion], str] | str,
     head_to_head: HeadToHead | None = None,
+    refusals: Sequence[str] = (),
 ) -> tuple[str, Promotion]:
     """Register the model logged in ``run_id`` (latest version of ``name`` from that run) behind the gate:
     :func:`prepare`, then :func:`publish` with ``card`` (text, or made from the version and the final decision).
@@ -258,7 +300,7 @@ def register_version(
     ``client`` is an ``mlflow.MlflowClient``. Returns (version, final decision).
     """
     reg = prepare(client, name=name, run_id=run_id, metric=metric, value=value, margin=margin,
-                  head_to_head=head_to_head)
+                  head_to_head=head_to_head, refusals=refusals)
     return reg.version, publish(client, reg, tags=tags,
                                 card=lambda decision: card(reg.version, decision) if callable(card) else card)
 
