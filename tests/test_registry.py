@@ -215,7 +215,7 @@ def test_model_card_says_what_a_reader_needs() -> None:
                       command="blendsign run")
     needles = ("## Intended use", "## Limitations", "Asian population", "prevalence", "0.900 ± 0.010 [0.850, 0.950]",
                "f00d", "blend_sign 0.79", "postoperative 65", "promoted: first champion", "blendsign run",
-               "Trained with preset `paper` on the dataset above")
+               "Trained with preset `paper` on the dataset above", "`out_of_distribution`")
     for needle in needles:
         assert needle in card, needle
     assert "## Against trivial baselines" not in card  # an evaluation from before the baselines

@@ -639,6 +639,10 @@ def _run_predict(args: argparse.Namespace) -> int:
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print()
     print(scans.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    flagged = int(scans["out_of_distribution"].sum())
+    if flagged:
+        print(f"\n{flagged} slice(s) lie outside what the model was trained on (out_of_distribution): their "
+              "probabilities say little; see the model card for its training data", file=sys.stderr)
     return 0
 
 

@@ -90,19 +90,22 @@ def predict(
     desc: str = "predict",
     progress: bool = True,
 ) -> dict[str, np.ndarray]:
-    """Logits ``[n, 3]``, labels ``[n]`` and dataset indices ``[n]`` over ``loader`` (eval mode)."""
+    """Logits ``[n, 3]``, labels ``[n]``, dataset indices ``[n]`` and the pooled last-block features ``[n, C]``
+    (the classification branch's GAP output; :mod:`blendsign.ood`) over ``loader`` (eval mode)."""
     model.eval()
-    logits, labels, index = [], [], []
+    logits, labels, index, pooled = [], [], [], []
     for batch in progress_bar(loader, desc=desc, unit="batch", enabled=progress, leave=False):
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
             out = model(_inputs(batch, device, channels_last))
         logits.append(out["logits"].float().cpu())
+        pooled.append(out["features"].float().mean(dim=(2, 3)).cpu())
         labels.append(batch["label"])
         index.append(batch["index"])
     return {
         "logits": torch.cat(logits).numpy() if logits else np.zeros((0, 3), np.float32),
         "labels": torch.cat(labels).numpy() if labels else np.zeros(0, np.int64),
         "index": torch.cat(index).numpy() if index else np.zeros(0, np.int64),
+        "features": torch.cat(pooled).numpy() if pooled else np.zeros((0, 0), np.float32),
     }
 
 

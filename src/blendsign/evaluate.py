@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from blendsign import CLASSES, METRICS
+from blendsign import CLASSES, METRICS, ood
 from blendsign.baselines import NAMES as BASELINES
 from blendsign.baselines import baseline_table, blood_share, fold_baselines, shortfalls
 from blendsign.config import Config
@@ -169,6 +169,7 @@ def evaluate(
     folds = sorted(set(everything.fold.tolist()))
     feature = _features(everything, "baseline features", progress)
     base_fold: dict[str, dict[int, dict[str, float]]] = {name: {} for name in BASELINES}
+    ood_flagged: dict[int, float] = {}  # share of held-out slices the fold model calls out of distribution
     rows: dict[str, list[Any]] = {k: [] for k in ("scan_id", "slice_index", "instance_key", "fold", "label")}
     probs_all, per_fold, roc_folds, cams = [], {}, [], []
     fold_runs: dict[int, str | None] = {}
@@ -190,6 +191,9 @@ def evaluate(
         order = np.argsort(pred["index"])
         probs, labels = softmax(pred["logits"][order]), pred["labels"][order]
         per_fold[k] = per_class_metrics(probs, labels)
+        ood_state = torch.load(checkpoint, map_location="cpu", weights_only=False).get("ood")
+        if ood_state is not None:
+            ood_flagged[k] = float((ood.score(ood_state, torch.from_numpy(pred["features"])) > 1.0).float().mean())
         for name, base in fold_baselines(np.array([feature[key] for key in train_index.instance_key]),
                                          train_index.label, np.array([feature[key] for key in val.instance_key])
                                          ).items():
@@ -244,7 +248,8 @@ def evaluate(
     metrics = {"per_fold": per_fold, "cv": cv, "ci": ci, "scan": scan,
                "ece": {c: cal[c]["ece"] for c in CLASSES}, "decision_rule": "argmax",
                "slices": len(labels), "scans": len(set(rows["scan_id"])),
-               "baselines": {name: {"per_fold": base_fold[name], "cv": base_cv[name]} for name in BASELINES}}
+               "baselines": {name: {"per_fold": base_fold[name], "cv": base_cv[name]} for name in BASELINES},
+               "ood_flagged": ood_flagged}
     write_json_atomic(out_dir / METRICS_FILE, metrics)
     result = EvalResult(out_dir, per_fold, cv, ci, scan, figures, base_cv)
     report = ["# Cross-validated evaluation", "", f"{len(folds)} folds, {len(labels)} slices of "
@@ -264,6 +269,9 @@ def evaluate(
               "Scan level (most suspicious slice per scan): "
               + ", ".join(f"{k} {v:.3f}" for k, v in scan.items()), "",
               "Expected calibration error: " + ", ".join(f"{c} {cal[c]['ece']:.3f}" for c in CLASSES), "",
+              *([f"Out-of-distribution flag (Mahalanobis distance of the features; threshold: the "
+                 f"{ood.QUANTILE:g} quantile of held-out training slices): held-out slices flagged per fold "
+                 + ", ".join(f"{k} {v:.1%}" for k, v in ood_flagged.items()) + ".", ""] if ood_flagged else []),
               *[f"![{p.stem}]({p.name})" for p in figures], ""]
     write_text_atomic(out_dir / REPORT_FILE, "\n".join(report))
     # the same report with its figures inlined: Kubeflow's HTML viewer shows no relative images
@@ -280,6 +288,8 @@ def evaluate(
                 flat |= {f"ci_high_{key}": v[1] for key, v in ci.items()}
                 flat |= {f"scan_{key}": v for key, v in scan.items()} | {f"ece_{c}": cal[c]["ece"] for c in CLASSES}
                 flat |= {f"baseline_{name}_cv_{key}": v[0] for name, b in base_cv.items() for key, v in b.items()}
+                if ood_flagged:
+                    flat["ood_flagged_share"] = float(np.mean(list(ood_flagged.values())))
                 r.log_metrics(finite(flat))
                 files = (REPORT_FILE, HTML_REPORT_FILE, METRICS_FILE, PREDICTIONS_FILE)
                 for path in (*figures, *(out_dir / f for f in files)):

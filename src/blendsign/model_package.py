@@ -65,6 +65,8 @@ def signature() -> Any:
         *(ColSpec(DataType.double, c, required=False) for c in PROB_COLUMNS),
         ColSpec(DataType.string, "label", required=False),
         ColSpec(Array(Array(DataType.double)), "boxes", required=False),
+        ColSpec(DataType.double, "ood_score", required=False),
+        ColSpec(DataType.boolean, "out_of_distribution", required=False),
         ColSpec(DataType.string, "error", required=False),
         ColSpec(DataType.string, GRADCAM_COLUMN, required=False),
     ])

@@ -49,7 +49,8 @@ def predict_paths(
     """Score DICOM files and folders (recursive, any file name); ``chunk`` files are held in memory at a time.
 
     Returns ``slices`` (``file`` relative to the folder given, ``scan``, the model's output columns) and ``scans``
-    (``scan``, ``slices``, ``errors``, ``max_p_blend_sign``, ``max_p_ich`` = max of 1 − p_non_ich, ``top_file``).
+    (``scan``, ``slices``, ``errors``, ``out_of_distribution`` (slices flagged), ``max_p_blend_sign``, ``max_p_ich``
+    = max of 1 − p_non_ich, ``top_file``).
     Scans are the files' series, named ``scan000``, ``scan001``… in file order: no original UID is returned;
     files without a series (unreadable) are scan ``""``.
     """
@@ -82,12 +83,15 @@ def _aggregate(slices: pd.DataFrame) -> pd.DataFrame:
         p_blend = group["p_blend_sign"].astype("float64")
         p_ich = 1.0 - group["p_non_ich"].astype("float64")
         ok = p_blend.notna()
+        flagged = group["out_of_distribution"].astype("boolean") if "out_of_distribution" in group else None
         rows.append({
             "scan": scan,
             "slices": len(group),
             "errors": int(group["error"].notna().sum()),
+            "out_of_distribution": int(flagged.fillna(False).sum()) if flagged is not None else 0,
             "max_p_blend_sign": float(p_blend.max()) if ok.any() else float("nan"),
             "max_p_ich": float(p_ich.max()) if ok.any() else float("nan"),
             "top_file": str(group.loc[p_blend.idxmax(), "file"]) if ok.any() else None,
         })
-    return pd.DataFrame(rows, columns=["scan", "slices", "errors", "max_p_blend_sign", "max_p_ich", "top_file"])
+    return pd.DataFrame(rows, columns=["scan", "slices", "errors", "out_of_distribution", "max_p_blend_sign",
+                                       "max_p_ich", "top_file"])

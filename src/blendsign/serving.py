@@ -22,6 +22,7 @@ import base64
 import binascii
 import io
 import logging
+import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -40,7 +41,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from torch import Tensor
 
-from blendsign import CLASSES
+from blendsign import CLASSES, ood
 from blendsign.config import Config, DataConfig, IngestConfig
 from blendsign.dicom import (
     PIXEL_DATA_TAGS,
@@ -65,8 +66,10 @@ log = logging.getLogger(__name__)
 
 DICOM_COLUMN = "dicom"
 PROB_COLUMNS = tuple(f"p_{c}" for c in CLASSES)
-OUTPUT_COLUMNS = (*PROB_COLUMNS, "label", "boxes", "error")
+OOD_COLUMNS = ("ood_score", "out_of_distribution")  # blendsign.ood: score / threshold, and score > 1
+OUTPUT_COLUMNS = (*PROB_COLUMNS, "label", "boxes", *OOD_COLUMNS, "error")
 GRADCAM_COLUMN = "gradcam_png"
+_DTYPES = {**dict.fromkeys(PROB_COLUMNS, "Float64"), "ood_score": "Float64", "out_of_distribution": "boolean"}
 MAX_SIDE = 4096  # larger slices are refused before their pixels are decoded (CT is 512², rarely 1024²)
 DEFAULT_BATCH_SIZE = 8  # slices per forward pass: bounds memory whatever the request size
 BOX_THRESHOLD = 0.3  # center probability of a reported box (targets.decode_boxes' default)
@@ -227,21 +230,27 @@ class _Ensemble:
     ingest: IngestConfig  # which images the models were trained on
     stride: int
     device: torch.device
+    ood: tuple[dict[str, Any] | None, ...] = ()  # per model (blendsign.ood); None: a checkpoint without one
 
     @torch.no_grad()
-    def __call__(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``x [N, 3, S, S]`` (on ``device``) → mean softmax ``[N, K]`` and mean detection map ``[N, 5, h, w]``
-        (channel 0 a logit), on the CPU."""
-        probs, heat, dist = [], [], []
-        for model in self.models:
+    def __call__(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``x [N, 3, S, S]`` (on ``device``) → mean softmax ``[N, K]``, mean detection map ``[N, 5, h, w]``
+        (channel 0 a logit) and the members' mean OOD score ``[N]`` (each relative to its own threshold; NaN
+        when a member has no OOD state), on the CPU."""
+        probs, heat, dist, ood_scores = [], [], [], []
+        for model, state in zip(self.models, self.ood or (None,) * len(self.models), strict=True):
             out = model(x)
             probs.append(out["logits"].float().softmax(dim=1))
             heat.append(out["det"][:, :1].float())
             dist.append(out["det"][:, 1:].float())
+            ood_scores.append(ood.score(state, out["features"].float().mean(dim=(2, 3))) if state is not None
+                              else torch.full((len(x),), math.nan, device=x.device))
+        score = torch.stack(ood_scores).mean(dim=0).cpu()
         if len(self.models) == 1:
-            return probs[0].cpu(), torch.cat([heat[0], dist[0]], dim=1).cpu()
+            return probs[0].cpu(), torch.cat([heat[0], dist[0]], dim=1).cpu(), score
         center = torch.stack(heat).sigmoid().mean(dim=0).logit(eps=1e-6)  # average probabilities, back to a logit
-        return torch.stack(probs).mean(dim=0).cpu(), torch.cat([center, torch.stack(dist).mean(dim=0)], dim=1).cpu()
+        det = torch.cat([center, torch.stack(dist).mean(dim=0)], dim=1).cpu()
+        return torch.stack(probs).mean(dim=0).cpu(), det, score
 
     def cam(self, x: Tensor, target: int) -> Tensor:
         """Grad-CAM ``[S, S]`` in [0, 1] of one input ``x [3, S, S]`` for class ``target``, averaged over members."""
@@ -250,14 +259,15 @@ class _Ensemble:
         return (total / peak if peak > 0 else total).cpu()  # type: ignore[union-attr, operator]
 
 
-def _load_checkpoint(path: str | Path, device: torch.device) -> tuple[BlendSignNet, Config]:
-    """A served checkpoint (``model`` state dict + ``config``) → model on ``device`` in eval mode, frozen."""
+def _load_checkpoint(path: str | Path, device: torch.device) -> tuple[BlendSignNet, Config, dict[str, Any] | None]:
+    """A served checkpoint (``model`` state dict + ``config``, ``ood`` state) → model on ``device`` in eval mode,
+    frozen; its config; its OOD state (None in a checkpoint from before it existed)."""
     state = torch.load(path, map_location="cpu", weights_only=True)  # artifacts hold tensors and plain data only
     cfg = Config.from_dict(state["config"])
     model = BlendSignNet(cfg.model.backbone, num_classes=cfg.model.num_classes, det_channels=cfg.model.det_channels)
     model.load_state_dict(state["model"])  # the trained weights: no backbone initialisation first
     model.to(device).eval().requires_grad_(False)
-    return model, cfg
+    return model, cfg, state.get("ood")
 
 
 def check_compatible(configs: Sequence[Config]) -> None:
@@ -313,10 +323,14 @@ class BlendSignModel(mlflow.pyfunc.PythonModel):
             raise ValueError("no checkpoints to serve")
         target = resolve_device(device or self.settings.device)
         loaded = [_load_checkpoint(p, target) for p in paths]
-        check_compatible([cfg for _, cfg in loaded])
-        models = tuple(m for m, _ in loaded)
+        check_compatible([cfg for _, cfg, _ in loaded])
+        models = tuple(m for m, _, _ in loaded)
         cfg = loaded[0][1]
-        self._ensemble = _Ensemble(models, cfg.data, cfg.ingest, models[0].stride, target)
+        self._ensemble = _Ensemble(models, cfg.data, cfg.ingest, models[0].stride, target,
+                                   tuple(state for _, _, state in loaded))
+        if any(state is None for _, _, state in loaded):
+            log.warning("a checkpoint has no out-of-distribution statistics (trained before they existed): "
+                        "ood_score is empty and no slice is flagged")
         where = torch.cuda.get_device_name(target) if target.type == "cuda" else "CPU"
         log.info("serving %d trained %s model(s) (preset %s) on %s (%s), %d slices per forward pass, at most %d "
                  "per request", len(models), cfg.model.backbone, cfg.preset, target, where, self.batch_size,
@@ -330,7 +344,7 @@ class BlendSignModel(mlflow.pyfunc.PythonModel):
     def probabilities(self, x: Tensor) -> np.ndarray:
         """Preprocessed slices ``x [N, 3, S, S]`` → the ensemble's class probabilities ``[N, K]``."""
         ens = self._loaded()
-        probs, _ = ens(x.to(ens.device))
+        probs, _, _ = ens(x.to(ens.device))
         return probs.numpy()
 
     def _loaded(self) -> _Ensemble:
@@ -355,8 +369,7 @@ class BlendSignModel(mlflow.pyfunc.PythonModel):
         columns = [*OUTPUT_COLUMNS, *([GRADCAM_COLUMN] if explain else [])]
         return pd.DataFrame(
             {  # probabilities Float64: missing → <NA> in pandas, null in JSON (NaN is not JSON); text stays object
-                c: pd.Series([r[c] for r in rows], dtype="Float64" if c in PROB_COLUMNS else object,
-                             index=model_input.index)
+                c: pd.Series([r[c] for r in rows], dtype=_DTYPES.get(c, object), index=model_input.index)
                 for c in columns
             },
             index=model_input.index,
@@ -365,7 +378,7 @@ class BlendSignModel(mlflow.pyfunc.PythonModel):
     @staticmethod
     def _empty_row(explain: bool) -> dict[str, Any]:
         row: dict[str, Any] = {c: None for c in PROB_COLUMNS}
-        row.update(label=None, boxes=[], error=None)
+        row.update(label=None, boxes=[], ood_score=None, out_of_distribution=None, error=None)
         if explain:
             row[GRADCAM_COLUMN] = None
         return row
@@ -393,7 +406,7 @@ class BlendSignModel(mlflow.pyfunc.PythonModel):
         if not good:
             return
         x = torch.stack(inputs).to(ens.device)  # [B, 3, S, S]
-        probs, det = ens(x)  # [B, K], [B, 5, h, w] on the CPU
+        probs, det, ood_score = ens(x)  # [B, K], [B, 5, h, w], [B] on the CPU
         size = ens.data.size
         for b, i in enumerate(good):
             p = probs[b].tolist()
@@ -407,6 +420,9 @@ class BlendSignModel(mlflow.pyfunc.PythonModel):
                 boxes=[[round(x0 * sx, 2), round(y0 * sy, 2), round(x1 * sx, 2), round(y1 * sy, 2), round(s, 4)]
                        for x0, y0, x1, y1, s in boxes.tolist()],
             )
+            score = float(ood_score[b])
+            if not math.isnan(score):
+                rows[i].update(ood_score=score, out_of_distribution=score > 1.0)
             hu = slices[b]
             if hu is not None:
                 rows[i][GRADCAM_COLUMN] = _gradcam_png(ens, x[b], k, hu)

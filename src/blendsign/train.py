@@ -298,7 +298,8 @@ def train(
                         "history": history, "config": cfg.to_dict(), "run_id": run_id, "fold": fold,
                         "trained_on": source}
                 if epoch + 1 == cfg.train.epochs:  # before last.pt says "finished"
-                    _save({**ckpt, "optimizer": None, "scheduler": None, "scaler": None}, out_dir / MODEL)
+                    _save({**ckpt, "optimizer": None, "scheduler": None, "scaler": None,
+                           "ood": _fit_ood(model, train_index, cfg, device, stride, progress)}, out_dir / MODEL)
                 _save(ckpt, out_dir / CHECKPOINT)
                 write_json_atomic(out_dir / "history.json", history)
                 if on_checkpoint is not None:
@@ -313,6 +314,22 @@ def train(
             run.log_artifact(out_dir / "config.json")
             run.log_artifact(out_dir / "history.json")
     return TrainResult(out_dir, fold, len(history), run_id, history)
+
+
+def _fit_ood(model: torch.nn.Module, index: SliceIndex, cfg: Config, device: torch.device, stride: int,
+             progress: bool) -> dict[str, Any]:
+    """The final model's out-of-distribution state (:func:`blendsign.ood.fit`) from its training slices under
+    evaluation preprocessing."""
+    from blendsign import ood
+
+    ds = SliceDataset(index, cfg.data, stride=stride, min_overlap=cfg.loss.gaussian_min_overlap, augment=False)
+    pred = predict(model, make_loader(ds, batch_size=cfg.train.batch_size, shuffle=False, workers=cfg.data.workers),
+                   device=device, desc="out-of-distribution statistics", progress=progress)
+    groups = np.asarray(index.scan_id)[pred["index"]]
+    state = ood.fit(pred["features"], pred["labels"], groups)
+    log.info("out-of-distribution threshold %.3g (the %g quantile of held-out training slices' distances)",
+             state["threshold"], state["quantile"])
+    return state
 
 
 def _brief(m: dict[str, float]) -> str:
