@@ -202,3 +202,31 @@ def test_auto_serves_on_the_gpu_with_the_cpu_result(tmp_path: Path) -> None:
     cols = list(serving.PROB_COLUMNS)
     np.testing.assert_allclose(gpu.predict(None, df)[cols].to_numpy(float), cpu.predict(None, df)[cols]
                                .to_numpy(float), atol=1e-3)
+
+
+def test_a_head_cropping_model_serves_boxes_and_grad_cam_in_slice_pixels(tmp_path: Path) -> None:
+    """With data.crop_head the input is the head's square: the served boxes are the hand-made ones mapped back
+    from that square (transforms.unscale_boxes), and the Grad-CAM PNG keeps the slice's size."""
+    from blendsign.transforms import head_crop, unscale_boxes
+
+    make_checkpoint(tmp_path / "model.pt")
+    state = torch.load(tmp_path / "model.pt", weights_only=False)
+    state["config"]["data"]["crop_head"] = True
+    torch.save(state, tmp_path / "model.pt")
+    model = serving.BlendSignModel()
+    model.load_checkpoints([tmp_path / "model.pt"], device="cpu")
+    net, cfg = load_model(tmp_path / "model.pt", torch.device("cpu"))
+    data = dicom_bytes("693_UNCI.dcm")
+    hu = torch.from_numpy(hu_from_dataset(pydicom.dcmread(io.BytesIO(data))))
+    crop = head_crop(hu, cfg.data)
+    assert crop is not None and crop[2] < 512  # the head is smaller than the field of view
+    with torch.no_grad():
+        out = net(preprocess(hu, cfg.data)[None])
+    expected = unscale_boxes(decode_boxes(out["det"][0], stride=net.stride, threshold=serving.BOX_THRESHOLD),
+                             512, 512, cfg.data.size, crop).numpy()
+    row = model.predict(None, pd.DataFrame({"dicom": [data]}), params={"explain": True}).iloc[0]
+    assert row["error"] is None and len(row["boxes"]) == len(expected) > 0
+    np.testing.assert_allclose(np.array(row["boxes"]), expected, atol=0.01)
+    np.testing.assert_allclose(row["p_non_ich"], out["logits"][0].softmax(0)[0].item(), atol=1e-5)
+    png = Image.open(io.BytesIO(base64.b64decode(row["gradcam_png"])))
+    assert png.size == (512, 512)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from blendsign.config import DataConfig
-from blendsign.transforms import Augment, preprocess, scale_boxes, window
+from blendsign.transforms import Augment, head_crop, preprocess, scale_boxes, unscale_boxes, window
 
 PAPER = DataConfig()
 
@@ -35,6 +35,39 @@ def test_scale_boxes() -> None:
     boxes = torch.tensor([[10.0, 20.0, 30.0, 60.0]])
     torch.testing.assert_close(scale_boxes(boxes, rows=200, cols=100, size=50),
                                torch.tensor([[5.0, 5.0, 15.0, 15.0]]))
+
+
+def test_head_crop_is_the_square_around_the_head() -> None:
+    """A 40×20 head (rows 30–69, columns 50–69) in air: side 40 + 2·5 % → 44, centred on the head."""
+    hu = torch.full((128, 128), -1000, dtype=torch.int16)
+    hu[30:70, 50:70] = 40
+    hu[120:124, 0:128] = 0  # the table: a separate, smaller region
+    cfg = replace(PAPER, crop_head=True, size=64)
+    assert head_crop(hu, cfg) == ((30 + 70 - 44) // 2, (50 + 70 - 44) // 2, 44) == (28, 38, 44)
+    assert head_crop(hu, PAPER) is None  # off: the whole slice, as the paper
+    assert head_crop(torch.full((8, 8), -1000, dtype=torch.int16), cfg) is None  # nothing but air
+    x = preprocess(hu, cfg)
+    canvas = hu[28:72, 38:82].clone()
+    torch.testing.assert_close(x, preprocess(canvas, replace(cfg, crop_head=False)))
+
+
+def test_head_crop_beyond_the_slice_pads_with_air() -> None:
+    hu = torch.full((32, 32), -1000, dtype=torch.int16)
+    hu[0:32, 4:12] = 60  # the head touches the top and bottom edges: the square reaches beyond them
+    cfg = replace(PAPER, crop_head=True, crop_margin=0.0, size=32)
+    assert head_crop(hu, cfg) == (0, -8, 32)
+    x = preprocess(hu, cfg)
+    assert float(x[:, :, :8].max()) == 0.0  # padded columns are air: every window 0
+
+
+def test_boxes_map_into_the_crop_and_back() -> None:
+    boxes = torch.tensor([[40.0, 30.0, 60.0, 50.0, 0.9]])
+    crop = (28, 38, 44)
+    inside = scale_boxes(boxes[:, :4], 128, 128, 88, crop)
+    torch.testing.assert_close(inside, torch.tensor([[4.0, 4.0, 44.0, 44.0]]))  # (x − 38)·2, (y − 28)·2
+    torch.testing.assert_close(unscale_boxes(torch.cat([inside, boxes[:, 4:]], 1), 128, 128, 88, crop), boxes)
+    plain = scale_boxes(boxes[:, :4], 200, 100, 50)
+    torch.testing.assert_close(unscale_boxes(plain, 200, 100, 50), boxes[:, :4])
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -126,6 +126,11 @@ class DataConfig:
     size: int = 512  # paper §Data pre-processing: every slice resized to 512×512
     # (WL, WW) per channel, paper §Data pre-processing: tissue → R, brain → G, blood → B
     windows: tuple[tuple[float, float], ...] = ((40.0, 40.0), (50.0, 100.0), (60.0, 40.0))
+    # not in the paper: crop each slice to the square around the head before resizing (air, table and headrest
+    # out of the picture, more pixels on the brain; RSNA 2019's second place gained from it); transforms.head_crop
+    crop_head: bool = False
+    crop_threshold_hu: float = -500.0  # pixels above this are the head (skin −100…, bone, brain), below it air
+    crop_margin: float = 0.05  # share of the head's extent added on each side of the square
     augment: bool = True  # paper §Data augmentation: random flip, shift, rotation, scaling per slice
     hflip_p: float = 0.5  # left-right flip probability (paper gives none: an even coin)
     max_rotation_deg: float = 10.0  # paper §Data augmentation: rotations up to 10°

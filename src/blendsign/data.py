@@ -24,7 +24,7 @@ from blendsign import CLASSES
 from blendsign.config import DataConfig
 from blendsign.folds import FOLDS_FILE
 from blendsign.targets import encode_targets
-from blendsign.transforms import Augment, preprocess, scale_boxes
+from blendsign.transforms import Augment, head_crop, preprocess, scale_boxes
 
 CLASS_INDEX = {name: i for i, name in enumerate(CLASSES)}
 
@@ -173,8 +173,10 @@ class SliceDataset(Dataset):
         epoch, i = key if isinstance(key, tuple) else (0, key)
         ix = self.index
         hu = read_slice_hu(ix.file[i], int(ix.row_group[i]), int(ix.offset[i]), int(ix.rows[i]), int(ix.cols[i]))
-        image = preprocess(torch.from_numpy(hu.copy()), self.cfg)  # [3, S, S]
-        boxes = scale_boxes(torch.from_numpy(ix.boxes[i]), int(ix.rows[i]), int(ix.cols[i]), self.cfg.size)
+        hu_t = torch.from_numpy(hu.copy())
+        crop = head_crop(hu_t, self.cfg)
+        image = preprocess(hu_t, self.cfg, crop)  # [3, S, S]
+        boxes = scale_boxes(torch.from_numpy(ix.boxes[i]), int(ix.rows[i]), int(ix.cols[i]), self.cfg.size, crop)
         if self.augment is not None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed((self.seed * 1_000_003 + epoch * 100_003 + i) % (2**63))

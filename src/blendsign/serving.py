@@ -55,7 +55,7 @@ from blendsign.ingest import series_role
 from blendsign.model import BlendSignNet
 from blendsign.targets import decode_boxes
 from blendsign.train import resolve_device
-from blendsign.transforms import preprocess, window
+from blendsign.transforms import Crop, head_crop, preprocess, unscale_boxes, window
 
 __all__ = [
     "DICOM_COLUMN", "OUTPUT_COLUMNS", "BlendSignModel", "RequestError", "ServeSettings", "read_slice",
@@ -214,10 +214,11 @@ def read_slice(value: Any, ingest: IngestConfig | None = None) -> np.ndarray:
         raise RowError(f"pixel data cannot be decoded ({type(exc).__name__})") from None
 
 
-def to_model_input(hu: np.ndarray, cfg: DataConfig) -> Tensor:
-    """HU ``[rows, cols]`` → model input ``[3, size, size]``: exactly :func:`blendsign.transforms.preprocess`."""
+def to_model_input(hu: np.ndarray, cfg: DataConfig, crop: Crop | None = None) -> Tensor:
+    """HU ``[rows, cols]`` → model input ``[3, size, size]``: exactly :func:`blendsign.transforms.preprocess`
+    (``crop``: the slice's :func:`~blendsign.transforms.head_crop`, if already known)."""
     hu = np.ascontiguousarray(hu)
-    return preprocess(torch.from_numpy(hu if hu.flags.writeable else hu.copy()), cfg)  # torch wants writable
+    return preprocess(torch.from_numpy(hu if hu.flags.writeable else hu.copy()), cfg, crop)  # torch wants writable
 
 
 # --- the ensemble ----------------------------------------------------------------------------------------
@@ -390,10 +391,12 @@ class BlendSignModel(mlflow.pyfunc.PythonModel):
         inputs: list[Tensor] = []
         slices: list[np.ndarray | None] = []
         shapes: list[tuple[int, int]] = []
+        crops: list[Crop | None] = []
         for i, value in enumerate(values):
             try:
                 hu = read_slice(value, ens.ingest)
-                inputs.append(to_model_input(hu, ens.data))
+                crop = head_crop(torch.from_numpy(hu), ens.data)
+                inputs.append(to_model_input(hu, ens.data, crop))
             except RowError as exc:
                 rows[i]["error"] = str(exc)
                 continue
@@ -402,6 +405,7 @@ class BlendSignModel(mlflow.pyfunc.PythonModel):
                 continue
             good.append(i)
             shapes.append(hu.shape)
+            crops.append(crop)
             slices.append(hu if explain else None)
         if not good:
             return
@@ -413,26 +417,35 @@ class BlendSignModel(mlflow.pyfunc.PythonModel):
             k = int(probs[b].argmax())
             rows_px, cols_px = shapes[b]
             boxes = decode_boxes(det[b], stride=ens.stride, threshold=BOX_THRESHOLD)  # [M, 5] model-input px
-            sx, sy = cols_px / size, rows_px / size
+            native = unscale_boxes(boxes, rows_px, cols_px, size, crops[b])  # [M, 5] slice px
             rows[i].update(
                 {c: float(v) for c, v in zip(PROB_COLUMNS, p, strict=True)},
                 label=CLASSES[k],
-                boxes=[[round(x0 * sx, 2), round(y0 * sy, 2), round(x1 * sx, 2), round(y1 * sy, 2), round(s, 4)]
-                       for x0, y0, x1, y1, s in boxes.tolist()],
+                boxes=[[round(x0, 2), round(y0, 2), round(x1, 2), round(y1, 2), round(s, 4)]
+                       for x0, y0, x1, y1, s in native.tolist()],
             )
             score = float(ood_score[b])
             if not math.isnan(score):
                 rows[i].update(ood_score=score, out_of_distribution=score > 1.0)
             hu = slices[b]
             if hu is not None:
-                rows[i][GRADCAM_COLUMN] = _gradcam_png(ens, x[b], k, hu)
+                rows[i][GRADCAM_COLUMN] = _gradcam_png(ens, x[b], k, hu, crops[b])
 
 
-def _gradcam_png(ens: _Ensemble, x: Tensor, target: int, hu: np.ndarray) -> str:
-    """Base64 PNG ``rows × cols``: the slice's brain window (native resolution) under the class's Grad-CAM."""
+def _gradcam_png(ens: _Ensemble, x: Tensor, target: int, hu: np.ndarray, crop: Crop | None) -> str:
+    """Base64 PNG ``rows × cols``: the slice's brain window (native resolution) under the class's Grad-CAM
+    (mapped back from the head's square when the model crops; zero outside it)."""
     cam = ens.cam(x, target)  # [S, S]
     rows, cols = hu.shape
-    cam = F.interpolate(cam[None, None], size=(rows, cols), mode="bilinear", align_corners=False)[0, 0].clamp(0, 1)
+    if crop is None:
+        cam = F.interpolate(cam[None, None], size=(rows, cols), mode="bilinear", align_corners=False)[0, 0]
+    else:
+        top, left, side = crop
+        square = F.interpolate(cam[None, None], size=(side, side), mode="bilinear", align_corners=False)[0, 0]
+        y0, x0, y1, x1 = max(top, 0), max(left, 0), min(top + side, rows), min(left + side, cols)
+        cam = torch.zeros(rows, cols)
+        cam[y0:y1, x0:x1] = square[y0 - top : y1 - top, x0 - left : x1 - left]
+    cam = cam.clamp(0, 1)
     image = window(torch.from_numpy(np.ascontiguousarray(hu)), ens.data.windows)  # [3, rows, cols]
     return base64.b64encode(cam_to_png(image, cam)).decode("ascii")
 

@@ -1,4 +1,4 @@
-"""The one preprocessing definition: HU → three CT windows → resize; and the paper's augmentations.
+"""The one preprocessing definition: HU → (the head's square) → three CT windows → resize; the augmentations.
 
 Training, evaluation and serving all call ``preprocess``; only training adds ``Augment``.
 Paper §Data pre-processing and augmentation.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -33,18 +34,71 @@ def window(hu: Tensor, windows: Sequence[tuple[float, float]]) -> Tensor:
     return ((hu.to(torch.float32)[None] - (wl - ww / 2)) / ww).clamp_(0.0, 1.0)
 
 
-def preprocess(hu: Tensor, cfg: DataConfig) -> Tensor:
-    """One slice in HU ``[H, W]`` → model input ``[3, size, size]`` in [0, 1] (windows, then resize)."""
+Crop = tuple[int, int, int]  # (top, left, side) of a square in native pixels
+
+
+def head_crop(hu: Tensor, cfg: DataConfig) -> Crop | None:
+    """The square around the head when ``cfg.crop_head`` is on, else None (the whole slice is resized).
+
+    The bounding box of the largest connected region above ``cfg.crop_threshold_hu`` (skin, bone, brain and
+    blood; not air; the table and loose parts of a headrest are other regions), grown into a square about its
+    centre with ``cfg.crop_margin`` of its side on each side; None when no pixel is above the threshold. The
+    square may reach beyond the slice: :func:`preprocess` pads it with air.
+    """
+    if not cfg.crop_head:
+        return None
+    from scipy import ndimage
+
+    labels, n = ndimage.label((hu > cfg.crop_threshold_hu).cpu().numpy())  # [H, W], 4-connected
+    if n == 0:
+        return None
+    largest = int(np.bincount(labels.ravel())[1:].argmax()) + 1
+    rows, cols = np.nonzero((labels == largest).any(axis=1))[0], np.nonzero((labels == largest).any(axis=0))[0]
+    top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    side = max(bottom - top, right - left)
+    side = max(1, round(side * (1 + 2 * cfg.crop_margin)))
+    return (top + bottom - side) // 2, (left + right - side) // 2, side
+
+
+def preprocess(hu: Tensor, cfg: DataConfig, crop: Crop | None = None) -> Tensor:
+    """One slice in HU ``[H, W]`` → model input ``[3, size, size]`` in [0, 1]: the head's square
+    (:func:`head_crop`, when on), then the windows, then the resize. ``crop``: that square, if already known."""
+    crop = crop if crop is not None else head_crop(hu, cfg)
+    if crop is not None:
+        top, left, side = crop
+        h, w = hu.shape
+        canvas = torch.full((side, side), -1024, dtype=hu.dtype, device=hu.device)  # air beyond the slice
+        y0, x0, y1, x1 = max(top, 0), max(left, 0), min(top + side, h), min(left + side, w)
+        canvas[y0 - top : y1 - top, x0 - left : x1 - left] = hu[y0:y1, x0:x1]
+        hu = canvas
     x = window(hu, cfg.windows)  # [3, H, W]
     if x.shape[-2:] != (cfg.size, cfg.size):
         x = F.interpolate(x[None], size=(cfg.size, cfg.size), mode="bilinear", antialias=True, align_corners=False)[0]
     return x
 
 
-def scale_boxes(boxes: Tensor, rows: int, cols: int, size: int) -> Tensor:
-    """Boxes ``[K, 4]`` (x_min, y_min, x_max, y_max) in native pixels → pixels of the ``size``² input."""
-    scale = torch.tensor([size / cols, size / rows, size / cols, size / rows], dtype=torch.float32)
-    return boxes.to(torch.float32) * scale
+def scale_boxes(boxes: Tensor, rows: int, cols: int, size: int, crop: Crop | None = None) -> Tensor:
+    """Boxes ``[K, 4]`` (x_min, y_min, x_max, y_max) in native pixels → pixels of the ``size``² input (of the
+    ``crop`` square when given)."""
+    if crop is None:
+        scale = torch.tensor([size / cols, size / rows, size / cols, size / rows], dtype=torch.float32)
+        return boxes.to(torch.float32) * scale
+    top, left, side = crop
+    offset = torch.tensor([left, top, left, top], dtype=torch.float32)
+    return (boxes.to(torch.float32) - offset) * (size / side)
+
+
+def unscale_boxes(boxes: Tensor, rows: int, cols: int, size: int, crop: Crop | None = None) -> Tensor:
+    """The inverse of :func:`scale_boxes`: boxes ``[K, 4+]`` in input pixels → native pixels (extra columns,
+    such as a score, are kept)."""
+    out = boxes.to(torch.float32).clone()
+    if crop is None:
+        out[:, 0:4:2] *= cols / size
+        out[:, 1:4:2] *= rows / size
+        return out
+    top, left, side = crop
+    out[:, :4] = out[:, :4] * (side / size) + torch.tensor([left, top, left, top], dtype=torch.float32)
+    return out
 
 
 class Augment:
