@@ -128,3 +128,17 @@ def test_ddp_on_gloo_with_two_processes(cohort: dict[str, Path], tmp_path: Path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = torch.load(tmp_path / "ddp" / "last.pt", weights_only=False)
     assert ckpt["epoch"] == 1 and "module." not in next(iter(ckpt["model"]))
+
+
+def test_optimizer_is_the_papers_sgd_unless_a_preset_asks_for_adamw() -> None:
+    from blendsign.train import make_optimizer
+
+    net = torch.nn.Linear(2, 2)
+    paper = load_preset("paper")
+    sgd = make_optimizer(net, paper)
+    assert isinstance(sgd, torch.optim.SGD)
+    assert sgd.defaults["lr"] == 0.01 and sgd.defaults["momentum"] == 0.9 and sgd.defaults["weight_decay"] == 5e-4
+    adamw = make_optimizer(net, override(paper, train={"optimizer": "adamw", "lr": 1e-3}))
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["betas"] == (0.9, 0.999)
+    with pytest.raises(ValueError, match="train.optimizer must be 'sgd' or 'adamw', got 'adam'"):
+        make_optimizer(net, override(paper, train={"optimizer": "adam"}))

@@ -170,6 +170,7 @@ class TrainConfig:
     """Optimisation (paper §Training details)."""
 
     epochs: int = 50  # paper: 50 epochs
+    optimizer: str = "sgd"  # paper: SGD with momentum; "adamw" (not in the paper) for random-init quick runs
     batch_size: int = 16  # paper: mini-batch 16
     lr: float = 0.01  # paper: base learning rate 0.01
     momentum: float = 0.9  # paper: SGD momentum 0.9

@@ -245,8 +245,7 @@ def train(
         val_loader = make_loader(val_ds, batch_size=cfg.train.batch_size, shuffle=False,
                                  workers=cfg.data.workers, pin_memory=cuda)
 
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
-                                weight_decay=cfg.train.weight_decay)
+    optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _poly(cfg.train.epochs * len(train_loader), cfg.train.poly_power))
     amp = cfg.train.amp and cuda
@@ -314,6 +313,17 @@ def train(
             run.log_artifact(out_dir / "config.json")
             run.log_artifact(out_dir / "history.json")
     return TrainResult(out_dir, fold, len(history), run_id, history)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """SGD with momentum (paper §Training details), or AdamW (``train.optimizer = "adamw"``, betas (momentum,
+    0.999)), both with ``train.lr`` and ``train.weight_decay``."""
+    t = cfg.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.momentum, 0.999), weight_decay=t.weight_decay)
+    raise ValueError(f"train.optimizer must be 'sgd' or 'adamw', got {t.optimizer!r}")
 
 
 def _fit_ood(model: torch.nn.Module, index: SliceIndex, cfg: Config, device: torch.device, stride: int,
