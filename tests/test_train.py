@@ -140,5 +140,5 @@ def test_optimizer_is_the_papers_sgd_unless_a_preset_asks_for_adamw() -> None:
     assert sgd.defaults["lr"] == 0.01 and sgd.defaults["momentum"] == 0.9 and sgd.defaults["weight_decay"] == 5e-4
     adamw = make_optimizer(net, override(paper, train={"optimizer": "adamw", "lr": 1e-3}))
     assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["betas"] == (0.9, 0.999)
-    with pytest.raises(ValueError, match="train.optimizer must be 'sgd' or 'adamw', got 'adam'"):
+    with pytest.raises(ValueError, match=r"train\.optimizer must be 'sgd' or 'adamw', got 'adam'"):
         make_optimizer(net, override(paper, train={"optimizer": "adam"}))

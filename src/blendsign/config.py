@@ -296,14 +296,16 @@ def override(cfg: Config, **sections: dict[str, Any]) -> Config:
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # The paper's values: every default above.
     "paper": {},
-    # Minutes on a 2-core CPU: smaller images, cohort and network, random init, few epochs.
+    # Minutes on a 2-core CPU: smaller images, cohort and network, random init, few epochs. From random weights
+    # in ~150 steps per job, the head crop and AdamW are what made it learn (README "What the demo's model
+    # learns": CV normal-ICH AUC 0.58 → 0.81 teacher-only, measured on this cohort).
     "demo": {
         "synth": {"scans": 30, "size": 128},
         "folds": {"k": 3},
         "distill": {"rounds": 1},
-        "data": {"size": 128, "workers": 2},
+        "data": {"size": 128, "workers": 2, "crop_head": True},
         "model": {"backbone": "resnet18", "weights": "none"},
-        "train": {"epochs": 4},
+        "train": {"epochs": 6, "batch_size": 8, "optimizer": "adamw", "lr": 0.001, "weight_decay": 1e-4},
     },
     # Seconds: the test suite.
     "ci": {

@@ -142,12 +142,13 @@ def _tracking(uri: str) -> Iterator[None]:
 
 
 def _slim_copy(src: Path, dst: Path) -> Config:
-    """Write the part of a ``train`` checkpoint that serving needs (``model``, ``config``) to ``dst``."""
+    """Write the part of a ``train`` checkpoint that serving needs (``model``, ``config``, the out-of-distribution
+    statistics ``ood``) to ``dst``."""
     state = torch.load(src, map_location="cpu", weights_only=False)  # our own training output
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ValueError(f"{src} is not a blendsign train checkpoint (needs keys 'model' and 'config')")
     torch.save({"format": state.get("format", 1), "model": state["model"], "config": state["config"],
-                "fold": state.get("fold"), "epoch": state.get("epoch")}, dst)
+                "fold": state.get("fold"), "epoch": state.get("epoch"), "ood": state.get("ood")}, dst)
     return Config.from_dict(state["config"])
 
 
