@@ -222,7 +222,8 @@ scratch_storage_class = "fast-nvme"
     env = {e["name"]: e["value"] for e in ex["env"]}
     assert env["OMP_NUM_THREADS"] == "12" and env["TMPDIR"] == "/scratch"
     shm = next(m for m in config["emptyDirMounts"] if m["mountPath"] == "/dev/shm")
-    assert shm["sizeLimit"] == f"{-(-shared_memory_bytes(load_preset('demo').data, 16) // 2**20)}Mi"  # the preset's
+    demo = load_preset("demo")
+    assert shm["sizeLimit"] == f"{-(-shared_memory_bytes(demo.data, demo.train.batch_size) // 2**20)}Mi"  # the preset's
     tasks = dict(_tasks(spec["root"]["dag"], spec["components"]))
     assert tasks["distill"]["retryPolicy"] == {"maxRetryCount": 1, "backoffDuration": "300s", "backoffFactor": 2.0,
                                                "backoffMaxDuration": f"{2 * 12 * 3600 + 300}s"}
