@@ -191,7 +191,7 @@ def evaluate(
         order = np.argsort(pred["index"])
         probs, labels = softmax(pred["logits"][order]), pred["labels"][order]
         per_fold[k] = per_class_metrics(probs, labels)
-        ood_state = torch.load(checkpoint, map_location="cpu", weights_only=False).get("ood")
+        ood_state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True).get("ood")  # no weights
         if ood_state is not None:
             ood_flagged[k] = float((ood.score(ood_state, torch.from_numpy(pred["features"])) > 1.0).float().mean())
         for name, base in fold_baselines(np.array([feature[key] for key in train_index.instance_key]),

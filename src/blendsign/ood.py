@@ -31,11 +31,12 @@ def _statistics(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, n
     return means, LedoitWolf(assume_centered=True).fit(centred).precision_
 
 
-def _distances(features: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
-    """``[N]``: min over class means of the squared Mahalanobis distance, then its square root."""
-    diff = features[:, None, :] - means[None, :, :]  # [N, K', C]
-    d2 = np.einsum("nkc,cd,nkd->nk", diff, precision, diff)
-    return np.sqrt(np.maximum(d2.min(axis=1), 0.0))
+def _distances(features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """``[N]``: the Mahalanobis distance of ``features [N, C]`` to the nearest of ``means [K', C]`` under
+    ``precision [C, C]`` (fitting in float64, serving in float32 on the model's device)."""
+    diff = features[:, None, :] - means[None]  # [N, K', C]
+    d2 = torch.einsum("nkc,cd,nkd->nk", diff, precision, diff)
+    return d2.min(dim=1).values.clamp_min(0).sqrt()
 
 
 def fit(features: np.ndarray, labels: np.ndarray, groups: np.ndarray, *, quantile: float = QUANTILE
@@ -46,13 +47,16 @@ def fit(features: np.ndarray, labels: np.ndarray, groups: np.ndarray, *, quantil
     labels, groups = np.asarray(labels), np.asarray(groups)
     scans = np.unique(groups)
     half = np.isin(groups, scans[::2])
+    def distances(rows: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
+        return _distances(*map(torch.from_numpy, (features[rows], means, precision))).numpy()
+
     held_out = []
     for fit_on in (half, ~half):
         if fit_on.sum() > 1 and (~fit_on).any():
             means, precision = _statistics(features[fit_on], labels[fit_on])
-            held_out.append(_distances(features[~fit_on], means, precision))
+            held_out.append(distances(~fit_on, means, precision))
     means, precision = _statistics(features, labels)
-    scores = np.concatenate(held_out) if held_out else _distances(features, means, precision)  # one scan: in-sample
+    scores = np.concatenate(held_out) if held_out else distances(np.ones(len(features), bool), means, precision)
     return {"mean": torch.from_numpy(means.astype(np.float32)),
             "precision": torch.from_numpy(precision.astype(np.float32)),
             "threshold": conformal_quantile(scores, quantile), "quantile": float(quantile)}
@@ -72,6 +76,4 @@ def score(state: dict[str, torch.Tensor | float], features: torch.Tensor) -> tor
     means, precision = state["mean"], state["precision"]
     assert isinstance(means, torch.Tensor) and isinstance(precision, torch.Tensor)
     f = features.float()
-    diff = f[:, None, :] - means.to(f.device)[None]  # [N, K', C]
-    d2 = torch.einsum("nkc,cd,nkd->nk", diff, precision.to(f.device), diff)
-    return d2.min(dim=1).values.clamp_min(0).sqrt() / float(state["threshold"])
+    return _distances(f, means.to(f.device), precision.to(f.device)) / float(state["threshold"])

@@ -59,7 +59,12 @@ def baseline_verdict(metrics: dict[str, Any], margin: float) -> list[str]:
     one made before baselines existed is judged on its AUCs alone."""
     from blendsign.baselines import shortfalls
 
-    return shortfalls(metrics["cv"], {k: b["cv"] for k, b in metrics.get("baselines", {}).items()}, margin)
+    return shortfalls(metrics["cv"], _baselines_cv(metrics), margin)
+
+
+def _baselines_cv(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Each baseline's CV means of an evaluation's ``metrics.json`` (empty for one made before baselines)."""
+    return {k: b["cv"] for k, b in metrics.get("baselines", {}).items()}
 
 
 CV_BASIS = "cross-validated, each version on the data it was trained with"
@@ -166,7 +171,7 @@ def _baseline_section(metrics: dict[str, Any]) -> list[str]:
     """The card's comparison with the trivial baselines (none for an evaluation made before they existed)."""
     from blendsign.baselines import baseline_table
 
-    baselines = {k: b["cv"] for k, b in metrics.get("baselines", {}).items()}
+    baselines = _baselines_cv(metrics)
     if not baselines:
         return []
     return ["## Against trivial baselines", "The same held-out folds (mean over folds): `prior` = the training "

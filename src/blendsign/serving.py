@@ -55,7 +55,7 @@ from blendsign.ingest import series_role
 from blendsign.model import BlendSignNet
 from blendsign.targets import decode_boxes
 from blendsign.train import resolve_device
-from blendsign.transforms import Crop, head_crop, preprocess, unscale_boxes, window
+from blendsign.transforms import Crop, crop_overlap, head_crop, preprocess, unscale_boxes, window
 
 __all__ = [
     "DICOM_COLUMN", "OUTPUT_COLUMNS", "BlendSignModel", "RequestError", "ServeSettings", "read_slice",
@@ -231,7 +231,7 @@ class _Ensemble:
     ingest: IngestConfig  # which images the models were trained on
     stride: int
     device: torch.device
-    ood: tuple[dict[str, Any] | None, ...] = ()  # per model (blendsign.ood); None: a checkpoint without one
+    ood: tuple[dict[str, Any] | None, ...]  # per model (blendsign.ood); None: a checkpoint without one
 
     @torch.no_grad()
     def __call__(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -239,7 +239,7 @@ class _Ensemble:
         (channel 0 a logit) and the members' mean OOD score ``[N]`` (each relative to its own threshold; NaN
         when a member has no OOD state), on the CPU."""
         probs, heat, dist, ood_scores = [], [], [], []
-        for model, state in zip(self.models, self.ood or (None,) * len(self.models), strict=True):
+        for model, state in zip(self.models, self.ood, strict=True):
             out = model(x)
             probs.append(out["logits"].float().softmax(dim=1))
             heat.append(out["det"][:, :1].float())
@@ -440,11 +440,11 @@ def _gradcam_png(ens: _Ensemble, x: Tensor, target: int, hu: np.ndarray, crop: C
     if crop is None:
         cam = F.interpolate(cam[None, None], size=(rows, cols), mode="bilinear", align_corners=False)[0, 0]
     else:
-        top, left, side = crop
+        side = crop[2]
         square = F.interpolate(cam[None, None], size=(side, side), mode="bilinear", align_corners=False)[0, 0]
-        y0, x0, y1, x1 = max(top, 0), max(left, 0), min(top + side, rows), min(left + side, cols)
+        in_slice, in_square = crop_overlap(crop, rows, cols)
         cam = torch.zeros(rows, cols)
-        cam[y0:y1, x0:x1] = square[y0 - top : y1 - top, x0 - left : x1 - left]
+        cam[in_slice] = square[in_square]
     cam = cam.clamp(0, 1)
     image = window(torch.from_numpy(np.ascontiguousarray(hu)), ens.data.windows)  # [3, rows, cols]
     return base64.b64encode(cam_to_png(image, cam)).decode("ascii")

@@ -52,12 +52,20 @@ def head_crop(hu: Tensor, cfg: DataConfig) -> Crop | None:
     labels, n = ndimage.label((hu > cfg.crop_threshold_hu).cpu().numpy())  # [H, W], 4-connected
     if n == 0:
         return None
-    largest = int(np.bincount(labels.ravel())[1:].argmax()) + 1
-    rows, cols = np.nonzero((labels == largest).any(axis=1))[0], np.nonzero((labels == largest).any(axis=0))[0]
+    head = labels == int(np.bincount(labels.ravel())[1:].argmax()) + 1  # the largest region
+    rows, cols = np.nonzero(head.any(axis=1))[0], np.nonzero(head.any(axis=0))[0]
     top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
     side = max(bottom - top, right - left)
     side = max(1, round(side * (1 + 2 * cfg.crop_margin)))
     return (top + bottom - side) // 2, (left + right - side) // 2, side
+
+
+def crop_overlap(crop: Crop, rows: int, cols: int) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
+    """Where the ``crop`` square and a ``rows × cols`` slice overlap: ``(in the slice, in the square)`` as index
+    pairs (the square may reach beyond the slice)."""
+    top, left, side = crop
+    y0, x0, y1, x1 = max(top, 0), max(left, 0), min(top + side, rows), min(left + side, cols)
+    return (slice(y0, y1), slice(x0, x1)), (slice(y0 - top, y1 - top), slice(x0 - left, x1 - left))
 
 
 def preprocess(hu: Tensor, cfg: DataConfig, crop: Crop | None = None) -> Tensor:
@@ -65,11 +73,10 @@ def preprocess(hu: Tensor, cfg: DataConfig, crop: Crop | None = None) -> Tensor:
     (:func:`head_crop`, when on), then the windows, then the resize. ``crop``: that square, if already known."""
     crop = crop if crop is not None else head_crop(hu, cfg)
     if crop is not None:
-        top, left, side = crop
-        h, w = hu.shape
+        side = crop[2]
         canvas = torch.full((side, side), -1024, dtype=hu.dtype, device=hu.device)  # air beyond the slice
-        y0, x0, y1, x1 = max(top, 0), max(left, 0), min(top + side, h), min(left + side, w)
-        canvas[y0 - top : y1 - top, x0 - left : x1 - left] = hu[y0:y1, x0:x1]
+        in_slice, in_square = crop_overlap(crop, *hu.shape)
+        canvas[in_square] = hu[in_slice]
         hu = canvas
     x = window(hu, cfg.windows)  # [3, H, W]
     if x.shape[-2:] != (cfg.size, cfg.size):

@@ -110,14 +110,11 @@ class Joined:
     unread_scans: int  # ingested scans without a read
 
 
-def join(reads: Sequence[ScanRead], ingest_dir: str | Path) -> tuple[Joined, dict[str, list[dict[str, Any]]]]:
-    """Match reads to the ingest's scans through the keyed patient pseudonym; also each scan's slices
-    (``slice_index``, ``rows``, ``cols``, in z order)."""
+def join(reads: Sequence[ScanRead], ingest_dir: str | Path) -> Joined:
+    """Match reads to the ingest's scans through the keyed patient pseudonym."""
     slices, pz = read_ingested_slices(ingest_dir)
-    by_scan: dict[str, list[dict[str, Any]]] = defaultdict(list)
     scans_of: dict[str, set[str]] = defaultdict(set)
     for rec in slices.values():
-        by_scan[rec["scan_id"]].append(rec)
         scans_of[rec["patient_key"]].add(rec["scan_id"])
     matched: dict[str, ScanRead] = {}
     unmatched = []
@@ -127,9 +124,8 @@ def join(reads: Sequence[ScanRead], ingest_dir: str | Path) -> tuple[Joined, dic
             unmatched.append(read.row)
         for scan in found:
             matched[scan] = read
-    for recs in by_scan.values():
-        recs.sort(key=lambda r: r["slice_index"])
-    return Joined(matched, tuple(unmatched), len(set(by_scan) - set(matched))), by_scan
+    every_scan = set().union(*scans_of.values())
+    return Joined(matched, tuple(unmatched), len(every_scan - set(matched)))
 
 
 def score_scans(model: Any, ingest_dir: str | Path, scans: Sequence[str], *, batch_size: int = 16,
@@ -267,7 +263,7 @@ def triage(model: Any, ingest_dir: str | Path, reads_csv: str | Path, out_dir: s
     from blendsign.plots import triage_roc
 
     reads = read_reads(reads_csv)
-    joined, _ = join(reads, ingest_dir)
+    joined = join(reads, ingest_dir)
     if not joined.scans:
         raise ValueError(f"no read of {reads_csv} joins a scan of {ingest_dir}: the names are PatientIDs "
                          "(CQ500-CT-<n>), hashed with the ingest's pseudonym key; was this ingest made from those "
