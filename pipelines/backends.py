@@ -27,6 +27,8 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
+from blendsign.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 Version = tuple[int, int, int]
@@ -57,7 +59,7 @@ def parse_version(tag: str) -> Version:
     """``2.5.0``, ``v2.17.0``, ``2.14.3-rc.1`` → (major, minor, patch); anything else is an error."""
     m = re.match(r"^v?(\d+)\.(\d+)(?:\.(\d+))?", tag.strip())
     if not m:
-        raise ValueError(f"cannot read a Kubeflow Pipelines version from {tag!r}")
+        raise ConfigError(f"cannot read a Kubeflow Pipelines version from {tag!r}")
     return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
 
 
@@ -67,7 +69,7 @@ def variant_for(version: Version) -> Variant:
         if version >= variant.minimum:
             return variant
     oldest = min(v.minimum for v in VARIANTS.values())
-    raise ValueError(f"the Kubeflow Pipelines backend is version {text(version)}; blendsign's pipeline needs "
+    raise ConfigError(f"the Kubeflow Pipelines backend is version {text(version)}; blendsign's pipeline needs "
                      f"{text(oldest)} or newer (the Kubeflow 1.10 platform ships 2.5.0)")
 
 
@@ -75,7 +77,7 @@ def check_variant(variant: Variant, version: Version) -> None:
     """Refuse to send ``variant`` to a backend older than it needs, naming both versions."""
     if version < variant.minimum:
         better = variant_for(version)
-        raise ValueError(f"the Kubeflow Pipelines backend is version {text(version)}; the {variant.name!r} "
+        raise ConfigError(f"the Kubeflow Pipelines backend is version {text(version)}; the {variant.name!r} "
                          f"pipeline needs {text(variant.minimum)} or newer: compile or submit with "
                          f"--backend {better.name}")
     if version[:2] > NEWEST_CHECKED[:2]:
@@ -92,11 +94,11 @@ def server_version(host: str, *, headers: dict[str, str] | None = None, timeout:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             body: dict[str, Any] = json.loads(response.read() or b"{}")
     except (urllib.error.URLError, OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot ask the Kubeflow Pipelines server at {host} for its version ({url}: {exc})") \
+        raise ConfigError(f"cannot ask the Kubeflow Pipelines server at {host} for its version ({url}: {exc})") \
             from None
     tag = body.get("tag_name") or body.get("tagName")
     if not tag:
-        raise ValueError(f"the Kubeflow Pipelines server at {host} did not say its version ({url} has no tag_name)")
+        raise ConfigError(f"the Kubeflow Pipelines server at {host} did not say its version ({url} has no tag_name)")
     return parse_version(str(tag))
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from blendsign.credentials import environment
+from blendsign.errors import ConfigError, InputError
 from blendsign.pipelines.backends import VARIANTS, Variant, check_variant, server_version, text, variant_for
 from blendsign.pipelines.blendsign_pipeline import build_pipeline, compile_pipeline
 from blendsign.pipelines.profile import ClusterProfile
@@ -85,7 +86,7 @@ def run_local(
     work = Path(work_dir).resolve()
     cfg = load_preset(preset)
     if (annotations is None) != (source is None):
-        raise ValueError("give a DICOM source and its annotations together, or neither (the synthetic cohort)")
+        raise InputError("give a DICOM source and its annotations together, or neither (the synthetic cohort)")
     check_settings(metric=metric, register_mode=register_mode, k=k, rounds=rounds, margin=margin)
     if source is None:
         from blendsign.synth import synthesize
@@ -169,7 +170,7 @@ def kfp_cron(expr: str) -> str:
         return " ".join(["0", *fields])
     if len(fields) == 6:
         return " ".join(fields)
-    raise ValueError(f"cron expression {expr!r} must have 5 fields (standard) or 6 (seconds first)")
+    raise ConfigError(f"cron expression {expr!r} must have 5 fields (standard) or 6 (seconds first)")
 
 
 def _client(host: str, namespace: str | None) -> Any:
@@ -181,7 +182,7 @@ def _client(host: str, namespace: str | None) -> Any:
 def _check_names(arguments: dict[str, Any]) -> None:
     unknown = set(arguments) - set(PARAMETERS)
     if unknown:
-        raise ValueError(f"unknown pipeline parameter(s): {sorted(unknown)}")
+        raise ConfigError(f"unknown pipeline parameter(s): {sorted(unknown)}")
 
 
 def _check(arguments: dict[str, Any]) -> None:
@@ -203,7 +204,7 @@ def backend_variant(host: str, backend: str | None = None) -> Variant:
         version = server_version(host, headers=_auth_headers())
     except ValueError as exc:
         if not backend:
-            raise ValueError(f"{exc}; name the variant with --backend current (backend 2.16+) or compat (2.5+) "
+            raise ConfigError(f"{exc}; name the variant with --backend current (backend 2.16+) or compat (2.5+) "
                              "to send it anyway") from None
         log.warning("%s: sending the %r pipeline as asked, unchecked", exc, backend)
         return VARIANTS[backend]

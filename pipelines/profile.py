@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from blendsign.config import read_toml
+from blendsign.errors import ConfigError
 
 TASK_CLASSES = ("light", "data", "train", "evaluate", "register")
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
@@ -115,43 +116,43 @@ class ClusterProfile:
 def duration_seconds(text: str) -> int:
     m = _DURATION.match(text)
     if not m:
-        raise ValueError(f"duration {text!r} must be a number with a unit s, m, h or d (e.g. 90m, 24h)")
+        raise ConfigError(f"duration {text!r} must be a number with a unit s, m, h or d (e.g. 90m, 24h)")
     return int(m.group(1)) * _SECONDS[m.group(2)]
 
 
 def cpu_cores(text: str) -> float:
     if not _QUANTITY.match(text) or text.endswith(("k", "M", "G", "T", "P", "E", "i")):
-        raise ValueError(f"CPU quantity {text!r} must be cores (e.g. 6, 0.5) or millicores (e.g. 500m)")
+        raise ConfigError(f"CPU quantity {text!r} must be cores (e.g. 6, 0.5) or millicores (e.g. 500m)")
     return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
 
 
 def _check_memory(text: str, what: str) -> None:
     if not _QUANTITY.match(text) or text.endswith("m"):
-        raise ValueError(f"{what} {text!r} must be a Kubernetes quantity such as 24Gi or 512Mi")
+        raise ConfigError(f"{what} {text!r} must be a Kubernetes quantity such as 24Gi or 512Mi")
 
 
 def _task(name: str, data: dict[str, Any], base: TaskProfile, source: str) -> TaskProfile:
     known = {f.name for f in fields(TaskProfile)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"{source}: unknown key(s) in [{name}]: {unknown} (known: {sorted(known)})")
+        raise ConfigError(f"{source}: unknown key(s) in [{name}]: {unknown} (known: {sorted(known)})")
     values: dict[str, Any] = {}
     for key, value in data.items():
         default = getattr(base, key)
         if key == "tolerations":
             if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
-                raise ValueError(f"{source}: [{name}] tolerations must be a list of tables")
+                raise ConfigError(f"{source}: [{name}] tolerations must be a list of tables")
             values[key] = tuple(_toleration(t, f"{source}: [{name}] toleration") for t in value)
         elif key == "image_pull_secrets":
             if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-                raise ValueError(f"{source}: [{name}] image_pull_secrets must be a list of secret names")
+                raise ConfigError(f"{source}: [{name}] image_pull_secrets must be a list of secret names")
             values[key] = tuple(value)
         elif key == "node_selector":
             if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-                raise ValueError(f"{source}: [{name}] node_selector must be a table of label = \"value\"")
+                raise ConfigError(f"{source}: [{name}] node_selector must be a table of label = \"value\"")
             values[key] = dict(value)
         elif type(value) is not type(default):
-            raise ValueError(f"{source}: [{name}] {key} must be {type(default).__name__}, got {value!r}")
+            raise ConfigError(f"{source}: [{name}] {key} must be {type(default).__name__}, got {value!r}")
         else:
             values[key] = value
     task = replace(base, **values)
@@ -166,26 +167,26 @@ def _task(name: str, data: dict[str, Any], base: TaskProfile, source: str) -> Ta
         duration_seconds(task.timeout)
         duration_seconds(task.retry_backoff)
     except ValueError as exc:
-        raise ValueError(f"{where} {exc}") from None
+        raise ConfigError(f"{where} {exc}") from None
     if task.gpus < 0 or task.retries < 0 or task.threads < 0:
-        raise ValueError(f"{where} gpus, retries and threads must be ≥ 0")
+        raise ConfigError(f"{where} gpus, retries and threads must be ≥ 0")
     if name == "register" and task.retries:
-        raise ValueError(f"{where} retries must be 0: a retry after a partial registration would register twice")
+        raise ConfigError(f"{where} retries must be 0: a retry after a partial registration would register twice")
     if task.image_pull_policy and task.image_pull_policy not in PULL_POLICIES:
-        raise ValueError(f"{where} image_pull_policy must be one of {list(PULL_POLICIES)}")
+        raise ConfigError(f"{where} image_pull_policy must be one of {list(PULL_POLICIES)}")
     return task
 
 
 def _toleration(data: dict[str, Any], where: str) -> Toleration:
     known = {f.name for f in fields(Toleration)}
     if set(data) - known:
-        raise ValueError(f"{where}: unknown key(s) {sorted(set(data) - known)} (known: {sorted(known)})")
+        raise ConfigError(f"{where}: unknown key(s) {sorted(set(data) - known)} (known: {sorted(known)})")
     t = Toleration(**data)
     if t.operator not in TOLERATION_OPERATORS or t.effect not in TAINT_EFFECTS:
-        raise ValueError(f"{where}: operator must be one of {list(TOLERATION_OPERATORS)}, effect one of "
+        raise ConfigError(f"{where}: operator must be one of {list(TOLERATION_OPERATORS)}, effect one of "
                          f"{[e for e in TAINT_EFFECTS if e]} (or empty)")
     if t.operator == "Exists" and t.value:
-        raise ValueError(f"{where}: operator Exists takes no value")
+        raise ConfigError(f"{where}: operator Exists takes no value")
     return t
 
 
@@ -210,14 +211,14 @@ def load_profile(path: str | Path | None) -> ClusterProfile:
     data = read_toml(path, "cluster profile")
     unknown = sorted(set(data) - {*TASK_CLASSES, "defaults", "image", "cpu_image", "parallelism"})
     if unknown:
-        raise ValueError(f"{path}: unknown section(s) or key(s) {unknown}; sections: defaults, "
+        raise ConfigError(f"{path}: unknown section(s) or key(s) {unknown}; sections: defaults, "
                          f"{', '.join(TASK_CLASSES)}; keys: image, cpu_image, parallelism")
     for key in ("image", "cpu_image"):
         if not isinstance(data.get(key, ""), str):
-            raise ValueError(f"{path}: {key} must be an image reference (a string)")
+            raise ConfigError(f"{path}: {key} must be an image reference (a string)")
     parallelism = data.get("parallelism", 0)
     if type(parallelism) is not int or parallelism < 0:
-        raise ValueError(f"{path}: parallelism must be a whole number ≥ 0 (0: every training job at once)")
+        raise ConfigError(f"{path}: parallelism must be a whole number ≥ 0 (0: every training job at once)")
     shared = data.get("defaults", {})
     tasks = {name: _task(name, _merged(name, shared, data.get(name, {})), DEFAULTS[name], str(path))
              for name in TASK_CLASSES}

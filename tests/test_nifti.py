@@ -93,8 +93,8 @@ def test_broken_volumes_and_mismatched_masks_are_skipped_and_named(tmp_path: Pat
                str(tmp_path / "ann.csv"), "--dataset", "bhsd", "--no-progress"])
     out = capsys.readouterr().out
     assert rc == 0 and "imported 1 scans (4 slices, 2 with hemorrhage, 3 boxes)" in out, repr(out[:300])
-    assert "skipped 002.nii.gz: " in out and "skipped 003.nii.gz: ValueError: mask grid (5, 5, 4) does not match" \
-        in out and "skipped 004.nii: ValueError: no mask named 004" in out
+    assert "skipped 002.nii.gz: " in out and "skipped 003.nii.gz: mask grid (5, 5, 4) does not match" \
+        in out and "skipped 004.nii: no mask named 004" in out
     assert sorted(p.name for p in (tmp_path / "dicom").iterdir()) == ["001"]
     with pytest.raises(ValueError, match="go together"):
         import_nifti(volumes, tmp_path / "x", masks=masks, progress=False)

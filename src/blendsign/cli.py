@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from blendsign import __version__
+from blendsign.errors import BlendsignError, InputError
 
 if TYPE_CHECKING:
     from blendsign.config import Config
@@ -159,7 +160,7 @@ def _instance_keys(item: str) -> list[str]:
     with Path(item).open(newline="") as f:
         reader = csv.DictReader(f)
         if "instance_key" not in (reader.fieldnames or []):
-            raise ValueError(f"{item} has no instance_key column")
+            raise InputError(f"{item} has no instance_key column")
         return [row["instance_key"] for row in reader]
 
 
@@ -285,7 +286,7 @@ def _run_train_staged(args: argparse.Namespace) -> int:
     cfg = override(cfg, model=model, train=training)
     fold = args.fold
     if fold is not None and args.folds is None:
-        raise ValueError("--folds is required unless --fold all")
+        raise InputError("--folds is required unless --fold all")
     tracker = Tracker.open(args.experiment) if args.mlflow else None
     result = train(cfg, ingest_dir=args.ingest, labels_dir=args.labels, folds_dir=args.folds, fold=fold,
                    out_dir=args.out, resume=args.resume, stop_after_epochs=args.stop_after_epochs,
@@ -783,20 +784,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError, IsADirectoryError) as exc:
-        logging.getLogger("blendsign").error("%s", exc)
-        return 2
     except Exception as exc:
-        if type(exc).__module__.split(".")[0] in ("botocore", "boto3"):  # S3: one line, not a traceback
-            logging.getLogger("blendsign").error("S3: %s (%s)", exc, type(exc).__name__)
-            return 2
-        if type(exc).__name__ != "MlflowException":  # (not imported here: the CLI starts without mlflow)
-            raise
+        message = one_line(exc)
+        if message is None:
+            raise  # a bug: keep the traceback
+        logging.getLogger("blendsign").error("%s", message)
+        return 2
+
+
+FILE_SYSTEM_ERRORS = (FileNotFoundError, NotADirectoryError, FileExistsError, IsADirectoryError, PermissionError)
+
+
+def one_line(exc: BaseException) -> str | None:
+    """The one-line report of an error a person can act on (:mod:`blendsign.errors`, a missing or unwritable path,
+    MLflow's and S3's errors), or None for anything else: a bug, which keeps its traceback."""
+    if isinstance(exc, (BlendsignError, *FILE_SYSTEM_ERRORS)):
+        return str(exc)
+    # both only when already imported: the CLI starts without mlflow and boto3, and only they raise these
+    mlflow_exceptions = sys.modules.get("mlflow.exceptions")
+    if mlflow_exceptions is not None and isinstance(exc, mlflow_exceptions.MlflowException):
         from blendsign.tracking import tracking_uri
 
-        logging.getLogger("blendsign").error("MLflow (%s): %s", tracking_uri(), getattr(exc, "message", exc))
-        return 2
+        return f"MLflow ({tracking_uri()}): {exc.message}"
+    s3_errors = tuple(getattr(sys.modules.get(module), name) for module, name in S3_ERRORS if module in sys.modules)
+    if isinstance(exc, s3_errors):
+        return f"S3: {exc} ({type(exc).__name__})"
+    return None
 
+
+# the bases of what boto3 raises: a bad credential, a missing bucket, a refused upload, an unreachable endpoint
+S3_ERRORS = (("botocore.exceptions", "BotoCoreError"), ("botocore.exceptions", "ClientError"),
+             ("boto3.exceptions", "Boto3Error"))
 
 if __name__ == "__main__":
     raise SystemExit(main())

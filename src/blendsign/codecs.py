@@ -34,6 +34,8 @@ import pydicom
 from pydicom import uid
 from pydicom.pixels.decoders.base import DecodeRunner
 
+from blendsign.errors import ConfigError, UnusableFileError
+
 try:
     import gdcm
 
@@ -74,7 +76,7 @@ def _decode_frame(src: bytes, runner: DecodeRunner) -> bytes:
     img.SetPixelFormat(gdcm.PixelFormat(1, runner.bits_allocated, bits, bits - 1, runner.pixel_representation))
     out = img.GetBuffer().encode("utf-8", "surrogateescape")  # GDCM hands back char* as str
     if len(out) != runner.rows * runner.columns * runner.bits_allocated // 8:
-        raise ValueError(f"GDCM decoded {len(out)} bytes for a {runner.rows}x{runner.columns} frame")
+        raise UnusableFileError(f"GDCM decoded {len(out)} bytes for a {runner.rows}x{runner.columns} frame")
     return cast(bytes, out)
 
 
@@ -125,9 +127,9 @@ def check_frame_size(frame: bytes, rows: int, cols: int, syntax_name: str) -> No
     """Raise ``ValueError`` unless a compressed frame declares exactly ``rows × cols`` (before decoding it)."""
     size = declared_size(frame)
     if size is None:
-        raise ValueError(f"{syntax_name} data has no readable image header (truncated or not {syntax_name})")
+        raise UnusableFileError(f"{syntax_name} data has no readable image header (truncated or not {syntax_name})")
     if size != (rows, cols):
-        raise ValueError(
+        raise UnusableFileError(
             f"{syntax_name} data declares {size[0]}x{size[1]} pixels but the DICOM header says {rows}x{cols}"
         )
 
@@ -151,7 +153,7 @@ def transcode(src: str | Path, dst: str | Path, syntax: str, *, near: int = 3, j
         reader = gdcm.ImageReader()
         reader.SetFileName(src)
         if not reader.Read():
-            raise ValueError(f"GDCM cannot read {src}")
+            raise UnusableFileError(f"GDCM cannot read {src}")
         change = gdcm.ImageChangeTransferSyntax()
         change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.GetTSType(str.__str__(syntax))))
         if syntax == uid.JPEGExtended12Bit:
@@ -161,13 +163,13 @@ def transcode(src: str | Path, dst: str | Path, syntax: str, *, near: int = 3, j
             change.SetUserCodec(codec)
         change.SetInput(reader.GetImage())
         if not change.Change():
-            raise ValueError(f"GDCM cannot transcode {src} to {syntax.name}")
+            raise UnusableFileError(f"GDCM cannot transcode {src} to {syntax.name}")
         writer = gdcm.ImageWriter()
         writer.SetFileName(dst)
         writer.SetFile(reader.GetFile())
         writer.SetImage(change.GetOutput())
         if not writer.Write():
-            raise ValueError(f"GDCM cannot write {dst}")
+            raise UnusableFileError(f"GDCM cannot write {dst}")
         return
     ds = pydicom.dcmread(src)
     if syntax == uid.ExplicitVRBigEndian:
@@ -186,4 +188,4 @@ def transcode(src: str | Path, dst: str | Path, syntax: str, *, near: int = 3, j
         ds.compress(syntax, generate_instance_uid=False, **kwargs)  # type: ignore[arg-type]
         ds.save_as(dst)
     else:
-        raise ValueError(f"cannot encode {syntax.name}; encodable: {', '.join(u.name for u in ENCODABLE)}")
+        raise ConfigError(f"cannot encode {syntax.name}; encodable: {', '.join(u.name for u in ENCODABLE)}")

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from blendsign.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class SynthConfig:
@@ -82,12 +84,12 @@ class HeadRules:
             if isinstance(_HEAD[f.name], list) and not (
                 isinstance(value, tuple) and all(isinstance(v, str) and v.strip() for v in value)
             ):
-                raise ValueError(f"ingest.head.{f.name} must be a list of non-empty strings, got {value!r}")
+                raise ConfigError(f"ingest.head.{f.name} must be a list of non-empty strings, got {value!r}")
         for name in ("max_field_of_view_mm", "max_extent_mm"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"ingest.head.{name} must be a positive number of mm, got {getattr(self, name)!r}")
+                raise ConfigError(f"ingest.head.{name} must be a positive number of mm, got {getattr(self, name)!r}")
         if self.unknown not in ("keep", "set_aside"):
-            raise ValueError(f'ingest.head.unknown must be "keep" or "set_aside", got {self.unknown!r}')
+            raise ConfigError(f'ingest.head.unknown must be "keep" or "set_aside", got {self.unknown!r}')
 
 
 @dataclass(frozen=True)
@@ -253,7 +255,7 @@ def _build(cls: Any, data: dict[str, Any]) -> Any:
     data = {k: v for k, v in data.items() if k not in RETIRED.get(cls.__name__, ())}
     unknown = set(data) - set(known)
     if unknown:
-        raise ValueError(f"unknown config field(s) for {cls.__name__}: {sorted(unknown)}")
+        raise ConfigError(f"unknown config field(s) for {cls.__name__}: {sorted(unknown)}")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         default = getattr(cls(), name)
@@ -276,7 +278,7 @@ def _check_type(owner: str, name: str, default: Any, value: Any) -> None:
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         ok = True
     if not ok:
-        raise ValueError(f"config field {owner}.{name} must be {want.__name__}, got {value!r}")
+        raise ConfigError(f"config field {owner}.{name} must be {want.__name__}, got {value!r}")
 
 
 def _tuples(value: Any) -> Any:
@@ -330,7 +332,7 @@ def read_toml(path: Path, what: str) -> dict[str, Any]:
     try:
         return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"{path}: not valid TOML: {exc}") from None
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
 def load_preset(name: str) -> Config:
@@ -343,17 +345,17 @@ def load_preset(name: str) -> Config:
         return replace(override(Config(), **PRESETS[name]), preset=name)
     path = Path(name)
     if path.suffix != ".toml":
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)} or a .toml file")
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)} or a .toml file")
     data = read_toml(path, "config file")
     base = data.pop("preset", "paper")
     if base not in PRESETS:
-        raise ValueError(f"{path}: preset must be one of {sorted(PRESETS)}, got {base!r}")
+        raise ConfigError(f"{path}: preset must be one of {sorted(PRESETS)}, got {base!r}")
     merged = load_preset(base).to_dict()
     for section, values in data.items():
         if not isinstance(values, dict) or not isinstance(merged.get(section), dict):
-            raise ValueError(f"{path}: [{section}] is not a config section")
+            raise ConfigError(f"{path}: [{section}] is not a config section")
         merged[section] = {**merged[section], **values}
     try:
         return replace(Config.from_dict(merged), preset=f"{base}+{path.stem}")
     except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from None
+        raise ConfigError(f"{path}: {exc}") from None

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from blendsign import CLASSES
 from blendsign.config import DataConfig
+from blendsign.errors import ConfigError, InputError
 from blendsign.folds import FOLDS_FILE
 from blendsign.targets import encode_targets
 from blendsign.transforms import Augment, head_crop, preprocess, scale_boxes
@@ -77,7 +78,7 @@ def load_index(
             locate[scan] = _locate_rows(ingest_dir / "slices" / f"{scan}.parquet")
         where = locate[scan].get(r["instance_key"])
         if where is None:
-            raise ValueError(f"labels refer to slice {r['instance_key']} of scan {scan}, absent from {ingest_dir}")
+            raise InputError(f"labels refer to slice {r['instance_key']} of scan {scan}, absent from {ingest_dir}")
         boxes = np.array([[b["x_min"], b["y_min"], b["x_max"], b["y_max"]] for b in r["boxes"] or []],
                          dtype=np.float32).reshape(-1, 4)
         for key, value in (
@@ -161,7 +162,7 @@ class SliceDataset(Dataset):
         teacher: np.ndarray | None = None,
     ) -> None:
         if teacher is not None and teacher.shape != (len(index), len(CLASSES)):
-            raise ValueError(f"teacher soft labels of shape {teacher.shape}, expected {(len(index), len(CLASSES))}")
+            raise InputError(f"teacher soft labels of shape {teacher.shape}, expected {(len(index), len(CLASSES))}")
         self.index, self.cfg, self.stride, self.min_overlap = index, cfg, stride, min_overlap
         self.augment = Augment(cfg) if augment and cfg.augment else None
         self.seed, self.teacher = seed, teacher
@@ -249,7 +250,7 @@ def check_shared_memory(cfg: DataConfig, batch_size: int, shm: Path = SHM) -> No
         return
     total = shutil.disk_usage(shm).total
     if total < need:
-        raise ValueError(f"{shm} holds {total / 2**20:.0f} MiB but {cfg.workers} loader workers at {cfg.size} px "
+        raise ConfigError(f"{shm} holds {total / 2**20:.0f} MiB but {cfg.workers} loader workers at {cfg.size} px "
                          f"and batch {batch_size} need about {need / 2**20:.0f} MiB: give the container more (docker "
                          "--shm-size; Kubeflow: compile the pipeline with this preset, which sizes its /dev/shm "
                          "mount) or use fewer data.workers")

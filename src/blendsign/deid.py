@@ -15,6 +15,8 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from blendsign.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 KEY_ENV = "BLENDSIGN_PSEUDONYM_KEY"
@@ -30,7 +32,7 @@ class Pseudonymizer:
 
     def __post_init__(self) -> None:
         if len(self.key) < 16:
-            raise ValueError("pseudonym key must be at least 16 bytes")
+            raise ConfigError("pseudonym key must be at least 16 bytes")
 
     def _hash(self, kind: str, value: str) -> str:
         msg = f"{kind}\x00{value.strip()}".encode()

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from blendsign.errors import ConfigError
 from blendsign.model_server import ServerSettings
 
 TEMPLATE = Path(__file__).with_name("kserve.yaml")
@@ -88,7 +89,7 @@ def storage_uri(client: Any, name: str, alias: str = "champion", *,
     version = str(client.get_model_version_by_alias(name, alias).version)
     uri = direct_uri(str(client.get_model_version_download_uri(name, version)), artifacts_destination)
     if not uri.startswith(("s3://", "gs://", "https://", "http://", "hdfs://", "pvc://", "oci://")):
-        raise ValueError(f"{name} v{version} lies at {uri}, which KServe's storage initializer cannot fetch: use an "
+        raise ConfigError(f"{name} v{version} lies at {uri}, which KServe's storage initializer cannot fetch: use an "
                          "MLflow artifact store on S3 (mlflow/README.md), and for a server that proxies artifacts "
                          "pass its --artifacts-destination")
     return version, uri

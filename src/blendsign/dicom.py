@@ -27,15 +27,12 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLE
 
 from blendsign import codecs
 from blendsign.config import HeadRules
+from blendsign.errors import UnusableFileError
 
 codecs.register()  # every process that reads pixels (ingest workers, the served model) decodes the same syntaxes
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
-
-
-class UnusableFileError(Exception):
-    """A file that cannot be used; the message is the reason reported for it (no identifiers)."""
 
 
 HEADER_TAGS = [

@@ -30,6 +30,7 @@ from blendsign import CLASSES
 from blendsign.config import Config
 from blendsign.data import SliceDataset, SliceIndex, make_loader
 from blendsign.engine import predict, softmax
+from blendsign.errors import InputError
 from blendsign.model import build_model
 from blendsign.storage import atomic_path, file_sha256, write_json_atomic, write_text_atomic
 from blendsign.tracking import Tracker
@@ -248,7 +249,7 @@ def gather(sources: Iterable[str | Path], dest: str | Path, *, names: Sequence[s
         for fold_dir in sorted(Path(folder).glob("fold*") if names is None else
                                (Path(folder) / n for n in names if (Path(folder) / n).is_dir())):
             if fold_dir.name in found:
-                raise ValueError(f"{fold_dir.name} given twice")
+                raise InputError(f"{fold_dir.name} given twice")
             found[fold_dir.name] = fold_dir
     missing = sorted(set(names or []) - set(found))
     if missing or not found:

@@ -30,6 +30,7 @@ from blendsign.config import Config
 from blendsign.data import SliceDataset, SliceIndex, load_index, make_loader, read_slice_hu
 from blendsign.distill import final_checkpoint, load_model, read_state
 from blendsign.engine import predict, softmax
+from blendsign.errors import InputError
 from blendsign.explain import grad_cam
 from blendsign.metrics import bootstrap_ci, calibration, per_class_metrics, scan_auc
 from blendsign.report import HTML_REPORT_FILE, write_html_report
@@ -180,7 +181,7 @@ def evaluate(
         fold_runs[k] = read_state(fold_dir).get("fold_run_id")
         train_index, val, digest = training_data(trained, ingest_dir, labels_dir, folds_dir, k)
         if trained_on(checkpoint).get("data") != digest:
-            raise ValueError(f"the fold {k} model {checkpoint} was not trained on fold {k}'s training slices of "
+            raise InputError(f"the fold {k} model {checkpoint} was not trained on fold {k}'s training slices of "
                              f"these ingest, labels and folds folders: scoring it here could score slices it "
                              "trained on. Evaluate with the folders it was trained with, or train anew.")
         assert val is not None

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from blendsign.config import FoldConfig
+from blendsign.errors import InputError
 from blendsign.labels import CLASSES
 from blendsign.storage import atomic_path, write_json_atomic, write_text_atomic
 
@@ -32,10 +33,10 @@ def scan_table(labels: pd.DataFrame) -> pd.DataFrame:
     """
     unknown = sorted(set(labels["label"]) - set(CLASSES))
     if unknown:
-        raise ValueError(f"unknown label(s) {unknown}; expected {list(CLASSES)}")
+        raise InputError(f"unknown label(s) {unknown}; expected {list(CLASSES)}")
     patients = labels.groupby("scan_id")["patient_key"].nunique()
     if (patients > 1).any():
-        raise ValueError(f"scan(s) with more than one patient_key: {sorted(patients[patients > 1].index)[:5]}")
+        raise InputError(f"scan(s) with more than one patient_key: {sorted(patients[patients > 1].index)[:5]}")
     worst = labels.assign(severity=labels["label"].map(SEVERITY)).groupby("scan_id", sort=True).agg(
         patient_key=("patient_key", "first"), severity=("severity", "max")
     )
@@ -60,7 +61,7 @@ def assign_folds(scans: pd.DataFrame, k: int, seed: int) -> np.ndarray:
     patients, inverse = np.unique(keys, return_inverse=True)
     n = len(patients)
     if k < 2 or k > n:
-        raise ValueError(f"k = {k} folds needs 2 ≤ k ≤ the number of patients ({n})")
+        raise InputError(f"k = {k} folds needs 2 ≤ k ≤ the number of patients ({n})")
     counts = np.zeros((n, len(CLASSES)))
     np.add.at(counts, (inverse, scans["scan_label"].map(SEVERITY).to_numpy()), 1)
     share = counts / np.maximum(counts.sum(axis=0), 1)
@@ -139,7 +140,7 @@ def make_folds(labels_dir: str | Path, out_dir: str | Path, cfg: FoldConfig | No
         raise FileNotFoundError(f"no labels.parquet in {labels_dir} (run `blendsign fuse` first)")
     labels = pq.read_table(path, columns=["scan_id", "patient_key", "label"]).to_pandas()
     if labels.empty:
-        raise ValueError(f"{path} has no slices")
+        raise InputError(f"{path} has no slices")
     scans = scan_table(labels)
     scans["fold"] = assign_folds(scans, cfg.k, cfg.seed)
     table = tuple(fold_counts(labels, scans, cfg.k))

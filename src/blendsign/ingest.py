@@ -57,6 +57,7 @@ from blendsign.dicom import (
     slice_normal,
     z_position,
 )
+from blendsign.errors import ConfigError, InputError
 from blendsign.progress import progress as progress_bar
 from blendsign.storage import atomic_path, remove_stale_temporaries, write_json_atomic, write_text_atomic
 
@@ -412,14 +413,14 @@ def read_clinical(path: Path) -> set[str]:
         reader = csv.DictReader(f)
         missing = {"study_instance_uid", "postoperative"} - set(reader.fieldnames or [])
         if missing:
-            raise ValueError(f"{path.name}: missing column(s) {sorted(missing)}")
+            raise InputError(f"{path.name}: missing column(s) {sorted(missing)}")
         said: dict[str, tuple[bool, int]] = {}
         for line, row in enumerate(reader, start=2):
             value, uid = (row["postoperative"] or "").strip().lower(), (row["study_instance_uid"] or "").strip()
             if value not in truthy | falsy:
-                raise ValueError(f"{path.name} line {line}: postoperative must be true/false, got {value!r}")
+                raise InputError(f"{path.name} line {line}: postoperative must be true/false, got {value!r}")
             if uid in said and said[uid][0] != (value in truthy):
-                raise ValueError(f"{path.name} lines {said[uid][1]} and {line} say different things of one study")
+                raise InputError(f"{path.name} lines {said[uid][1]} and {line} say different things of one study")
             said[uid] = (value in truthy, line)
     return {uid for uid, (postop, _) in said.items() if postop}
 
@@ -648,7 +649,7 @@ def ingest(
     """Ingest every DICOM file under ``source`` into ``out`` (see module docstring). Idempotent."""
     source, out = Path(source).resolve(), Path(out).resolve()
     if cfg.workers < 1:
-        raise ValueError(f"workers must be at least 1, got {cfg.workers}")
+        raise ConfigError(f"workers must be at least 1, got {cfg.workers}")
     if not source.is_dir():
         raise NotADirectoryError(f"DICOM source {source} is not a folder")
     if clinical_csv and not Path(clinical_csv).is_file():
@@ -660,7 +661,7 @@ def ingest(
     files = found_files.files
     if not files:
         reasons = "; ".join(sorted({r for _, r in found_files.unusable}))
-        raise ValueError(f"no files under {source} that can be read: nothing to ingest"
+        raise InputError(f"no files under {source} that can be read: nothing to ingest"
                          + (f" ({reasons})" if reasons else ""))
 
     slices_dir = out / "slices"
@@ -755,7 +756,7 @@ def _check_same_key(out: Path, pseudo: Pseudonymizer) -> None:
         return
     previous = read_report(out).get("key_fingerprint")
     if previous and previous != pseudo.fingerprint:
-        raise ValueError(f"{out} was ingested with another pseudonym key (fingerprint {previous}, now "
+        raise InputError(f"{out} was ingested with another pseudonym key (fingerprint {previous}, now "
                          f"{pseudo.fingerprint}): use that key, or another output folder")
 
 

@@ -33,6 +33,7 @@ import pyarrow as pa
 
 from blendsign.config import LabelConfig
 from blendsign.deid import Pseudonymizer, load_or_create_key
+from blendsign.errors import InputError
 from blendsign.storage import atomic_path, require_complete, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ def reader_label(labels: Iterable[str]) -> str | None:
     """
     found = set(labels)
     if not found or not found <= set(CLASSES):
-        raise ValueError(f"labels must be a non-empty subset of {CLASSES}: {sorted(found)}")
+        raise InputError(f"labels must be a non-empty subset of {CLASSES}: {sorted(found)}")
     if "non_ich" in found:
         return "non_ich" if len(found) == 1 else None
     return "blend_sign" if "blend_sign" in found else "normal_ich"
@@ -222,7 +223,7 @@ class _Problems:
         for problem, rows in self.rows.items():
             lines.append(f"  {problem}: row{'s' if len(set(rows)) > 1 else ''} {_lines(rows)}")
         head = f"{self.source}: invalid input (rows are CSV line numbers, header = 1):\n"
-        raise ValueError(head + "\n".join(lines))
+        raise InputError(head + "\n".join(lines))
 
 
 def _read_csv(path: str | Path, required: Sequence[str]) -> Iterator[tuple[int, dict[str, str]]]:
@@ -239,7 +240,7 @@ def _read_csv(path: str | Path, required: Sequence[str]) -> Iterator[tuple[int, 
             header = [h.strip() for h in reader.fieldnames or []]
             missing = [c for c in required if c not in header]
             if missing:
-                raise ValueError(f"{path}: missing column(s) {missing}; expected {list(required)}")
+                raise InputError(f"{path}: missing column(s) {missing}; expected {list(required)}")
             reader.fieldnames = header
             problems = _Problems(path)
             for rec in reader:
@@ -248,7 +249,7 @@ def _read_csv(path: str | Path, required: Sequence[str]) -> Iterator[tuple[int, 
                     continue
                 yield reader.line_num, {k: v.strip() for k, v in rec.items()}
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not a UTF-8 text CSV ({exc.reason})") from None
+        raise InputError(f"{path}: not a UTF-8 text CSV ({exc.reason})") from None
     problems.raise_if_any()
 
 
@@ -315,7 +316,7 @@ def read_annotations(path: str | Path) -> list[Annotation]:
         out.append(Annotation(row, study, sop, reader, label, box))
     problems.raise_if_any()
     if not out:
-        raise ValueError(f"{path}: no annotations")
+        raise InputError(f"{path}: no annotations")
     return out
 
 
@@ -340,19 +341,19 @@ def read_ingested_slices(ingest_dir: str | Path) -> tuple[dict[str, dict[str, An
     expected = json.loads(report_path.read_text()).get("key_fingerprint")
     pz = load_or_create_key(ingest_dir, create=False)
     if pz.fingerprint != expected:
-        raise ValueError(
+        raise InputError(
             f"pseudonym key fingerprint {pz.fingerprint} differs from the ingest's {expected}: this is not "
             "the key the ingest used, so no annotation would join (set BLENDSIGN_PSEUDONYM_KEY or use the "
             "ingest's key file)"
         )
     if not any(slices_dir.glob("*.parquet")):
-        raise ValueError(f"{ingest_dir} holds no ingested slice: every scan was excluded or quarantined "
+        raise InputError(f"{ingest_dir} holds no ingested slice: every scan was excluded or quarantined "
                          "(see its ingest_report.md)")
     table = ds.dataset(str(slices_dir), format="parquet").to_table(columns=_SLICE_COLUMNS)
     slices: dict[str, dict[str, Any]] = {}
     for rec in table.to_pylist():
         if rec["instance_key"] in slices:
-            raise ValueError(f"{slices_dir}: instance_key {rec['instance_key']} occurs twice")
+            raise InputError(f"{slices_dir}: instance_key {rec['instance_key']} occurs twice")
         slices[rec["instance_key"]] = rec
     return slices, pz
 
@@ -488,7 +489,7 @@ def fuse(
         })
     problems.raise_if_any()
     if not records:
-        raise ValueError(f"{annotations}: no annotation matches an ingested slice of {ingest_dir}")
+        raise InputError(f"{annotations}: no annotation matches an ingested slice of {ingest_dir}")
     records.sort(key=lambda r: (r["scan_id"], r["slice_index"], r["instance_key"]))
 
     vote_matrix = np.array([r["votes"] for r in records if r["n_readers"] == len(readers)], dtype=np.int64)
@@ -710,10 +711,10 @@ def annotations_csv(annotations: Iterable[Annotation]) -> str:
 def import_annotations(fmt: str, src: str | Path, out_csv: str | Path) -> ImportResult:
     """Convert a public dataset's labels (``rsna`` or ``bhx``) to the native annotation CSV (atomic write)."""
     if fmt not in IMPORT_FORMATS:
-        raise ValueError(f"unknown annotation format {fmt!r}; choose one of {list(IMPORT_FORMATS)}")
+        raise InputError(f"unknown annotation format {fmt!r}; choose one of {list(IMPORT_FORMATS)}")
     anns, rows_read = _rsna(src) if fmt == "rsna" else _bhx(src)
     if not anns:
-        raise ValueError(f"{src}: no annotations")
+        raise InputError(f"{src}: no annotations")
     write_text_atomic(out_csv, annotations_csv(anns))
     return ImportResult(
         fmt=fmt,

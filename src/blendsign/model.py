@@ -34,6 +34,7 @@ from torchvision.models import (
 )
 
 from blendsign.config import ModelConfig
+from blendsign.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +236,7 @@ def build_model(cfg: ModelConfig) -> BlendSignNet:
 
 def _check_backbone(backbone: str) -> None:
     if backbone not in IMAGENET_WEIGHTS:
-        raise ValueError(f"unknown backbone {backbone!r}; choose one of {list(BACKBONES)}")
+        raise ConfigError(f"unknown backbone {backbone!r}; choose one of {list(BACKBONES)}")
 
 
 def _make_trunk(backbone: str) -> tuple[nn.Sequential, int]:
@@ -269,7 +270,7 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
         state = state["model"]
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not hold a state dict (a mapping of parameter names to tensors)")
+        raise InputError(f"{path} does not hold a state dict (a mapping of parameter names to tensors)")
     return dict(state)
 
 
@@ -278,7 +279,7 @@ def _load_backbone(model: BlendSignNet, state: Mapping[str, Tensor]) -> None:
     wanted = model.backbone.state_dict().keys()
     missing = [k for k in wanted if k not in state]
     if missing:
-        raise ValueError(
+        raise InputError(
             f"weights do not fit a {model.backbone_name} backbone: {len(missing)} of its {len(wanted)} tensors "
             f"missing (first: {missing[:3]}); expected torchvision's {model.backbone_name} state dict or a full "
             f"BlendSignNet state dict"

@@ -36,6 +36,7 @@ from packaging.requirements import Requirement
 import blendsign
 from blendsign import CLASSES, __version__
 from blendsign.config import Config
+from blendsign.errors import InputError
 from blendsign.serving import (
     DEFAULT_BATCH_SIZE,
     DICOM_COLUMN,
@@ -146,7 +147,7 @@ def _slim_copy(src: Path, dst: Path) -> Config:
     statistics ``ood``) to ``dst``."""
     state = torch.load(src, map_location="cpu", weights_only=False)  # our own training output
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise ValueError(f"{src} is not a blendsign train checkpoint (needs keys 'model' and 'config')")
+        raise InputError(f"{src} is not a blendsign train checkpoint (needs keys 'model' and 'config')")
     torch.save({"format": state.get("format", 1), "model": state["model"], "config": state["config"],
                 "fold": state.get("fold"), "epoch": state.get("epoch"), "ood": state.get("ood")}, dst)
     return Config.from_dict(state["config"])
@@ -168,7 +169,7 @@ def log_model(
     run that was RUNNING before stays RUNNING.
     """
     if not checkpoints:
-        raise ValueError("log_model needs at least one checkpoint")
+        raise InputError("log_model needs at least one checkpoint")
     example = pd.DataFrame({DICOM_COLUMN: [base64.b64encode(example_slice()).decode("ascii")]})
     with tempfile.TemporaryDirectory(prefix="blendsign-serve-") as tmp:
         artifacts: dict[str, str] = {}

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from blendsign.errors import ConfigError
+
 log = logging.getLogger(__name__)  # (blendsign.serving, torch and MLflow are imported where they are used:
 # blendsign.deploy reads ServerSettings in an environment that has only the kserve SDK)
 
@@ -63,7 +65,7 @@ class ServerSettings:
                 try:
                     values[name] = int(env[var])
                 except ValueError:
-                    raise ValueError(f"{var} must be an integer, got {env[var]!r}") from None
+                    raise ConfigError(f"{var} must be an integer, got {env[var]!r}") from None
         return cls(**values)
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from blendsign.errors import InputError, UnusableFileError
 from blendsign.labels import Annotation, annotations_csv
 from blendsign.progress import progress as progress_bar
 from blendsign.storage import atomic_path, write_text_atomic
@@ -71,7 +72,7 @@ def slice_geometry(affine: np.ndarray, k: int) -> tuple[list[float], list[float]
     col_i, col_j, col_k = (_LPS @ a[:3, n] for n in range(3))
     spacing_i, spacing_j, thickness = (float(np.linalg.norm(c)) for c in (col_i, col_j, col_k))
     if min(spacing_i, spacing_j, thickness) <= 0:
-        raise ValueError("degenerate affine (a zero voxel size)")
+        raise UnusableFileError("degenerate affine (a zero voxel size)")
     orientation = [*(col_i / spacing_i), *(col_j / spacing_j)]
     position = _LPS @ (a[:3, :3] @ np.array([0.0, 0.0, float(k)]) + a[:3, 3])
     # NIfTI holds the affine in float32: 6 decimals keep every digit it has, and DICOM's 16-character DS
@@ -136,28 +137,29 @@ def import_nifti(volumes: str | Path, out_dicom: str | Path, *, masks: str | Pat
         raise ValueError("masks and annotations_out go together: the annotations are the masks' boxes")
     found = _volumes(Path(volumes))
     if not found:
-        raise ValueError(f"no NIfTI volume ({' or '.join(NIFTI_SUFFIXES)}) in {volumes}")
+        raise InputError(f"no NIfTI volume ({' or '.join(NIFTI_SUFFIXES)}) in {volumes}")
     mask_files = _volumes(Path(masks)) if masks is not None else {}
     result, annotations = NiftiImportResult(), []
     for name, path in progress_bar(found.items(), desc="volumes", unit="scan", enabled=progress):
         try:
             if masks is not None and name not in mask_files:
-                raise ValueError(f"no mask named {name} in {masks}")
+                raise UnusableFileError(f"no mask named {name} in {masks}")
             image = nib.load(path)
             hu = np.rint(np.asarray(image.get_fdata(dtype=np.float32)))
             if hu.ndim != 3:
-                raise ValueError(f"a {hu.ndim}-D image, not a volume")
+                raise UnusableFileError(f"a {hu.ndim}-D image, not a volume")
             if hu.min() < -32768 or hu.max() > 32767:
-                raise ValueError("values outside int16: not HU")
+                raise UnusableFileError("values outside int16: not HU")
             mask = None
             if masks is not None:
                 m = nib.load(mask_files[name])
                 if m.shape != image.shape or not np.allclose(m.affine, image.affine, atol=1e-3):
-                    raise ValueError(f"mask grid {m.shape} does not match the volume's {image.shape}")
+                    raise UnusableFileError(f"mask grid {m.shape} does not match the volume's {image.shape}")
                 mask = np.asarray(m.dataobj)
             geometry = [slice_geometry(image.affine, k) for k in range(hu.shape[2])]
         except Exception as exc:  # nibabel raises many types on a broken file
-            result.skipped.append((path.name, f"{type(exc).__name__}: {exc}"))
+            reason = str(exc) if isinstance(exc, UnusableFileError) else f"{type(exc).__name__}: {exc}"
+            result.skipped.append((path.name, reason))
             log.warning("skipped %s: %s", path.name, exc)
             continue
         study = _uid(dataset, name, "study")

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from blendsign import credentials, storage
 from blendsign.config import Config, load_preset, override
+from blendsign.errors import ConfigError, InputError
 from blendsign.folds import FoldsResult, fold_ids, make_folds
 from blendsign.ingest import IngestResult, data_fingerprint, find_clinical, read_report
 from blendsign.labels import FuseResult, read_agreement
@@ -87,13 +88,13 @@ def check_settings(*, metric: str, register_mode: str, k: int | None = None, rou
 
     check_promotion_metric(metric)
     if register_mode not in REGISTER_MODES:
-        raise ValueError(f"register mode must be one of {list(REGISTER_MODES)}, got {register_mode!r}")
+        raise ConfigError(f"register mode must be one of {list(REGISTER_MODES)}, got {register_mode!r}")
     if k is not None and k not in (0,) and k < 2:
-        raise ValueError(f"k must be at least 2 folds (0: the preset's), got {k}")
+        raise ConfigError(f"k must be at least 2 folds (0: the preset's), got {k}")
     if rounds is not None and rounds < -1:
-        raise ValueError(f"rounds must be 0 or more (-1: the preset's), got {rounds}")
+        raise ConfigError(f"rounds must be 0 or more (-1: the preset's), got {rounds}")
     if not math.isfinite(margin) or margin < 0:
-        raise ValueError(f"the promotion margin must be a finite number ≥ 0, got {margin}")
+        raise ConfigError(f"the promotion margin must be a finite number ≥ 0, got {margin}")
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ def check_tracking_server(uri: str, *, on_cluster: bool, timeout: float = 15.0) 
     shown = display_uri(uri)
     if not uri.startswith(("http://", "https://", "databricks")):
         if on_cluster:
-            raise ValueError(f"MLflow tracking URI {shown!r} is not a server: each pod would log to its own store. "
+            raise ConfigError(f"MLflow tracking URI {shown!r} is not a server: each pod would log to its own store. "
                              "Set the tracking_uri parameter or MLFLOW_TRACKING_URI in the credentials secret to "
                              "the MLflow server (docs/pipeline.md, Secrets)")
         return f"MLflow store {shown} (local)"
@@ -130,7 +131,7 @@ def check_tracking_server(uri: str, *, on_cluster: bool, timeout: float = 15.0) 
             MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
         except Exception as exc:  # connection, TLS, HTTP 401/403/5xx: all mean the steps could not log
             message = str(getattr(exc, "message", exc)).replace(uri, shown).splitlines()[0][:300]
-            raise ValueError(f"MLflow server {shown} did not answer from here (reachable? credentials?): "
+            raise ConfigError(f"MLflow server {shown} did not answer from here (reachable? credentials?): "
                              f"{type(exc).__name__}: {message}") from None
     server = check_server_version(uri)
     return f"MLflow server {shown}: reachable, credentials accepted, MLflow {server or 'version unknown'}"
@@ -139,7 +140,7 @@ def check_tracking_server(uri: str, *, on_cluster: bool, timeout: float = 15.0) 
 def _check_work(work_uri: str, *, on_cluster: bool) -> str:
     """The work prefix must outlive the pod on a cluster, and be writable."""
     if on_cluster and not storage.is_s3(work_uri):
-        raise ValueError("work_uri must be an s3:// prefix on a cluster: training checkpoints go there each epoch so "
+        raise ConfigError("work_uri must be an s3:// prefix on a cluster: training checkpoints go there each epoch so "
                          f"that a retried or pre-empted pod resumes (got {work_uri!r})")
     if storage.is_s3(work_uri):
         probe = storage.join(work_uri, ".blendsign-write-check")
@@ -149,7 +150,7 @@ def _check_work(work_uri: str, *, on_cluster: bool) -> str:
             client.put_object(Bucket=bucket, Key=key, Body=b"ok")
             client.delete_object(Bucket=bucket, Key=key)
         except Exception as exc:  # botocore's errors: any of them means no checkpoint could be written
-            raise ValueError(f"cannot write to the work prefix {work_uri}: {type(exc).__name__}: {exc}") from None
+            raise ConfigError(f"cannot write to the work prefix {work_uri}: {type(exc).__name__}: {exc}") from None
         return f"work prefix {work_uri}: writable"
     return f"work folder {work_uri}"
 
@@ -166,7 +167,7 @@ def check_run(*, source: str, annotations: str, clinical: str = "", preset: str 
     checks: list[str] = []
     if not source or not annotations:
         missing = [n for n, v in (("source_uri", source), ("annotations_uri", annotations)) if not v]
-        raise ValueError(f"missing input(s): {', '.join(missing)} (the DICOM export and its annotation CSV)")
+        raise InputError(f"missing input(s): {', '.join(missing)} (the DICOM export and its annotation CSV)")
     check_settings(metric=metric, register_mode=register_mode, k=k, rounds=rounds, margin=margin)
     cfg = pipeline_config(preset, k=k, rounds=rounds) if isinstance(preset, str) else preset
     checks.append(f"preset {cfg.preset}: {cfg.folds.k} folds, {cfg.distill.rounds} distillation rounds, "
@@ -185,12 +186,12 @@ def check_run(*, source: str, annotations: str, clinical: str = "", preset: str 
         checks.append(f"clinical list: {clinical} (found beside the source)" if clinical else
                       "no clinical list given or found in or beside the source: postoperative exclusion not applied")
     if on_cluster and not os.environ.get(KEY_ENV):
-        raise ValueError(f"{KEY_ENV} is not set: on a cluster the pseudonym key comes from the credentials secret "
+        raise ConfigError(f"{KEY_ENV} is not set: on a cluster the pseudonym key comes from the credentials secret "
                          "(docs/pipeline.md, Secrets)")
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
     if not uri:
         if on_cluster:
-            raise ValueError("no MLflow tracking URI: set the tracking_uri parameter or MLFLOW_TRACKING_URI in the "
+            raise ConfigError("no MLflow tracking URI: set the tracking_uri parameter or MLFLOW_TRACKING_URI in the "
                              "credentials secret (docs/pipeline.md, Secrets)")
         from blendsign.tracking import tracking_uri as default_uri
 
@@ -568,7 +569,7 @@ def run_pipeline(
     """The main job in one process, step by step as the Kubeflow pipeline runs it (the same functions, the same
     MLflow run tree); the embedded synthetic cohort when no source is given."""
     if (annotations is None) != (source is None):
-        raise ValueError("give a DICOM source and its annotations together, or neither (the synthetic cohort)")
+        raise InputError("give a DICOM source and its annotations together, or neither (the synthetic cohort)")
     check_settings(metric=metric, register_mode=register_mode, margin=margin)
     work = Path(work_dir)
     if source is None:

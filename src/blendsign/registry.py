@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from blendsign import CLASSES, METRICS
+from blendsign.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
     from blendsign.head_to_head import HeadToHead
@@ -34,7 +35,7 @@ PROMOTION_METRICS = ("cv_accuracy", *(f"cv_{m}_{c}" for m in METRICS for c in CL
 def check_promotion_metric(metric: str) -> str:
     """Refuse an unknown promotion metric before hours of training, not at registration."""
     if metric not in PROMOTION_METRICS:
-        raise ValueError(f"promotion metric {metric!r} unknown; choose cv_<metric>_<class> with metric in "
+        raise ConfigError(f"promotion metric {metric!r} unknown; choose cv_<metric>_<class> with metric in "
                          f"{list(METRICS)} and class in {list(CLASSES)}, e.g. cv_auc_blend_sign")
     return metric
 
@@ -215,7 +216,7 @@ def prepare(client: Any, *, name: str, run_id: str, metric: str, value: float, m
     whatever the champion, the first version too."""
     versions = [v for v in client.search_model_versions(f"name='{name}'") if v.run_id == run_id]
     if not versions:
-        raise ValueError(f"no version of {name!r} was logged from run {run_id}")
+        raise InputError(f"no version of {name!r} was logged from run {run_id}")
     version = str(max(versions, key=lambda v: int(v.version)).version)
     champion_version, champion_value, token = _champion(client, name, metric)
     basis, new_value = CV_BASIS, value
@@ -325,7 +326,7 @@ def rollback(client: Any, name: str) -> tuple[str, str]:
         back = str(client.get_model_version_by_alias(name, PREVIOUS).version)
         demoted = str(client.get_model_version_by_alias(name, CHAMPION).version)
     except MlflowException:
-        raise ValueError(f"{name!r} has no {PREVIOUS!r} and {CHAMPION!r} to roll back between") from None
+        raise InputError(f"{name!r} has no {PREVIOUS!r} and {CHAMPION!r} to roll back between") from None
     client.set_model_version_tag(name, demoted, "rolled_back", f"champion v{demoted} rolled back to v{back}")
     _move_champion(client, name, back, demoted)
     log.info("%s: champion rolled back from v%s to v%s", name, demoted, back)

@@ -19,6 +19,7 @@ from typing import Generic, TypeVar
 
 from blendsign.config import FoldConfig, IngestConfig, LabelConfig
 from blendsign.deid import KEY_ENV
+from blendsign.errors import ConfigError
 from blendsign.folds import FoldsResult, make_folds
 from blendsign.ingest import IngestResult, find_clinical, ingest
 from blendsign.labels import FuseResult, fuse
@@ -42,7 +43,7 @@ class StageResult(Generic[R]):
 
 def _require_env_key(why: str) -> None:
     if not os.environ.get(KEY_ENV):
-        raise ValueError(f"{why}: set {KEY_ENV} (a key file cannot live beside an s3:// location, and must "
+        raise ConfigError(f"{why}: set {KEY_ENV} (a key file cannot live beside an s3:// location, and must "
                          "never be uploaded with the data)")
 
 

@@ -50,6 +50,7 @@ from blendsign.dicom import (
     hu_from_dataset,
     missing_pixels_reason,
 )
+from blendsign.errors import ConfigError, InputError
 from blendsign.explain import cam_to_png, grad_cam
 from blendsign.ingest import series_role
 from blendsign.model import BlendSignNet
@@ -110,10 +111,10 @@ class ServeSettings:
                 try:
                     values[f.name] = int(raw)
                 except (TypeError, ValueError):
-                    raise ValueError(f"serving setting {f.name} ({cls.ENV[f.name]}) must be an integer, got "
+                    raise ConfigError(f"serving setting {f.name} ({cls.ENV[f.name]}) must be an integer, got "
                                      f"{raw!r}") from None
                 if values[f.name] < 1:
-                    raise ValueError(f"serving setting {f.name} ({cls.ENV[f.name]}) must be ≥ 1, got {raw!r}")
+                    raise ConfigError(f"serving setting {f.name} ({cls.ENV[f.name]}) must be ≥ 1, got {raw!r}")
         return cls(**values)
 
 
@@ -126,7 +127,7 @@ class RowError(Exception):
 REQUEST_ERRORS: ContextVar[list[str] | None] = ContextVar("blendsign_request_errors", default=None)
 
 
-class RequestError(ValueError):
+class RequestError(InputError):
     """A request that cannot be scored at all (HTTP 400). The message states the problem, never the content."""
 
     def __init__(self, message: str) -> None:
@@ -276,9 +277,9 @@ def check_compatible(configs: Sequence[Config]) -> None:
     first = configs[0]
     for cfg in configs[1:]:
         if cfg.data.size != first.data.size or cfg.data.windows != first.data.windows:
-            raise ValueError("ensemble checkpoints differ in preprocessing (data.size / data.windows)")
+            raise InputError("ensemble checkpoints differ in preprocessing (data.size / data.windows)")
         if cfg.model.backbone != first.model.backbone or cfg.model.num_classes != first.model.num_classes:
-            raise ValueError("ensemble checkpoints differ in backbone or number of classes")
+            raise InputError("ensemble checkpoints differ in backbone or number of classes")
 
 
 class BlendSignModel(mlflow.pyfunc.PythonModel):
@@ -321,7 +322,7 @@ class BlendSignModel(mlflow.pyfunc.PythonModel):
         """Build the ensemble from checkpoint files (what ``load_context`` does with the artifacts) on ``device``
         (default: the settings' device)."""
         if not paths:
-            raise ValueError("no checkpoints to serve")
+            raise InputError("no checkpoints to serve")
         target = resolve_device(device or self.settings.device)
         loaded = [_load_checkpoint(p, target) for p in paths]
         check_compatible([cfg for _, cfg, _ in loaded])

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from blendsign.errors import InputError
 from blendsign.progress import progress as progress_bar
 
 if TYPE_CHECKING:
@@ -180,10 +181,10 @@ def split_s3(uri: str | Path) -> tuple[str, str]:
     """``s3://bucket/some/key`` → ``("bucket", "some/key")`` (key may be empty or end with ``/``)."""
     s = uri_text(uri)
     if not s.startswith("s3://"):
-        raise ValueError(f"not an s3:// URI: {s}")
+        raise InputError(f"not an s3:// URI: {s}")
     bucket, _, key = s[len("s3://"):].partition("/")
     if not bucket:
-        raise ValueError(f"no bucket in {s}")
+        raise InputError(f"no bucket in {s}")
     return bucket, key.lstrip("/")
 
 
@@ -305,7 +306,7 @@ def _same(path: Path, obj: S3Object) -> bool:
 def _safe_join(root: Path, rel: str) -> Path:
     parts = Path(rel).parts
     if Path(rel).is_absolute() or ".." in parts:
-        raise ValueError(f"refusing object key outside its prefix: {rel!r}")
+        raise InputError(f"refusing object key outside its prefix: {rel!r}")
     return root.joinpath(*parts)
 
 
@@ -389,7 +390,7 @@ def sync_up(local_dir: str | Path, uri: str | Path, *, delete: bool = True, mark
     bucket, key = split_s3(uri)
     prefix = _prefix(key)
     if delete and not prefix.strip("/"):
-        raise ValueError(f"refusing to mirror a folder onto the whole bucket s3://{bucket} (give a prefix)")
+        raise InputError(f"refusing to mirror a folder onto the whole bucket s3://{bucket} (give a prefix)")
     local = _local_files(Path(local_dir))
     remote = list_objects(client, bucket, prefix)
     has_marker = remote.pop(MARKER, None) is not None
@@ -539,7 +540,7 @@ def local_output(uri: str | Path, *, cache: Path | None = None, prefetch: bool =
         return
     bucket, key = split_s3(uri)
     if not key.strip("/"):
-        raise ValueError(f"an output needs a prefix, not the whole bucket s3://{bucket}")
+        raise InputError(f"an output needs a prefix, not the whole bucket s3://{bucket}")
     with scratch_dir(cache) as root:
         staging = mirror_path(root, uri)
         staging.mkdir(parents=True, exist_ok=True)

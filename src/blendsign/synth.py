@@ -48,6 +48,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
 
 from blendsign.config import SynthConfig
+from blendsign.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +282,7 @@ def lesion_rates(cfg: SynthConfig) -> LesionRates:
     p_ich = (f[1] + f[2]) * e_n / e_k
     p_blend = f[2] * e_n / (p_ich * e_b) if p_ich > 0 else 0.0
     if not (0 <= p_ich <= 1 and 0 <= p_blend <= 1):
-        raise ValueError(f"class_ratio {cfg.class_ratio} is unreachable with ich_span_share="
+        raise ConfigError(f"class_ratio {cfg.class_ratio} is unreachable with ich_span_share="
                          f"{cfg.ich_span_share}, blend_core_share={cfg.blend_core_share}")
     return LesionRates(p_ich=float(p_ich), p_blend=float(p_blend))
 
@@ -625,7 +626,7 @@ def _assign_rle(rng: np.random.Generator, share: float, studies: list[StudyPlan]
 def plan_cohort(cfg: SynthConfig) -> Cohort:
     """Everything except pixels: patients, studies, series, hematomas, truth, readers' labels."""
     if cfg.seed < 0 or cfg.scans < 1 or cfg.size < 32:
-        raise ValueError("synth needs seed >= 0, scans >= 1 and size >= 32")
+        raise ConfigError("synth needs seed >= 0, scans >= 1 and size >= 32")
     rates = lesion_rates(cfg)
     readers = calibrate_readers(cfg, rates)
     key = _config_key(cfg)

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from blendsign.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 LOCAL_DIR = Path(".blendsign")
@@ -99,7 +101,7 @@ def check_server_version(uri: str) -> str | None:
     from mlflow.version import VERSION
 
     if server.major < MIN_SERVER_MAJOR:
-        raise ValueError(f"the MLflow server at {display_uri(uri)} runs MLflow {text}; blendsign (MLflow client "
+        raise ConfigError(f"the MLflow server at {display_uri(uri)} runs MLflow {text}; blendsign (MLflow client "
                          f"{VERSION}) needs a server of MLflow {MIN_SERVER_MAJOR} or newer (it logs models with "
                          "MLflow 3's logged-model API, which a 2.x server answers with 404): upgrade the server "
                          "(mlflow/README.md)")

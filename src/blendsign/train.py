@@ -27,6 +27,7 @@ from blendsign import CLASSES
 from blendsign.config import Config
 from blendsign.data import SliceDataset, SliceIndex, load_index, make_loader
 from blendsign.engine import predict, softmax, train_one_epoch
+from blendsign.errors import ConfigError, InputError
 from blendsign.ingest import data_fingerprint
 from blendsign.metrics import per_class_metrics
 from blendsign.model import build_model
@@ -75,7 +76,7 @@ def resolve_device(spec: str) -> torch.device:
     try:
         device = torch.device(spec)
     except RuntimeError as exc:
-        raise ValueError(f"unknown device {spec!r}: use auto, cpu, cuda or cuda:N") from exc
+        raise ConfigError(f"unknown device {spec!r}: use auto, cpu, cuda or cuda:N") from exc
     if device.type != "cuda":
         return device
     available, count, cuda = torch.cuda.is_available(), torch.cuda.device_count(), torch.version.cuda
@@ -92,10 +93,10 @@ def resolve_device(spec: str) -> torch.device:
         else:
             fix = ("this torch cannot use a GPU: use the CUDA image (docker/README.md) or a CUDA build of torch, "
                    "or compile the pipeline for CPU (--gpus 0) / run with --device cpu or auto")
-        raise ValueError(f"device {spec!r} requested but no CUDA device is usable here ({found}); {fix}")
+        raise ConfigError(f"device {spec!r} requested but no CUDA device is usable here ({found}); {fix}")
     if device.index is not None and device.index >= count:
         valid = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
-        raise ValueError(f"device {spec!r} requested but only {count} CUDA device(s) are visible here ({found}); "
+        raise ConfigError(f"device {spec!r} requested but only {count} CUDA device(s) are visible here ({found}); "
                          f"use {valid}, cuda or auto")
     return device
 
@@ -110,13 +111,13 @@ def check_data(train: SliceIndex, val: SliceIndex | None, fold: int | None) -> N
     """Refuse a fold that cannot train or validate, with a message that says why."""
     where = "the training data" if fold is None else f"the training folds of fold {fold}"
     if len(train) == 0:
-        raise ValueError(f"{where} hold no labelled slice")
+        raise InputError(f"{where} hold no labelled slice")
     missing = [CLASSES[c] for c, n in enumerate(train.class_counts()) if n == 0]
     if missing:
-        raise ValueError(f"class(es) {', '.join(missing)} have no slice in {where}: the weighted loss and the "
+        raise InputError(f"class(es) {', '.join(missing)} have no slice in {where}: the weighted loss and the "
                          "per-class metrics need every class; use more scans or fewer folds")
     if val is not None and len(val) == 0:
-        raise ValueError(f"fold {fold} is empty: no labelled slice to validate on")
+        raise InputError(f"fold {fold} is empty: no labelled slice to validate on")
 
 
 def split_index(
@@ -126,10 +127,10 @@ def split_index(
     if fold is None:
         return load_index(ingest_dir, labels_dir, folds_dir), None
     if folds_dir is None:
-        raise ValueError("a fold needs the folds folder (folds.parquet)")
+        raise InputError("a fold needs the folds folder (folds.parquet)")
     folds_all = set(load_index(ingest_dir, labels_dir, folds_dir).fold.tolist())
     if fold not in folds_all:
-        raise ValueError(f"fold {fold} does not exist (folds: {sorted(folds_all)})")
+        raise InputError(f"fold {fold} does not exist (folds: {sorted(folds_all)})")
     return (load_index(ingest_dir, labels_dir, folds_dir, folds=folds_all - {fold}),
             load_index(ingest_dir, labels_dir, folds_dir, folds=[fold]))
 
@@ -213,7 +214,7 @@ def train(
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if cfg.train.batch_size % world:
-        raise ValueError(f"batch_size {cfg.train.batch_size} does not split over {world} processes")
+        raise ConfigError(f"batch_size {cfg.train.batch_size} does not split over {world} processes")
     cuda = device.type == "cuda"
 
     if rank == 0 and (removed := remove_stale_temporaries(out_dir)):
@@ -323,7 +324,7 @@ def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer
         return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     if t.optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.momentum, 0.999), weight_decay=t.weight_decay)
-    raise ValueError(f"train.optimizer must be 'sgd' or 'adamw', got {t.optimizer!r}")
+    raise ConfigError(f"train.optimizer must be 'sgd' or 'adamw', got {t.optimizer!r}")
 
 
 def _fit_ood(model: torch.nn.Module, index: SliceIndex, cfg: Config, device: torch.device, stride: int,
@@ -378,7 +379,7 @@ def _load_existing(out_dir: Path, cfg: Config, resume: bool, source: dict[str, s
         return None
     state = torch.load(last, map_location="cpu", weights_only=False)
     if _training_part(state.get("config", {})) != _training_part(cfg.to_dict()):
-        raise ValueError(f"{out_dir} holds a run with a different configuration; choose another output folder")
+        raise InputError(f"{out_dir} holds a run with a different configuration; choose another output folder")
     if state.get("trained_on") != source:
         what = "other soft labels (its teacher was retrained since)" if (state.get("trained_on") or {}).get(
             "data") == source["data"] else "other data, labels or folds"
@@ -386,7 +387,7 @@ def _load_existing(out_dir: Path, cfg: Config, resume: bool, source: dict[str, s
         (out_dir / MODEL).unlink(missing_ok=True)
         return None
     if state["epoch"] < cfg.train.epochs and not resume:
-        raise ValueError(f"{out_dir} holds an unfinished run (epoch {state['epoch']} of {cfg.train.epochs}); "
+        raise InputError(f"{out_dir} holds an unfinished run (epoch {state['epoch']} of {cfg.train.epochs}); "
                          "pass --resume to continue it")
     if state["epoch"] >= cfg.train.epochs and not (out_dir / MODEL).exists():  # a copy that lost it
         log.warning("%s: finished, but model.pt is missing: written again from last.pt", out_dir)

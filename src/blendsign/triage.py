@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from blendsign.errors import InputError
 from blendsign.labels import _Problems, _read_csv, fleiss_kappa, read_ingested_slices
 from blendsign.storage import atomic_path, write_json_atomic, write_text_atomic
 
@@ -81,7 +82,7 @@ def read_reads(path: str | Path) -> list[ScanRead]:
         out.append(ScanRead(row, name, {f: sum(rec[f"{r}:{f}"] == "1" for r in READERS) for f in FINDINGS}))
     problems.raise_if_any()
     if not out:
-        raise ValueError(f"{path}: no reads")
+        raise InputError(f"{path}: no reads")
     return out
 
 
@@ -265,7 +266,7 @@ def triage(model: Any, ingest_dir: str | Path, reads_csv: str | Path, out_dir: s
     reads = read_reads(reads_csv)
     joined = join(reads, ingest_dir)
     if not joined.scans:
-        raise ValueError(f"no read of {reads_csv} joins a scan of {ingest_dir}: the names are PatientIDs "
+        raise InputError(f"no read of {reads_csv} joins a scan of {ingest_dir}: the names are PatientIDs "
                          "(CQ500-CT-<n>), hashed with the ingest's pseudonym key; was this ingest made from those "
                          "scans, with this key?")
     scores = score_scans(model, ingest_dir, sorted(joined.scans), progress=progress)
