@@ -21,11 +21,11 @@ import pyarrow.parquet as pq
 import torch
 
 from blendsign.config import Config, load_preset, override
+from blendsign.engine import resolve_device
 from blendsign.explain import grad_cam
 from blendsign.ingest import ingest
 from blendsign.model import build_model
 from blendsign.synth import synthesize
-from blendsign.train import resolve_device
 from blendsign.transforms import preprocess
 
 

@@ -22,13 +22,13 @@ import torch
 
 from blendsign.config import Config, load_preset, override
 from blendsign.data import SliceDataset, load_index, make_loader
+from blendsign.engine import resolve_device
 from blendsign.folds import make_folds
 from blendsign.ingest import ingest
 from blendsign.labels import fuse
 from blendsign.losses import total_loss
 from blendsign.model import build_model
 from blendsign.synth import synthesize
-from blendsign.train import resolve_device
 
 KEYS = ("label", "heatmap", "reg", "reg_mask")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blendsign.train import resolve_device
+from blendsign.engine import resolve_device
 
 
 def _cuda(monkeypatch: pytest.MonkeyPatch, count: int, build: str | None = "12.8") -> None:

@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from blendsign.config import load_preset, override
-from blendsign.data import load_index
+from blendsign.data import inject_label_noise, load_index, split_index
 from blendsign.distill import DistillResult, distill, final_checkpoint, review_table, soft_labels
+from blendsign.engine import resolve_device
 from blendsign.tracking import Tracker
-from blendsign.train import inject_label_noise, resolve_device, split_index
 
 CFG = override(load_preset("ci"), train={"epochs": 1}, distill={"rounds": 1})
 

@@ -14,9 +14,9 @@ import torch
 
 from blendsign import CLASSES
 from blendsign.data import load_index, read_slice_hu
-from blendsign.distill import load_model
 from blendsign.head_to_head import SCANS_ARTIFACT, HeadToHead, compare
 from blendsign.metrics import per_class_metrics
+from blendsign.model import load_trained
 from blendsign.registry import prepare, register_version
 from blendsign.tracking import Tracker
 from blendsign.transforms import preprocess
@@ -65,7 +65,7 @@ def test_the_champion_is_scored_on_the_scans_it_never_saw(cohort: dict[str, Path
     assert result.slices == int(new.sum())
     labels = index.label[new]
     assert result.challenger["auc_blend_sign"] == 1.0 and result.challenger["accuracy"] == 1.0
-    net, cfg = load_model(tmp_path / "champion.pt", torch.device("cpu"))  # the champion's scores by hand
+    net, cfg, _ = load_trained(tmp_path / "champion.pt", torch.device("cpu"))  # the champion's scores by hand
     rows = np.flatnonzero(new)
     with torch.no_grad():
         x = torch.stack([preprocess(torch.from_numpy(read_slice_hu(index.file[i], int(index.row_group[i]),

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 
-from blendsign import storage
+from blendsign import checkpoint, storage
 from blendsign.config import load_preset, override
 from blendsign.deid import KEY_ENV
 from blendsign.pipeline import REFIT, check_run, job_label, job_markdown, job_models, start_run, train_job
@@ -182,8 +182,8 @@ def test_a_preempted_training_job_resumes_from_the_work_prefix_bit_for_bit(
     assert pushes.count(f"{ref.work}/jobs/fold0") >= 2  # after the epoch, and when the job ended
     straight = train(cfg, **dirs, fold=0, out_dir=tmp_path / "straight", progress=False)
     with storage.local_input(f"{ref.work}/jobs/fold0/round0/model.pt") as resumed:
-        a = torch.load(resumed, map_location="cpu", weights_only=False)["model"]
-    b = torch.load(straight.checkpoint, map_location="cpu", weights_only=False)["model"]
+        a = checkpoint.load(resumed)["model"]
+    b = checkpoint.load(straight.checkpoint)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     md = job_markdown(0, result)
     assert md.startswith("# fold 0") and "held-out fold: 0" in md

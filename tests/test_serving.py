@@ -18,10 +18,10 @@ import pytest
 import torch
 from PIL import Image
 
-from blendsign import CLASSES, serving
+from blendsign import CLASSES, checkpoint, serving
 from blendsign.config import Config
 from blendsign.dicom import hu_from_dataset
-from blendsign.distill import load_model
+from blendsign.model import load_trained
 from blendsign.serving import RequestError, ServeSettings
 from blendsign.targets import decode_boxes
 from blendsign.transforms import preprocess
@@ -59,7 +59,7 @@ def test_predict_real_slices(served: dict[str, Any], model: Any) -> None:
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(probs[3], probs[0], atol=1e-6)  # base64 text = bytes
     assert list(out["label"]) == [CLASSES[k] for k in probs.argmax(axis=1)]
-    net, cfg = load_model(served["root"] / "model.pt", torch.device("cpu"))
+    net, cfg, _ = load_trained(served["root"] / "model.pt", torch.device("cpu"))
     for data, p, boxes in zip(blobs, probs, out["boxes"], strict=False):
         ref_p, ref_boxes = reference(net, cfg, data)
         np.testing.assert_allclose(p, ref_p, atol=1e-5)
@@ -210,12 +210,12 @@ def test_a_head_cropping_model_serves_boxes_and_grad_cam_in_slice_pixels(tmp_pat
     from blendsign.transforms import head_crop, unscale_boxes
 
     make_checkpoint(tmp_path / "model.pt")
-    state = torch.load(tmp_path / "model.pt", weights_only=False)
+    state = checkpoint.load(tmp_path / "model.pt")
     state["config"]["data"]["crop_head"] = True
     torch.save(state, tmp_path / "model.pt")
     model = serving.BlendSignModel()
     model.load_checkpoints([tmp_path / "model.pt"], device="cpu")
-    net, cfg = load_model(tmp_path / "model.pt", torch.device("cpu"))
+    net, cfg, _ = load_trained(tmp_path / "model.pt", torch.device("cpu"))
     data = dicom_bytes("693_UNCI.dcm")
     hu = torch.from_numpy(hu_from_dataset(pydicom.dcmread(io.BytesIO(data))))
     crop = head_crop(hu, cfg.data)

@@ -12,10 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+from blendsign import checkpoint
+from blendsign.checkpoint import trained_on
 from blendsign.config import load_preset, override
-from blendsign.data import load_index
+from blendsign.data import check_data, load_index, split_index, training_data
+from blendsign.engine import resolve_device
 from blendsign.tracking import Tracker
-from blendsign.train import check_data, resolve_device, split_index, teacher_digest, train, trained_on, training_data
+from blendsign.train import teacher_digest, train
 
 CFG = load_preset("ci")
 
@@ -41,8 +44,8 @@ def test_loss_falls_and_mlflow_records_the_run(cohort: dict[str, Path], tmp_path
     assert {"checkpoint", "config.json", "history.json"} <= artifacts
     assert not [k for k in run.data.metrics if k.startswith("best")]  # no epoch is chosen on the held-out fold
     # the model is the final epoch's weights, without the optimiser state that last.pt keeps for resuming
-    ckpt = torch.load(result.checkpoint, map_location="cpu", weights_only=False)
-    last = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=False)
+    ckpt = checkpoint.load(result.checkpoint)
+    last = checkpoint.load(tmp_path / "run" / "last.pt")
     assert ckpt["config"] == cfg.to_dict() and ckpt["epoch"] == 4 and ckpt["optimizer"] is None
     assert all(torch.equal(v, last["model"][k]) for k, v in ckpt["model"].items())
     assert result.held_out() == pytest.approx(result.history[-1]["val_auc_blend_sign"])
@@ -58,8 +61,8 @@ def test_resume_gives_the_uninterrupted_result(cohort: dict[str, Path], tmp_path
         train(CFG, **_dirs(cohort), fold=1, out_dir=tmp_path / "cut", progress=False)
     resumed = train(CFG, **_dirs(cohort), fold=1, out_dir=tmp_path / "cut", resume=True, progress=False)
     assert not list((tmp_path / "cut").glob(".*.tmp"))  # the killed run's temporary is gone
-    a = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
-    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)
+    a = checkpoint.load(tmp_path / "full" / "last.pt")
+    b = checkpoint.load(tmp_path / "cut" / "last.pt")
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
     assert [h["loss_total"] for h in full.history] == [h["loss_total"] for h in resumed.history]
@@ -73,10 +76,10 @@ def test_resume_gives_the_uninterrupted_result(cohort: dict[str, Path], tmp_path
                   fold=1, out_dir=tmp_path / "full", progress=False)
     assert moved.history == full.history
     # a copy that lost model.pt (a pod killed while uploading) gets it back from its finished last.pt
-    model = torch.load(tmp_path / "full" / "model.pt", weights_only=False)["model"]
+    model = checkpoint.load(tmp_path / "full" / "model.pt")["model"]
     (tmp_path / "full" / "model.pt").unlink()
     assert train(CFG, **_dirs(cohort), fold=1, out_dir=tmp_path / "full", progress=False).history == full.history
-    rebuilt = torch.load(tmp_path / "full" / "model.pt", weights_only=False)
+    rebuilt = checkpoint.load(tmp_path / "full" / "model.pt")
     assert rebuilt["optimizer"] is None and all(torch.equal(v, rebuilt["model"][k]) for k, v in model.items())
 
 
@@ -126,7 +129,7 @@ def test_ddp_on_gloo_with_two_processes(cohort: dict[str, Path], tmp_path: Path)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ckpt = torch.load(tmp_path / "ddp" / "last.pt", weights_only=False)
+    ckpt = checkpoint.load(tmp_path / "ddp" / "last.pt")
     assert ckpt["epoch"] == 1 and "module." not in next(iter(ckpt["model"]))
 
 

@@ -7,7 +7,10 @@ pure function of (seed, epoch, index), so augmentations do not depend on worker 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
+import json
 import shutil
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, replace
@@ -21,9 +24,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from blendsign import CLASSES
-from blendsign.config import DataConfig
+from blendsign.config import Config, DataConfig
 from blendsign.errors import ConfigError, InputError
 from blendsign.folds import FOLDS_FILE
+from blendsign.ingest import data_fingerprint
 from blendsign.targets import encode_targets
 from blendsign.transforms import Augment, head_crop, preprocess, scale_boxes
 
@@ -281,3 +285,67 @@ def make_loader(
         drop_last=False,
         prefetch_factor=PREFETCH if workers > 0 else None,
     )
+
+
+# --- the slices of one training job: (training, held-out) for a fold ------------------------------------
+
+
+def check_data(train: SliceIndex, val: SliceIndex | None, fold: int | None) -> None:
+    """Refuse a fold that cannot train or validate, with a message that says why."""
+    where = "the training data" if fold is None else f"the training folds of fold {fold}"
+    if len(train) == 0:
+        raise InputError(f"{where} hold no labelled slice")
+    missing = [CLASSES[c] for c, n in enumerate(train.class_counts()) if n == 0]
+    if missing:
+        raise InputError(f"class(es) {', '.join(missing)} have no slice in {where}: the weighted loss and the "
+                         "per-class metrics need every class; use more scans or fewer folds")
+    if val is not None and len(val) == 0:
+        raise InputError(f"fold {fold} is empty: no labelled slice to validate on")
+
+
+def split_index(
+    ingest_dir: str | Path, labels_dir: str | Path, folds_dir: str | Path | None, fold: int | None
+) -> tuple[SliceIndex, SliceIndex | None]:
+    """(training slices, held-out slices) for ``fold``; ``fold=None``: every slice, no held-out part."""
+    if fold is None:
+        return load_index(ingest_dir, labels_dir, folds_dir), None
+    if folds_dir is None:
+        raise InputError("a fold needs the folds folder (folds.parquet)")
+    folds_all = set(load_index(ingest_dir, labels_dir, folds_dir).fold.tolist())
+    if fold not in folds_all:
+        raise InputError(f"fold {fold} does not exist (folds: {sorted(folds_all)})")
+    return (load_index(ingest_dir, labels_dir, folds_dir, folds=folds_all - {fold}),
+            load_index(ingest_dir, labels_dir, folds_dir, folds=[fold]))
+
+
+def training_data(cfg: Config, ingest_dir: str | Path, labels_dir: str | Path, folds_dir: str | Path | None,
+                  fold: int | None) -> tuple[SliceIndex, SliceIndex | None, str]:
+    """(training slices, held-out slices, digest) as ``train`` uses them for ``fold`` (label noise included).
+
+    The digest identifies what a model was trained on: the ingested dataset, the training slices with their
+    labels and boxes, and the held-out slices. A folder holding a model trained on anything else is trained
+    anew, and ``evaluate`` refuses to score a model on a split it was not trained for.
+    """
+    train_index, val_index = split_index(ingest_dir, labels_dir, folds_dir, fold)
+    if cfg.train.label_noise > 0:
+        train_index = inject_label_noise(train_index, cfg.train.label_noise, seed=cfg.train.seed)
+    digest = hashlib.sha256(data_fingerprint(ingest_dir).encode())
+    for index in (train_index, val_index):
+        content = None if index is None else [list(index.instance_key), index.label.tolist(),
+                                              [b.tolist() for b in index.boxes]]
+        digest.update(json.dumps(content).encode())
+    return train_index, val_index, digest.hexdigest()
+
+
+def inject_label_noise(index: SliceIndex, share: float, *, seed: int) -> SliceIndex:
+    """Relabel a random ``share`` of the blend-sign slices as normal ICH (the ablation's reader noise).
+
+    The flipped positions are recorded in ``index.noisy``.
+    """
+    rng = np.random.default_rng(seed + 7919)
+    blend = np.flatnonzero(index.label == CLASSES.index("blend_sign"))
+    flip = rng.choice(blend, size=round(share * len(blend)), replace=False) if len(blend) else blend
+    label, noisy = index.label.copy(), np.zeros(len(index), dtype=bool)
+    label[flip] = CLASSES.index("normal_ich")
+    noisy[flip] = True
+    return dataclasses.replace(index, label=label, noisy=noisy)

@@ -11,7 +11,6 @@ radiologist would re-read), ``OUT/fold<k>/distill.json`` naming the final checkp
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -28,13 +27,13 @@ import torch
 
 from blendsign import CLASSES
 from blendsign.config import Config
-from blendsign.data import SliceDataset, SliceIndex, make_loader
-from blendsign.engine import predict, softmax
+from blendsign.data import SliceDataset, SliceIndex, make_loader, training_data
+from blendsign.engine import predict, resolve_device, softmax
 from blendsign.errors import InputError
-from blendsign.model import build_model
+from blendsign.model import load_trained
 from blendsign.storage import atomic_path, file_sha256, write_json_atomic, write_text_atomic
 from blendsign.tracking import Tracker
-from blendsign.train import TrainResult, resolve_device, train, training_data
+from blendsign.train import TrainResult, train
 
 log = logging.getLogger(__name__)
 
@@ -55,22 +54,13 @@ class DistillResult:
         return f"fold {self.fold}: {steps}; final model {self.final.checkpoint}"
 
 
-def load_model(checkpoint: str | Path, device: torch.device) -> tuple[torch.nn.Module, Config]:
-    """A trained model and its config from a ``train`` checkpoint, in eval mode on ``device``."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    cfg = Config.from_dict(state["config"])
-    model = build_model(dataclasses.replace(cfg.model, weights="none"))
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), cfg
-
-
 def soft_labels(checkpoint: str | Path, index: SliceIndex, cfg: Config, device: torch.device,
                 *, progress: bool = True) -> np.ndarray:
     """The teacher's ``[n, 3]`` class probabilities at temperature T for ``index``.
 
     Preprocessed as the teacher was trained (its checkpoint's ``data`` config), without augmentation.
     """
-    model, trained = load_model(checkpoint, device)
+    model, trained, _ = load_trained(checkpoint, device)
     ds = SliceDataset(index, trained.data, stride=model.stride, min_overlap=trained.loss.gaussian_min_overlap,
                       augment=False)
     loader = make_loader(ds, batch_size=cfg.train.batch_size, shuffle=False, workers=cfg.data.workers)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Any
 
@@ -12,10 +13,48 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from blendsign.config import LossConfig
+from blendsign.errors import ConfigError
 from blendsign.losses import total_loss
 from blendsign.progress import progress as progress_bar
 
 TARGET_KEYS = ("label", "heatmap", "reg", "reg_mask")
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` → CUDA when present, else CPU; a CUDA request without a usable CUDA device is a clear error.
+
+    The error says what was found (torch's CUDA build, ``torch.cuda.is_available()``, the device count) and the
+    likely fix, so that a GPU task on a node whose driver is too old for the image's CUDA fails at once instead
+    of training on the CPU for hours.
+    """
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise ConfigError(f"unknown device {spec!r}: use auto, cpu, cuda or cuda:N") from exc
+    if device.type != "cuda":
+        return device
+    available, count, cuda = torch.cuda.is_available(), torch.cuda.device_count(), torch.version.cuda
+    build = f"built for CUDA {cuda}" if cuda else "a CPU-only build"
+    found = f"torch {torch.__version__} is {build}, torch.cuda.is_available() is {available}, {count} CUDA device(s)"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        found += f", CUDA_VISIBLE_DEVICES={visible!r}"
+    if not available or count == 0:
+        if cuda:
+            fix = (f"the node's NVIDIA driver may be older than CUDA {cuda} needs, or no GPU is allocated to this "
+                   "container; use an image built for the node's CUDA (docker/README.md), or "
+                   "compile the pipeline for CPU (--gpus 0) / run with --device cpu or auto")
+        else:
+            fix = ("this torch cannot use a GPU: use the CUDA image (docker/README.md) or a CUDA build of torch, "
+                   "or compile the pipeline for CPU (--gpus 0) / run with --device cpu or auto")
+        raise ConfigError(f"device {spec!r} requested but no CUDA device is usable here ({found}); {fix}")
+    if device.index is not None and device.index >= count:
+        valid = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+        raise ConfigError(f"device {spec!r} requested but only {count} CUDA device(s) are visible here ({found}); "
+                         f"use {valid}, cuda or auto")
+    return device
 
 
 def _inputs(batch: dict[str, Any], device: torch.device, channels_last: bool) -> torch.Tensor:

@@ -23,21 +23,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from blendsign import CLASSES, METRICS, ood
+from blendsign import CLASSES, METRICS, checkpoint, ood
 from blendsign.baselines import NAMES as BASELINES
 from blendsign.baselines import baseline_table, blood_share, fold_baselines, shortfalls
 from blendsign.config import Config
-from blendsign.data import SliceDataset, SliceIndex, load_index, make_loader, read_slice_hu
-from blendsign.distill import final_checkpoint, load_model, read_state
-from blendsign.engine import predict, softmax
+from blendsign.data import SliceDataset, SliceIndex, load_index, make_loader, read_slice_hu, training_data
+from blendsign.distill import final_checkpoint, read_state
+from blendsign.engine import predict, resolve_device, softmax
 from blendsign.errors import InputError
 from blendsign.explain import grad_cam
 from blendsign.metrics import bootstrap_ci, calibration, per_class_metrics, scan_auc
+from blendsign.model import load_trained
 from blendsign.report import HTML_REPORT_FILE, write_html_report
 from blendsign.storage import atomic_path, write_json_atomic, write_text_atomic
 from blendsign.targets import decode_boxes
 from blendsign.tracking import Tracker, finite
-from blendsign.train import resolve_device, trained_on, training_data
 
 log = logging.getLogger(__name__)
 
@@ -176,12 +176,12 @@ def evaluate(
     fold_runs: dict[int, str | None] = {}
     for k in folds:
         fold_dir = models_dir / f"fold{k}"
-        checkpoint = final_checkpoint(fold_dir)
-        model, trained = load_model(checkpoint, device)  # preprocessing as it was trained
+        path = final_checkpoint(fold_dir)
+        model, trained, ood_state = load_trained(path, device)  # preprocessing as it was trained
         fold_runs[k] = read_state(fold_dir).get("fold_run_id")
         train_index, val, digest = training_data(trained, ingest_dir, labels_dir, folds_dir, k)
-        if trained_on(checkpoint).get("data") != digest:
-            raise InputError(f"the fold {k} model {checkpoint} was not trained on fold {k}'s training slices of "
+        if checkpoint.trained_on(path).get("data") != digest:
+            raise InputError(f"the fold {k} model {path} was not trained on fold {k}'s training slices of "
                              f"these ingest, labels and folds folders: scoring it here could score slices it "
                              "trained on. Evaluate with the folders it was trained with, or train anew.")
         assert val is not None
@@ -192,7 +192,6 @@ def evaluate(
         order = np.argsort(pred["index"])
         probs, labels = softmax(pred["logits"][order]), pred["labels"][order]
         per_fold[k] = per_class_metrics(probs, labels)
-        ood_state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True).get("ood")  # no weights
         if ood_state is not None:
             ood_flagged[k] = float((ood.score(ood_state, torch.from_numpy(pred["features"])) > 1.0).float().mean())
         for name, base in fold_baselines(np.array([feature[key] for key in train_index.instance_key]),

@@ -19,6 +19,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -33,12 +34,14 @@ from torchvision.models import (
     WeightsEnum,
 )
 
-from blendsign.config import ModelConfig
+from blendsign import checkpoint
+from blendsign.checkpoint import read_state_dict
+from blendsign.config import Config, ModelConfig
 from blendsign.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BACKBONES", "IMAGENET_WEIGHTS", "BlendSignNet", "build_model", "weights_file"]
+__all__ = ["BACKBONES", "IMAGENET_WEIGHTS", "BlendSignNet", "build_model", "load_trained", "weights_file"]
 
 IMAGENET_WEIGHTS: dict[str, WeightsEnum] = {
     # IMAGENET1K_V1 throughout: the torchvision weights of the paper's time (ResNet-50's V2 recipe came in 2022).
@@ -216,7 +219,7 @@ def build_model(cfg: ModelConfig) -> BlendSignNet:
                 f"{path.parent} (the torch hub cache; set TORCH_HOME to move it), or pass its path as the "
                 f"model weights, or use the Docker image that bakes it in, or choose weights='none'."
             )
-        _load_backbone(model, _read_state_dict(path))
+        _load_backbone(model, read_state_dict(path))
         log.info("model %s: backbone weights = ImageNet %s from %s", cfg.backbone, IMAGENET_WEIGHTS[cfg.backbone], path)
     else:
         path = Path(cfg.weights)
@@ -224,7 +227,7 @@ def build_model(cfg: ModelConfig) -> BlendSignNet:
             raise FileNotFoundError(
                 f"model weights file {path} not found (weights must be 'imagenet', 'none' or a path)"
             )
-        state = _read_state_dict(path)
+        state = read_state_dict(path)
         if any(k.startswith(("backbone.", "cls_head.", "det_head.")) for k in state):
             model.load_state_dict(state, strict=True)
             log.info("model %s: full BlendSignNet weights from %s", cfg.backbone, path)
@@ -232,6 +235,18 @@ def build_model(cfg: ModelConfig) -> BlendSignNet:
             _load_backbone(model, state)
             log.info("model %s: backbone weights from %s (heads randomly initialised)", cfg.backbone, path)
     return model
+
+
+def load_trained(path: str | Path, device: torch.device) -> tuple[BlendSignNet, Config, dict[str, Any] | None]:
+    """A trained model from a checkpoint (:mod:`blendsign.checkpoint`): in eval mode on ``device`` with its
+    parameters frozen (Grad-CAM still reaches the features through the input), its config (the preprocessing it
+    was trained with) and its out-of-distribution statistics (None in a checkpoint from before they existed)."""
+    state = checkpoint.load(path)
+    cfg = checkpoint.config_of(state)
+    model = BlendSignNet(cfg.model.backbone, num_classes=cfg.model.num_classes, det_channels=cfg.model.det_channels)
+    model.load_state_dict(state["model"])  # the trained weights: no backbone initialisation first
+    model.to(device).eval().requires_grad_(False)
+    return model, cfg, state.get("ood")
 
 
 def _check_backbone(backbone: str) -> None:
@@ -262,16 +277,6 @@ def _make_trunk(backbone: str) -> tuple[nn.Sequential, int]:
         ]  # fmt: skip
         channels = net.fc.in_features
     return nn.Sequential(OrderedDict((name, getattr(net, name)) for name in names)), channels
-
-
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    """The state dict in ``path``: a plain one, or the ``"model"`` entry of a training checkpoint."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
-        state = state["model"]
-    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise InputError(f"{path} does not hold a state dict (a mapping of parameter names to tensors)")
-    return dict(state)
 
 
 def _load_backbone(model: BlendSignNet, state: Mapping[str, Tensor]) -> None:

@@ -30,12 +30,10 @@ from typing import Any
 
 import mlflow
 import pandas as pd
-import torch
 from packaging.requirements import Requirement
 
 import blendsign
-from blendsign import CLASSES, __version__
-from blendsign.config import Config
+from blendsign import CLASSES, __version__, checkpoint
 from blendsign.errors import InputError
 from blendsign.serving import (
     DEFAULT_BATCH_SIZE,
@@ -142,17 +140,6 @@ def _tracking(uri: str) -> Iterator[None]:
         mlflow.set_tracking_uri(previous)  # type: ignore[arg-type]  (None unsets it, as MLflow's own code does)
 
 
-def _slim_copy(src: Path, dst: Path) -> Config:
-    """Write the part of a ``train`` checkpoint that serving needs (``model``, ``config``, the out-of-distribution
-    statistics ``ood``) to ``dst``."""
-    state = torch.load(src, map_location="cpu", weights_only=False)  # our own training output
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise InputError(f"{src} is not a blendsign train checkpoint (needs keys 'model' and 'config')")
-    torch.save({"format": state.get("format", 1), "model": state["model"], "config": state["config"],
-                "fold": state.get("fold"), "epoch": state.get("epoch"), "ood": state.get("ood")}, dst)
-    return Config.from_dict(state["config"])
-
-
 def log_model(
     *,
     run_id: str,
@@ -176,7 +163,7 @@ def log_model(
         configs = []
         for k, src in enumerate(checkpoints):
             dst = Path(tmp) / f"fold{k}.pt"
-            configs.append(_slim_copy(Path(src), dst))
+            configs.append(checkpoint.write_slim(src, dst))
             artifacts[f"fold{k}"] = str(dst)
         check_compatible(configs)
         code = _package_copy(Path(tmp) / "code")

@@ -372,15 +372,15 @@ def train_job(cfg: Config, ref: RunRef, job: int, *, ingest_dir: str | Path, lab
     retried or pre-empted pod finds them and resumes (bit-exactly, ``train``'s resume). Its final model (model
     and ``distill.json``, nothing else) is exported to ``ref.work/models/<fold folder>`` and to ``export``.
     """
+    from blendsign.checkpoint import LAST
     from blendsign.distill import STATE_FILE, distill, export_final, job_dir_name
-    from blendsign.train import CHECKPOINT
 
     fold = None if job == REFIT else job
     name = job_dir_name(fold)
     parent = ref.parent_run_id if fold is None else ref.cv_run_id
     log.info("%s: %s", job_label(job), "teacher" if rounds == 0 else "teacher and students")
     # a killed upload must not leave a "finished" checkpoint or distillation without what it finished
-    with storage.mirrored(storage.join(ref.work, JOBS, name), last=(CHECKPOINT, STATE_FILE)) as mirror, \
+    with storage.mirrored(storage.join(ref.work, JOBS, name), last=(LAST, STATE_FILE)) as mirror, \
             ref.step(job_label(job)) as tracker:
         result = distill(cfg, ingest_dir=ingest_dir, labels_dir=labels_dir,
                          folds_dir=None if fold is None else folds_dir, fold=fold, out_dir=mirror.local.parent,

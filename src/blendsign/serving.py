@@ -50,12 +50,12 @@ from blendsign.dicom import (
     hu_from_dataset,
     missing_pixels_reason,
 )
+from blendsign.engine import resolve_device
 from blendsign.errors import ConfigError, InputError
 from blendsign.explain import cam_to_png, grad_cam
 from blendsign.ingest import series_role
-from blendsign.model import BlendSignNet
+from blendsign.model import BlendSignNet, load_trained
 from blendsign.targets import decode_boxes
-from blendsign.train import resolve_device
 from blendsign.transforms import Crop, crop_overlap, head_crop, preprocess, unscale_boxes, window
 
 __all__ = [
@@ -261,17 +261,6 @@ class _Ensemble:
         return (total / peak if peak > 0 else total).cpu()  # type: ignore[union-attr, operator]
 
 
-def _load_checkpoint(path: str | Path, device: torch.device) -> tuple[BlendSignNet, Config, dict[str, Any] | None]:
-    """A served checkpoint (``model`` state dict + ``config``, ``ood`` state) → model on ``device`` in eval mode,
-    frozen; its config; its OOD state (None in a checkpoint from before it existed)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)  # artifacts hold tensors and plain data only
-    cfg = Config.from_dict(state["config"])
-    model = BlendSignNet(cfg.model.backbone, num_classes=cfg.model.num_classes, det_channels=cfg.model.det_channels)
-    model.load_state_dict(state["model"])  # the trained weights: no backbone initialisation first
-    model.to(device).eval().requires_grad_(False)
-    return model, cfg, state.get("ood")
-
-
 def check_compatible(configs: Sequence[Config]) -> None:
     """Ensemble members must share their preprocessing and detection grid (their maps are averaged)."""
     first = configs[0]
@@ -324,7 +313,7 @@ class BlendSignModel(mlflow.pyfunc.PythonModel):
         if not paths:
             raise InputError("no checkpoints to serve")
         target = resolve_device(device or self.settings.device)
-        loaded = [_load_checkpoint(p, target) for p in paths]
+        loaded = [load_trained(p, target) for p in paths]
         check_compatible([cfg for _, cfg, _ in loaded])
         models = tuple(m for m, _, _ in loaded)
         cfg = loaded[0][1]

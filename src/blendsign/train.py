@@ -7,7 +7,6 @@ DistributedDataParallel (``batch_size`` is the global batch, split over the proc
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -23,20 +22,18 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from blendsign import CLASSES
+from blendsign import checkpoint
+from blendsign.checkpoint import LAST, MODEL
 from blendsign.config import Config
-from blendsign.data import SliceDataset, SliceIndex, load_index, make_loader
-from blendsign.engine import predict, softmax, train_one_epoch
+from blendsign.data import SliceDataset, SliceIndex, check_data, make_loader, training_data
+from blendsign.engine import predict, resolve_device, softmax, train_one_epoch
 from blendsign.errors import ConfigError, InputError
-from blendsign.ingest import data_fingerprint
 from blendsign.metrics import per_class_metrics
 from blendsign.model import build_model
-from blendsign.storage import atomic_path, remove_stale_temporaries, write_json_atomic
+from blendsign.storage import remove_stale_temporaries, write_json_atomic
 from blendsign.tracking import Tracker, finite
 
 log = logging.getLogger(__name__)
-CHECKPOINT_FORMAT = 1
-CHECKPOINT, MODEL = "last.pt", "model.pt"  # what resuming reads; the trained model (the final epoch's weights)
 
 
 @dataclass(frozen=True)
@@ -64,114 +61,10 @@ class TrainResult:
                 else "") + f"; model {self.checkpoint}" + (f"; MLflow run {self.run_id}" if self.run_id else ""))
 
 
-def resolve_device(spec: str) -> torch.device:
-    """``auto`` → CUDA when present, else CPU; a CUDA request without a usable CUDA device is a clear error.
-
-    The error says what was found (torch's CUDA build, ``torch.cuda.is_available()``, the device count) and the
-    likely fix, so that a GPU task on a node whose driver is too old for the image's CUDA fails at once instead
-    of training on the CPU for hours.
-    """
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError as exc:
-        raise ConfigError(f"unknown device {spec!r}: use auto, cpu, cuda or cuda:N") from exc
-    if device.type != "cuda":
-        return device
-    available, count, cuda = torch.cuda.is_available(), torch.cuda.device_count(), torch.version.cuda
-    build = f"built for CUDA {cuda}" if cuda else "a CPU-only build"
-    found = f"torch {torch.__version__} is {build}, torch.cuda.is_available() is {available}, {count} CUDA device(s)"
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        found += f", CUDA_VISIBLE_DEVICES={visible!r}"
-    if not available or count == 0:
-        if cuda:
-            fix = (f"the node's NVIDIA driver may be older than CUDA {cuda} needs, or no GPU is allocated to this "
-                   "container; use an image built for the node's CUDA (docker/README.md), or "
-                   "compile the pipeline for CPU (--gpus 0) / run with --device cpu or auto")
-        else:
-            fix = ("this torch cannot use a GPU: use the CUDA image (docker/README.md) or a CUDA build of torch, "
-                   "or compile the pipeline for CPU (--gpus 0) / run with --device cpu or auto")
-        raise ConfigError(f"device {spec!r} requested but no CUDA device is usable here ({found}); {fix}")
-    if device.index is not None and device.index >= count:
-        valid = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
-        raise ConfigError(f"device {spec!r} requested but only {count} CUDA device(s) are visible here ({found}); "
-                         f"use {valid}, cuda or auto")
-    return device
-
-
 def _distributed() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def check_data(train: SliceIndex, val: SliceIndex | None, fold: int | None) -> None:
-    """Refuse a fold that cannot train or validate, with a message that says why."""
-    where = "the training data" if fold is None else f"the training folds of fold {fold}"
-    if len(train) == 0:
-        raise InputError(f"{where} hold no labelled slice")
-    missing = [CLASSES[c] for c, n in enumerate(train.class_counts()) if n == 0]
-    if missing:
-        raise InputError(f"class(es) {', '.join(missing)} have no slice in {where}: the weighted loss and the "
-                         "per-class metrics need every class; use more scans or fewer folds")
-    if val is not None and len(val) == 0:
-        raise InputError(f"fold {fold} is empty: no labelled slice to validate on")
-
-
-def split_index(
-    ingest_dir: str | Path, labels_dir: str | Path, folds_dir: str | Path | None, fold: int | None
-) -> tuple[SliceIndex, SliceIndex | None]:
-    """(training slices, held-out slices) for ``fold``; ``fold=None``: every slice, no held-out part."""
-    if fold is None:
-        return load_index(ingest_dir, labels_dir, folds_dir), None
-    if folds_dir is None:
-        raise InputError("a fold needs the folds folder (folds.parquet)")
-    folds_all = set(load_index(ingest_dir, labels_dir, folds_dir).fold.tolist())
-    if fold not in folds_all:
-        raise InputError(f"fold {fold} does not exist (folds: {sorted(folds_all)})")
-    return (load_index(ingest_dir, labels_dir, folds_dir, folds=folds_all - {fold}),
-            load_index(ingest_dir, labels_dir, folds_dir, folds=[fold]))
-
-
-def training_data(cfg: Config, ingest_dir: str | Path, labels_dir: str | Path, folds_dir: str | Path | None,
-                  fold: int | None) -> tuple[SliceIndex, SliceIndex | None, str]:
-    """(training slices, held-out slices, digest) as ``train`` uses them for ``fold`` (label noise included).
-
-    The digest identifies what a model was trained on: the ingested dataset, the training slices with their
-    labels and boxes, and the held-out slices. A folder holding a model trained on anything else is trained
-    anew, and ``evaluate`` refuses to score a model on a split it was not trained for.
-    """
-    train_index, val_index = split_index(ingest_dir, labels_dir, folds_dir, fold)
-    if cfg.train.label_noise > 0:
-        train_index = inject_label_noise(train_index, cfg.train.label_noise, seed=cfg.train.seed)
-    digest = hashlib.sha256(data_fingerprint(ingest_dir).encode())
-    for index in (train_index, val_index):
-        content = None if index is None else [list(index.instance_key), index.label.tolist(),
-                                              [b.tolist() for b in index.boxes]]
-        digest.update(json.dumps(content).encode())
-    return train_index, val_index, digest.hexdigest()
-
-
-def trained_on(checkpoint: str | Path) -> dict[str, str | None]:
-    """What a checkpoint's model was trained on: ``{"data": digest, "teacher": digest or None}``."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)  # mmap: weights not read
-    return state.get("trained_on") or {}
-
-
-def inject_label_noise(index: SliceIndex, share: float, *, seed: int) -> SliceIndex:
-    """Relabel a random ``share`` of the blend-sign slices as normal ICH (the ablation's reader noise).
-
-    The flipped positions are recorded in ``index.noisy``.
-    """
-    rng = np.random.default_rng(seed + 7919)
-    blend = np.flatnonzero(index.label == CLASSES.index("blend_sign"))
-    flip = rng.choice(blend, size=round(share * len(blend)), replace=False) if len(blend) else blend
-    label, noisy = index.label.copy(), np.zeros(len(index), dtype=bool)
-    label[flip] = CLASSES.index("normal_ich")
-    noisy[flip] = True
-    return dataclasses.replace(index, label=label, noisy=noisy)
 
 
 def _poly(total_iters: int, power: float) -> Any:
@@ -293,14 +186,14 @@ def train(
             metrics["epoch"] = epoch + 1
             history.append(metrics)
             if is_main:
-                ckpt = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                ckpt = {"format": checkpoint.FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
                         "history": history, "config": cfg.to_dict(), "run_id": run_id, "fold": fold,
                         "trained_on": source}
                 if epoch + 1 == cfg.train.epochs:  # before last.pt says "finished"
-                    _save({**ckpt, "optimizer": None, "scheduler": None, "scaler": None,
-                           "ood": _fit_ood(model, train_index, cfg, device, stride, progress)}, out_dir / MODEL)
-                _save(ckpt, out_dir / CHECKPOINT)
+                    ood_state = _fit_ood(model, train_index, cfg, device, stride, progress)
+                    checkpoint.save({**checkpoint.model_only(ckpt), "ood": ood_state}, out_dir / MODEL)
+                checkpoint.save(ckpt, out_dir / LAST)
                 write_json_atomic(out_dir / "history.json", history)
                 if on_checkpoint is not None:
                     on_checkpoint()
@@ -348,11 +241,6 @@ def _brief(m: dict[str, float]) -> str:
     return ", ".join(f"{k}={m[k]:.4g}" for k in keys if k in m)
 
 
-def _save(obj: dict[str, Any], path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
 TRAINING_SECTIONS = ("data", "model", "loss", "train")  # what a trained model depends on ...
 RUNTIME_ONLY = {"data": ("workers",), "train": ("device", "amp", "channels_last")}  # ... but not how it ran
 
@@ -372,12 +260,12 @@ def teacher_digest(teacher: np.ndarray | None) -> str | None:
 
 def _load_existing(out_dir: Path, cfg: Config, resume: bool, source: dict[str, str | None]) -> dict[str, Any] | None:
     """The checkpoint to continue from, or None to start fresh; refuses to mix configs."""
-    last = out_dir / CHECKPOINT
+    last = out_dir / LAST
     if not last.exists():
         if resume:
             log.debug("resume: no checkpoint in %s yet, starting fresh", out_dir)
         return None
-    state = torch.load(last, map_location="cpu", weights_only=False)
+    state = checkpoint.load(last)
     if _training_part(state.get("config", {})) != _training_part(cfg.to_dict()):
         raise InputError(f"{out_dir} holds a run with a different configuration; choose another output folder")
     if state.get("trained_on") != source:
@@ -391,5 +279,5 @@ def _load_existing(out_dir: Path, cfg: Config, resume: bool, source: dict[str, s
                          "pass --resume to continue it")
     if state["epoch"] >= cfg.train.epochs and not (out_dir / MODEL).exists():  # a copy that lost it
         log.warning("%s: finished, but model.pt is missing: written again from last.pt", out_dir)
-        _save({**state, "optimizer": None, "scheduler": None, "scaler": None}, out_dir / MODEL)
+        checkpoint.save(checkpoint.model_only(state), out_dir / MODEL)
     return state
