@@ -77,9 +77,8 @@ def run_local(
 
     from blendsign.config import load_preset
     from blendsign.deid import KEY_ENV
-    from blendsign.pipeline import RECORD_ENV, check_settings
+    from blendsign.pipeline import RECORD_ENV, RUN_RECORD, check_settings
     from blendsign.storage import write_json_atomic
-    from blendsign.tracking import LOCAL_DIR
     from blendsign.tracking import tracking_uri as default_tracking_uri
 
     start = time.perf_counter()
@@ -129,7 +128,7 @@ def run_local(
         raise RuntimeError(f"the local pipeline run ended without a run record ({record_file}); see its log above")
     record = json.loads(record_file.read_text())
     record_file.unlink()
-    write_json_atomic(LOCAL_DIR / "last_run.json", record)
+    write_json_atomic(RUN_RECORD, record)
     seconds = time.perf_counter() - start
     return LocalRun(record, work, seconds, summary(record, seconds=seconds))
 
@@ -138,8 +137,10 @@ def summary(record: dict[str, Any], *, seconds: float | None = None) -> str:
     """What a person wants at the end of a run: the champion, the CV metrics, where MLflow is."""
     from mlflow import MlflowClient
 
-    from blendsign.evaluate import EvalResult
-    from blendsign.tracking import LOCAL_DIR, display_uri, ui_command
+    from blendsign.evaluate import METRICS_FILE, EvalResult
+    from blendsign.pipeline import RUN_RECORD
+    from blendsign.report import HTML_REPORT_FILE
+    from blendsign.tracking import display_uri, ui_command
 
     name, uri = record["registered_model"], record["tracking_uri"]
     lines = [f"pipeline {record['status']}" + (f" in {seconds:.0f} s" if seconds is not None else "") + ": "
@@ -152,11 +153,11 @@ def summary(record: dict[str, Any], *, seconds: float | None = None) -> str:
         lines.append(f"champion: none ({exc.__class__.__name__})")
     if record.get("status") == "registered":
         lines.append(f"this run: {name} v{record['model_version']} as {record['alias']}")
-    if record.get("cv_uri") and Path(record["cv_uri"], "evaluation", "metrics.json").exists():
+    if record.get("cv_uri") and Path(record["cv_uri"], "evaluation", METRICS_FILE).exists():
         evaluation = Path(record["cv_uri"]) / "evaluation"
-        lines += ["", EvalResult.load(evaluation).summary(), f"HTML report: {evaluation / 'report.html'}"]
+        lines += ["", EvalResult.load(evaluation).summary(), f"HTML report: {evaluation / HTML_REPORT_FILE}"]
     lines += ["", f"MLflow: {display_uri(uri)} (experiment {record['experiment']}, parent run "
-              f"{record['parent_run_id']}); UI: {ui_command(uri)}", f"run record: {LOCAL_DIR / 'last_run.json'}"]
+              f"{record['parent_run_id']}); UI: {ui_command(uri)}", f"run record: {RUN_RECORD}"]
     return "\n".join(lines)
 
 

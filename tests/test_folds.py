@@ -12,10 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from blendsign import CLASSES
 from blendsign.cli import main
 from blendsign.config import FoldConfig
 from blendsign.folds import assign_folds, make_folds, scan_table
-from blendsign.labels import CLASSES
 
 
 def write_labels(folder: Path, slices: list[tuple[str, str, str]]) -> Path:

@@ -27,7 +27,8 @@ from blendsign import CLASSES
 from blendsign.config import Config, DataConfig
 from blendsign.errors import ConfigError, InputError
 from blendsign.folds import FOLDS_FILE
-from blendsign.ingest import data_fingerprint
+from blendsign.ingest import data_fingerprint, scan_file
+from blendsign.labels import LABELS_FILE
 from blendsign.targets import encode_targets
 from blendsign.transforms import Augment, head_crop, preprocess, scale_boxes
 
@@ -67,7 +68,7 @@ def load_index(
 ) -> SliceIndex:
     """Index the labelled slices of the given folds (all folds when ``folds`` is None)."""
     ingest_dir, labels_dir = Path(ingest_dir), Path(labels_dir)
-    labels = pq.read_table(labels_dir / "labels.parquet").to_pylist()
+    labels = pq.read_table(labels_dir / LABELS_FILE).to_pylist()
     fold_of: dict[str, int] = {}
     if folds_dir is not None:
         for row in pq.read_table(Path(folds_dir) / FOLDS_FILE, columns=["scan_id", "fold"]).to_pylist():
@@ -79,14 +80,14 @@ def load_index(
     for r in labels:
         scan = r["scan_id"]
         if scan not in locate:
-            locate[scan] = _locate_rows(ingest_dir / "slices" / f"{scan}.parquet")
+            locate[scan] = _locate_rows(scan_file(ingest_dir, scan))
         where = locate[scan].get(r["instance_key"])
         if where is None:
             raise InputError(f"labels refer to slice {r['instance_key']} of scan {scan}, absent from {ingest_dir}")
         boxes = np.array([[b["x_min"], b["y_min"], b["x_max"], b["y_max"]] for b in r["boxes"] or []],
                          dtype=np.float32).reshape(-1, 4)
         for key, value in (
-            ("file", str(ingest_dir / "slices" / f"{scan}.parquet")),
+            ("file", str(scan_file(ingest_dir, scan))),
             ("row_group", where[0]),
             ("offset", where[1]),
             ("label", CLASS_INDEX[r["label"]]),

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blendsign.errors import ConfigError
+from blendsign.storage import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +78,10 @@ def load_or_create_key(output: str | Path, *, create: bool = True) -> Pseudonymi
         raise FileNotFoundError(
             f"no pseudonym key: set {KEY_ENV} or provide the key file {path} written by `blendsign ingest`"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
     key = secrets.token_hex(32).encode()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # owner-only from the first byte
+        with os.fdopen(fd, "wb") as f:
+            f.write(key)
     log.info("created pseudonym key file %s (keep it secret; it is not part of the dataset)", path)
     return Pseudonymizer(key)

@@ -30,6 +30,7 @@ from blendsign.config import Config
 from blendsign.data import SliceDataset, SliceIndex, make_loader, training_data
 from blendsign.engine import predict, resolve_device, softmax
 from blendsign.errors import InputError
+from blendsign.folds import fold_name
 from blendsign.model import load_trained
 from blendsign.storage import atomic_path, file_sha256, write_json_atomic, write_text_atomic
 from blendsign.tracking import Tracker
@@ -148,7 +149,7 @@ def distill(
     rounds = cfg.distill.rounds if rounds is None else rounds
     fold_dir = Path(out_dir) / job_dir_name(fold)
     device = resolve_device(cfg.train.device)
-    name = "refit" if fold is None else f"fold{fold}"
+    name = fold_name(fold)
     state_file = fold_dir / STATE_FILE
     fold_run_id = None
     if tracker is not None:
@@ -194,7 +195,7 @@ RUN_FILE = "mlflow_run.json"  # the fold's MLflow run, written when it is opened
 
 def job_dir_name(fold: int | None) -> str:
     """The folder of a training job under a distillation output: ``fold<k>``, or ``all`` for the refit."""
-    return "all" if fold is None else f"fold{fold}"
+    return "all" if fold is None else fold_name(fold)
 
 
 def read_state(fold_dir: str | Path) -> dict[str, Any]:

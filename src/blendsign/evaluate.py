@@ -28,10 +28,11 @@ from blendsign.baselines import NAMES as BASELINES
 from blendsign.baselines import baseline_table, blood_share, fold_baselines, shortfalls
 from blendsign.config import Config
 from blendsign.data import SliceDataset, SliceIndex, load_index, make_loader, read_slice_hu, training_data
-from blendsign.distill import final_checkpoint, read_state
+from blendsign.distill import final_checkpoint, job_dir_name, read_state
 from blendsign.engine import predict, resolve_device, softmax
 from blendsign.errors import InputError
 from blendsign.explain import grad_cam
+from blendsign.folds import fold_name
 from blendsign.metrics import bootstrap_ci, calibration, per_class_metrics, scan_auc
 from blendsign.model import load_trained
 from blendsign.report import HTML_REPORT_FILE, write_html_report
@@ -175,7 +176,7 @@ def evaluate(
     probs_all, per_fold, roc_folds, cams = [], {}, [], []
     fold_runs: dict[int, str | None] = {}
     for k in folds:
-        fold_dir = models_dir / f"fold{k}"
+        fold_dir = models_dir / job_dir_name(k)
         path = final_checkpoint(fold_dir)
         model, trained, ood_state = load_trained(path, device)  # preprocessing as it was trained
         fold_runs[k] = read_state(fold_dir).get("fold_run_id")
@@ -279,7 +280,7 @@ def evaluate(
     if tracker is not None:
         for k, run in fold_runs.items():
             if run:
-                with tracker.run(f"fold{k}", run_id=run) as r:
+                with tracker.run(fold_name(k), run_id=run) as r:
                     r.log_metrics(finite(per_fold[k]))
         if run_id:
             with tracker.run("evaluate", run_id=run_id) as r:

@@ -15,14 +15,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from blendsign import CLASSES
 from blendsign.config import FoldConfig
 from blendsign.errors import InputError
-from blendsign.labels import CLASSES
+from blendsign.labels import LABELS_FILE
 from blendsign.storage import atomic_path, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 FOLDS_FILE = "folds.parquet"
+FOLDS_REPORT, FOLDS_REPORT_MD = "folds.json", "folds.md"  # k, seed and the per-fold table; the same as a table
 SEVERITY: dict[str, int] = {c: i for i, c in enumerate(CLASSES)}  # non_ich < normal_ich < blend_sign
+
+
+def fold_name(fold: int | None) -> str:
+    """A training job's name in MLflow runs and folders: ``fold<k>``, or ``refit`` for the model trained on all."""
+    return "refit" if fold is None else f"fold{fold}"
 
 
 def scan_table(labels: pd.DataFrame) -> pd.DataFrame:
@@ -135,7 +142,7 @@ def make_folds(labels_dir: str | Path, out_dir: str | Path, cfg: FoldConfig | No
     import pyarrow.parquet as pq
 
     cfg = cfg or FoldConfig()
-    path, out_dir = Path(labels_dir) / "labels.parquet", Path(out_dir)
+    path, out_dir = Path(labels_dir) / LABELS_FILE, Path(out_dir)
     if not path.is_file():
         raise FileNotFoundError(f"no labels.parquet in {labels_dir} (run `blendsign fuse` first)")
     labels = pq.read_table(path, columns=["scan_id", "patient_key", "label"]).to_pandas()
@@ -155,8 +162,8 @@ def make_folds(labels_dir: str | Path, out_dir: str | Path, cfg: FoldConfig | No
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / FOLDS_FILE) as tmp:
         pq.write_table(pa.Table.from_pydict({c: scans[c].tolist() for c in schema.names}, schema=schema), tmp)
-    write_json_atomic(out_dir / "folds.json", report)
-    write_text_atomic(out_dir / "folds.md", f"# Patient-level folds (k = {cfg.k}, seed = {cfg.seed})\n\n"
+    write_json_atomic(out_dir / FOLDS_REPORT, report)
+    write_text_atomic(out_dir / FOLDS_REPORT_MD, f"# Patient-level folds (k = {cfg.k}, seed = {cfg.seed})\n\n"
                       + folds_markdown(table))
     return result
 

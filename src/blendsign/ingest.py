@@ -138,7 +138,7 @@ class IngestResult:
             f"duplicates {len(r['duplicates'])}; scans reused from a previous run {r['scans_reused']}"
             + (f"; removed {r['stale_scans_removed']} scans this source no longer yields"
                if r.get("stale_scans_removed") else ""),
-            f"  report: {self.out / 'ingest_report.json'} (flow chart: ingest_report.md)",
+            f"  report: {self.out / REPORT} (flow chart: {REPORT_MD})",
         ]
         return "\n".join(lines)
 
@@ -595,7 +595,8 @@ def _chunks(items: Sequence[str], n: int) -> list[list[str]]:
 
 CLINICAL = "clinical.csv"
 MANIFEST = "manifest.json"
-REPORT = "ingest_report.json"
+SLICES_DIR = "slices"  # one Parquet file a scan: slices/<scan_id>.parquet (scan_file)
+REPORT, REPORT_MD = "ingest_report.json", "ingest_report.md"  # the same counts, as data and as a flow chart
 
 
 def find_clinical(source: str | Path) -> str | None:
@@ -611,6 +612,11 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     """``manifest.json`` of an ingest output (its folder, or the file itself)."""
     path = Path(path)
     return json.loads((path / MANIFEST if path.is_dir() else path).read_text())
+
+
+def scan_file(out: str | Path, scan_id: str) -> Path:
+    """The Parquet file of one scan's slices in an ingest output."""
+    return Path(out) / SLICES_DIR / f"{scan_id}.parquet"
 
 
 def read_report(out: str | Path) -> dict[str, Any]:
@@ -664,7 +670,7 @@ def ingest(
         raise InputError(f"no files under {source} that can be read: nothing to ingest"
                          + (f" ({reasons})" if reasons else ""))
 
-    slices_dir = out / "slices"
+    slices_dir = out / SLICES_DIR
     pseudo = load_or_create_key(out)
     _check_same_key(out, pseudo)
     slices_dir.mkdir(parents=True, exist_ok=True)
@@ -718,7 +724,7 @@ def ingest(
     report["dataset_fingerprint"] = manifest["dataset_fingerprint"]
     write_json_atomic(out / MANIFEST, manifest)
     write_json_atomic(out / REPORT, report)
-    write_text_atomic(out / "ingest_report.md", flow_markdown(report))
+    write_text_atomic(out / REPORT_MD, flow_markdown(report))
     storage.mark_complete(out)
     for q in report["quarantined"]:
         log.warning("quarantined %s: %s", q["file"], q["reason"])
@@ -829,7 +835,7 @@ def _report(
 
 
 def _manifest(outcomes: list[ScanOutcome]) -> dict[str, Any]:
-    scans = sorted(({"scan_id": o.scan_id, "file": f"slices/{o.scan_id}.parquet", "slices": o.slices,
+    scans = sorted(({"scan_id": o.scan_id, "file": f"{SLICES_DIR}/{o.scan_id}.parquet", "slices": o.slices,
                      "source_digest": o.digest} for o in outcomes), key=lambda d: d["scan_id"])
     fingerprint = hashlib.sha256(json.dumps(scans, sort_keys=True).encode()).hexdigest()
     return {"format": FORMAT_VERSION, "scans": scans, "dataset_fingerprint": fingerprint}

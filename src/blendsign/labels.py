@@ -31,9 +31,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from blendsign import CLASSES  # the order of every votes vector
 from blendsign.config import LabelConfig
 from blendsign.deid import Pseudonymizer, load_or_create_key
 from blendsign.errors import InputError
+from blendsign.ingest import SLICES_DIR, read_report
 from blendsign.storage import atomic_path, require_complete, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -77,7 +79,6 @@ def category_kappas(counts: np.ndarray) -> np.ndarray:
 
 # --- majority vote (paper §Data collection and labeling) ---------------------------------------------
 
-CLASSES: tuple[str, ...] = ("non_ich", "normal_ich", "blend_sign")  # order of every votes vector
 TIE_PRECEDENCE: tuple[str, ...] = ("normal_ich", "blend_sign", "non_ich")  # who wins a tie for the plurality
 PAPER_SLICE_COUNTS: dict[str, int] = {"non_ich": 8864, "normal_ich": 3965, "blend_sign": 447}  # paper Table 2
 
@@ -334,11 +335,11 @@ def read_ingested_slices(ingest_dir: str | Path) -> tuple[dict[str, dict[str, An
     import pyarrow.dataset as ds
 
     ingest_dir = Path(ingest_dir)
-    report_path, slices_dir = ingest_dir / "ingest_report.json", ingest_dir / "slices"
-    if not report_path.is_file() or not slices_dir.is_dir():
-        raise FileNotFoundError(f"{ingest_dir} is not an ingest output (no ingest_report.json or slices/)")
+    slices_dir = ingest_dir / SLICES_DIR
+    if not slices_dir.is_dir():
+        raise FileNotFoundError(f"{ingest_dir} is not an ingest output (no {SLICES_DIR}/)")
+    expected = read_report(ingest_dir).get("key_fingerprint")
     require_complete(ingest_dir, "ingest")
-    expected = json.loads(report_path.read_text()).get("key_fingerprint")
     pz = load_or_create_key(ingest_dir, create=False)
     if pz.fingerprint != expected:
         raise InputError(
@@ -418,7 +419,8 @@ def _kappas(votes: np.ndarray) -> dict[str, float | None]:
     return {c: None if math.isnan(v) else float(v) for c, v in zip(names, values, strict=True)}
 
 
-AGREEMENT = "agreement.json"
+LABELS_FILE = "labels.parquet"
+AGREEMENT, AGREEMENT_MD = "agreement.json", "agreement.md"  # κ and the fuse report; the same as Table 2
 
 
 def read_agreement(labels_dir: str | Path) -> dict[str, Any]:
@@ -532,10 +534,10 @@ def fuse(
     import pyarrow.parquet as pq
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / "labels.parquet") as tmp:
+    with atomic_path(out_dir / LABELS_FILE) as tmp:
         pq.write_table(pa.Table.from_pylist(records, schema=LABELS_SCHEMA), tmp)
     write_json_atomic(out_dir / AGREEMENT, report)
-    write_text_atomic(out_dir / "agreement.md", agreement_markdown(result))
+    write_text_atomic(out_dir / AGREEMENT_MD, agreement_markdown(result))
     return result
 
 

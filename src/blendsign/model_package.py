@@ -43,6 +43,7 @@ from blendsign.serving import (
     BlendSignModel,
     ServeSettings,
     check_compatible,
+    member_name,
 )
 
 __all__ = ["download", "example_slice", "load", "log_model", "requirements", "signature"]
@@ -162,9 +163,9 @@ def log_model(
         artifacts: dict[str, str] = {}
         configs = []
         for k, src in enumerate(checkpoints):
-            dst = Path(tmp) / f"fold{k}.pt"
+            dst = Path(tmp) / f"{member_name(k)}.pt"
             configs.append(checkpoint.write_slim(src, dst))
-            artifacts[f"fold{k}"] = str(dst)
+            artifacts[member_name(k)] = str(dst)
         check_compatible(configs)
         code = _package_copy(Path(tmp) / "code")
         with _tracking(tracking_uri):

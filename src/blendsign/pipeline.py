@@ -24,9 +24,11 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 from blendsign import credentials, storage
 from blendsign.config import Config, load_preset, override
 from blendsign.errors import ConfigError, InputError
-from blendsign.folds import FoldsResult, fold_ids, make_folds
+from blendsign.folds import FOLDS_REPORT, FOLDS_REPORT_MD, FoldsResult, fold_ids, make_folds
+from blendsign.ingest import REPORT as INGEST_REPORT
+from blendsign.ingest import REPORT_MD as INGEST_REPORT_MD
 from blendsign.ingest import IngestResult, data_fingerprint, find_clinical, read_report
-from blendsign.labels import FuseResult, read_agreement
+from blendsign.labels import AGREEMENT, AGREEMENT_MD, FuseResult, read_agreement
 from blendsign.run_tree import RunRef, end_skipped_run, end_unfinished_runs, finish_pipeline_run, open_pipeline_run
 from blendsign.storage import write_json_atomic, write_text_atomic
 from blendsign.tracking import LOCAL_DIR, Tracker, check_server_version, display_uri, finite, git_commit, ui_command
@@ -47,6 +49,8 @@ JOBS, MODELS = "jobs", "models"  # a run's work folder: jobs/<fold folder> (chec
 
 
 RECORD_ENV = "BLENDSIGN_RUN_RECORD"  # set by `pipeline run --local`: where the step ending the run writes its record
+MODEL_CARD = "model_card.md"  # the registered version's card, in the register step's output
+RUN_RECORD = LOCAL_DIR / "last_run.json"  # the last run's record here (run_tree.RunRecord), for people and tests
 
 
 def _published(record: dict[str, Any]) -> dict[str, Any]:
@@ -243,7 +247,7 @@ def ingest_step(cfg: Config, source: str | Path, out: str | Path, *, clinical: s
                              "slices_written": r["slices_written"], "quarantined": len(r["quarantined"]),
                              "duplicates": len(r["duplicates"]),
                              **{f"excluded_{k}": v for k, v in r["excluded"].items()}})
-            for name in ("ingest_report.json", "ingest_report.md"):
+            for name in (INGEST_REPORT, INGEST_REPORT_MD):
                 run.log_artifact(result.out / name, "ingest")
     return result
 
@@ -261,7 +265,7 @@ def fuse_step(cfg: Config, annotations: str | Path, ingest_dir: str | Path, out:
             run.log_metrics(finite({**{f"kappa_{k}": v for k, v in result.kappa.items() if v is not None},
                                     **{f"slices_{k}": v for k, v in result.gold_counts.items()},
                                     "contested": result.contested, "unmatched_annotation_rows": result.unmatched_rows}))
-            for name in ("agreement.json", "agreement.md"):
+            for name in (AGREEMENT, AGREEMENT_MD):
                 run.log_artifact(Path(out) / name, "fuse")
     return result
 
@@ -275,7 +279,7 @@ def folds_step(cfg: Config, labels_dir: str | Path, out: str | Path, *, manifest
         with tracker.run("folds", tags={**_tags(cfg, manifest), "stage": "folds"}) as run:
             run.log_params({f"folds.{k}": v for k, v in cfg.to_dict()["folds"].items()})
             run.log_metrics({"patients": result.patients, "scans": result.scans})
-            for name in ("folds.md", "folds.json"):
+            for name in (FOLDS_REPORT_MD, FOLDS_REPORT):
                 run.log_artifact(Path(out) / name, "folds")
     return result
 
@@ -513,10 +517,10 @@ def register_step(cfg: Config, ref: RunRef, *, cv_dir: str | Path, ingest_dir: s
                                                   head_to_head=HeadToHead.read(cv_dir / "evaluation"),
                                                   refusals=shortfalls if cfg.eval.refuse_below_baselines else ())
             card = card_of(version, promotion)
-            write_text_atomic(out_dir / "model_card.md", card)
+            write_text_atomic(out_dir / MODEL_CARD, card)
             if card_path is not None:
                 write_text_atomic(card_path, card)
-            run.log_artifact(out_dir / "model_card.md", "registry")
+            run.log_artifact(out_dir / MODEL_CARD, "registry")
             run.log_metrics({metric: value, "promoted": float(promotion.promoted),
                              "rejected": float(promotion.rejected)})
         registered = {"registered_model": name, "model_version": version, "alias": promotion.alias or "rejected",
@@ -547,7 +551,7 @@ class PipelineResult:
             lines += ["", self.evaluation.summary()]
         lines += ["", f"MLflow: {display_uri(r['tracking_uri'])} (experiment {r['experiment']}, parent run "
                   f"{r['parent_run_id']}); UI: {ui_command(r['tracking_uri'])}",
-                  f"run record: {LOCAL_DIR / 'last_run.json'}"]
+                  f"run record: {RUN_RECORD}"]
         return "\n".join(lines)
 
 
@@ -605,7 +609,7 @@ def run_pipeline(
                                    mode=register_mode, name=model_name, metric=metric, margin=margin)
     finally:
         end_run(tracking_uri=ref.tracking_uri, experiment=ref.experiment, run_id=ref.run_id)
-    write_json_atomic(LOCAL_DIR / "last_run.json", record)
+    write_json_atomic(RUN_RECORD, record)
     return PipelineResult(work, evaluation, record)
 
 

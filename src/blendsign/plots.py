@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from blendsign import CLASSES
 from blendsign.explain import BRAIN_CHANNEL, overlay
+from blendsign.storage import atomic_path
 
 __all__ = [
     "DISPLAY",
@@ -48,16 +48,9 @@ PathLike = str | os.PathLike[str]
 def _save(fig: Figure, path: PathLike, *, dpi: int = 120) -> Path:
     """Write ``fig`` as a PNG to ``path`` atomically (temp file in the same folder, then rename) and close it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
     finally:
         plt.close(fig)
     return path

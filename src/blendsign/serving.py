@@ -446,6 +446,11 @@ def _truthy(value: Any) -> bool:
     return bool(value)
 
 
+def member_name(k: int) -> str:
+    """The artifact name of ensemble member ``k`` of a registered model (:mod:`blendsign.model_package`)."""
+    return f"fold{k}"
+
+
 def _fold_number(name: str) -> tuple[int, str]:
     digits = "".join(ch for ch in name if ch.isdigit())
     return (int(digits) if digits else 0, name)

@@ -32,7 +32,6 @@ import io
 import json
 import logging
 import math
-import os
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -47,20 +46,21 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
 
+from blendsign import CLASSES  # class index order, as class_ratio's
 from blendsign.config import SynthConfig
+from blendsign.dicom import CT_IMAGE_STORAGE
 from blendsign.errors import ConfigError
+from blendsign.labels import ANNOTATION_COLUMNS
+from blendsign.storage import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
-CLASSES = ("non_ich", "normal_ich", "blend_sign")  # class index order used everywhere (= class_ratio)
 HEMORRHAGE_TYPES = ("EDH", "SDH", "SAH", "IPH", "IVH")
 EXCLUSIONS = ("age_lt_7", "no_noncontrast_axial_series", "postoperative")
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+MANIFEST = "synth_manifest.json"
 IMPLEMENTATION_UID = "1.2.826.0.1.3680043.8.498.1"  # pydicom's implementation class UID
 HEAD_HEIGHT_MM = 150.0  # skull base (normalised height t = 0) to vertex (t = 1)
 SCALP_MM = 5.0
-ANNOTATION_COLUMNS = ("study_instance_uid", "sop_instance_uid", "reader", "label",
-                      "x_min", "y_min", "x_max", "y_max")
 _BOX = pa.struct([(k, pa.int32()) for k in ("x_min", "y_min", "x_max", "y_max")])
 TRUTH_SCHEMA = pa.schema([
     ("study_instance_uid", pa.string()),
@@ -1018,13 +1018,6 @@ _STORAGE = {  # HU range, intercept, PixelRepresentation, BitsStored, numpy dtyp
 }
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _da(d: date) -> str:
     return d.strftime("%Y%m%d")
 
@@ -1184,7 +1177,7 @@ def _write_study(out: Path, study: StudyPlan, cohort: Cohort) -> tuple[list[str]
         ds = _series_dataset(study, series, grid)
         for i, hu, rendered, position, orientation in _images(study, series, cfg):
             rel = f"dicom/{study.folder}/{series.folder}/im{series.instance[i]:04d}{series.extension}"
-            _atomic_write(out / rel, _encode(_set_image(ds, series, i, position, orientation), hu, series))
+            write_bytes_atomic(out / rel, _encode(_set_image(ds, series, i, position, orientation), hu, series))
             files.append(rel)
             if series.annotated and rendered is not None:
                 boxes = [r.box() for r in rendered.regions]
@@ -1272,8 +1265,7 @@ class SynthResult:
         ratio = (f"{non / blend:.1f} : {normal / blend:.1f} : 1" if blend else "no blend-sign slice")
         excl = ", ".join(f"{folder} {reason}" for folder, reason in self.exclusions) or "none"
         return "\n".join([
-            f"synthetic cohort in {self.out}: dicom/, annotations.csv, truth.parquet, clinical.csv, "
-            "synth_manifest.json",
+            f"synthetic cohort in {self.out}: dicom/, annotations.csv, truth.parquet, clinical.csv, {MANIFEST}",
             f"  {self.patients} patients, {self.studies} studies ({self.scans} usable scans + "
             f"{len(self.exclusions)} to exclude), {self.files} DICOM files",
             f"  {self.slices} annotated slices in usable scans: non_ich {non}, normal_ich {normal}, "
@@ -1315,16 +1307,16 @@ def synthesize(out: Path, cfg: SynthConfig, *, progress: bool = True) -> SynthRe
     removed = _remove_stale(out / "dicom", set(files))
     if removed:
         log.info("removed %d files of an earlier run from %s", removed, out / "dicom")
-    _atomic_write(out / "annotations.csv", _csv_bytes(ANNOTATION_COLUMNS, ann_rows))
-    _atomic_write(out / "clinical.csv", _csv_bytes(
+    write_bytes_atomic(out / "annotations.csv", _csv_bytes(ANNOTATION_COLUMNS, ann_rows))
+    write_bytes_atomic(out / "clinical.csv", _csv_bytes(
         ("study_instance_uid", "postoperative"),
         [(s.uid, "true" if s.postoperative else "false") for s in cohort.studies]))
-    _atomic_write(out / "truth.parquet", _parquet_bytes(truth_rows))
+    write_bytes_atomic(out / "truth.parquet", _parquet_bytes(truth_rows))
     usable = [int(s.truth.cls[i]) for s in cohort.usable() for i in range(len(s.t))]
     excluded = [int(s.truth.cls[i]) for s in cohort.studies if s.exclusion for i in range(len(s.t))]
     counts = {name: dict(zip(CLASSES, np.bincount(v, minlength=3).tolist(), strict=True))
               for name, v in (("usable", usable), ("excluded", excluded))}
-    _atomic_write(out / "synth_manifest.json", _manifest(cohort, len(files), counts))
+    write_bytes_atomic(out / MANIFEST, _manifest(cohort, len(files), counts))
     return SynthResult(
         out=out, patients=len(cohort.patients), studies=len(cohort.studies), scans=len(cohort.usable()),
         slices=len(usable), class_counts=(counts["usable"]["non_ich"], counts["usable"]["normal_ich"],

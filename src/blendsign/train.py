@@ -28,12 +28,14 @@ from blendsign.config import Config
 from blendsign.data import SliceDataset, SliceIndex, check_data, make_loader, training_data
 from blendsign.engine import predict, resolve_device, softmax, train_one_epoch
 from blendsign.errors import ConfigError, InputError
+from blendsign.folds import fold_name
 from blendsign.metrics import per_class_metrics
 from blendsign.model import build_model
 from blendsign.storage import remove_stale_temporaries, write_json_atomic
 from blendsign.tracking import Tracker, finite
 
 log = logging.getLogger(__name__)
+CONFIG_FILE, HISTORY_FILE = "config.json", "history.json"  # beside the checkpoints: the run's config, its metrics
 
 
 @dataclass(frozen=True)
@@ -158,8 +160,8 @@ def train(
     is_main = rank == 0
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out_dir / "config.json", cfg.to_dict())
-    name = run_name or ("refit" if fold is None else f"fold{fold}") + f"-{cfg.model.backbone}"
+        write_json_atomic(out_dir / CONFIG_FILE, cfg.to_dict())
+    name = run_name or f"{fold_name(fold)}-{cfg.model.backbone}"
     run_tags = {"fold": "all" if fold is None else fold, "backbone": cfg.model.backbone, "preset": cfg.preset,
                 "stage": "distill" if teacher is not None else "train", **(tags or {})}
     tracking = tracker is not None and is_main
@@ -194,7 +196,7 @@ def train(
                     ood_state = _fit_ood(model, train_index, cfg, device, stride, progress)
                     checkpoint.save({**checkpoint.model_only(ckpt), "ood": ood_state}, out_dir / MODEL)
                 checkpoint.save(ckpt, out_dir / LAST)
-                write_json_atomic(out_dir / "history.json", history)
+                write_json_atomic(out_dir / HISTORY_FILE, history)
                 if on_checkpoint is not None:
                     on_checkpoint()
                 log.info("%s epoch %d/%d: %s", name, epoch + 1, cfg.train.epochs, _brief(metrics))
@@ -204,8 +206,8 @@ def train(
                 dist.barrier()
         if run is not None and last_epoch == cfg.train.epochs:
             run.log_artifact(out_dir / MODEL, "checkpoint")
-            run.log_artifact(out_dir / "config.json")
-            run.log_artifact(out_dir / "history.json")
+            run.log_artifact(out_dir / CONFIG_FILE)
+            run.log_artifact(out_dir / HISTORY_FILE)
     return TrainResult(out_dir, fold, len(history), run_id, history)
 
 

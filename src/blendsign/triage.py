@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from blendsign.errors import InputError
+from blendsign.ingest import scan_file
 from blendsign.labels import _Problems, _read_csv, fleiss_kappa, read_ingested_slices
 from blendsign.storage import atomic_path, write_json_atomic, write_text_atomic
 
@@ -144,7 +145,7 @@ def score_scans(model: Any, ingest_dir: str | Path, scans: Sequence[str], *, bat
     bar = progress_bar(total=len(scans), desc="triage", unit="scan", enabled=progress)
     try:
         for scan in scans:
-            table = pq.read_table(Path(ingest_dir) / "slices" / f"{scan}.parquet", columns=["hu", "rows", "cols"])
+            table = pq.read_table(scan_file(ingest_dir, scan), columns=["hu", "rows", "cols"])
             hu, rows, cols = (table.column(c).to_pylist() for c in ("hu", "rows", "cols"))
             best = -math.inf
             for start in range(0, len(hu), batch_size):
