@@ -13,6 +13,7 @@ parameter and mounted as files (keys: ``blendsign.credentials.KEYS``).
 No ``from __future__ import annotations``: KFP reads the pipeline function's real annotations.
 """
 
+from functools import reduce
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from kfp.dsl.graph_component import GraphComponent
 
 from blendsign.components import stages
 from blendsign.components.images import BASE_IMAGE, CPU_IMAGE
+from blendsign.config import Config, load_preset
 from blendsign.credentials import DIR_ENV
 from blendsign.pipelines.backends import DEFAULT_VARIANT, VARIANTS, Variant
 from blendsign.pipelines.profile import ClusterProfile, TaskProfile
@@ -38,12 +40,22 @@ DESCRIPTION = ("Head-CT blend-sign classifier: DICOM to a champion-gated registe
                "evaluation with ROC, confusion matrix and an HTML report, MLflow registry). docs/pipeline.md")
 
 
-def _shm_size(preset: str) -> str:
-    """``/dev/shm`` for the loader tasks of ``preset`` (``blendsign.data.shared_memory_bytes``), in MiB."""
-    from blendsign.config import load_preset
+RUN_SETTINGS = {"experiment": "tracking.experiment", "model_name": "registry.model_name",
+                "promotion_metric": "registry.promotion_metric", "promotion_margin": "registry.promotion_margin",
+                "register_mode": "registry.mode"}
+"""The pipeline parameters that carry config fields (``section.field``) beside ``k`` and ``rounds``; the pods read
+every other field from the preset."""
+
+
+def run_settings(cfg: Config) -> dict[str, Any]:
+    """:data:`RUN_SETTINGS`' parameters with ``cfg``'s values."""
+    return {param: reduce(getattr, key.split("."), cfg) for param, key in RUN_SETTINGS.items()}
+
+
+def _shm_size(cfg: Config) -> str:
+    """``/dev/shm`` for the loader tasks of ``cfg`` (``blendsign.data.shared_memory_bytes``), in MiB."""
     from blendsign.data import shared_memory_bytes
 
-    cfg = load_preset(preset)
     mib = -(-shared_memory_bytes(cfg.data, cfg.train.batch_size) // 2**20)
     return f"{max(mib, 64)}Mi"
 
@@ -51,14 +63,16 @@ def _shm_size(preset: str) -> str:
 def build_pipeline(profile: ClusterProfile | None = None, variant: Variant | str = DEFAULT_VARIANT,
                    preset: str = "paper", *, local: bool = False) -> GraphComponent:
     """The pipeline for ``profile`` (default: :class:`ClusterProfile`), ``variant`` (``current`` or ``compat``)
-    and ``preset`` (the ``preset`` parameter's default, and what sizes ``/dev/shm``). ``local``: for kfp.local,
-    which runs every task in this environment (no image is recorded on the MLflow runs)."""
+    and ``preset`` (the ``preset`` parameter's default; its config sizes ``/dev/shm`` and gives the
+    :data:`RUN_SETTINGS` parameters their defaults). ``local``: for kfp.local, which runs every task in this
+    environment (no image is recorded on the MLflow runs)."""
     profile = profile or ClusterProfile()
     variant = VARIANTS[variant] if isinstance(variant, str) else variant
     gpu_image, cpu_image = profile.image or BASE_IMAGE, profile.cpu_image or CPU_IMAGE
     if profile.image and not profile.cpu_image:
         cpu_image = f"{profile.image}-cpu" if "@" not in profile.image else profile.image
-    shm = _shm_size(preset)
+    cfg = load_preset(preset)
+    shm, defaults = _shm_size(cfg), run_settings(cfg)
 
     def pod(task: dsl.PipelineTask, cls: str, secret: Any, *, loader: bool = False,
             name: str = "", cache: bool = False) -> dsl.PipelineTask:
@@ -114,11 +128,11 @@ def build_pipeline(profile: ClusterProfile | None = None, variant: Variant | str
         k: int = 0,
         rounds: int = -1,
         tracking_uri: str = "",
-        experiment: str = "blendsign",
-        model_name: str = "blendsign",
-        promotion_metric: str = "cv_auc_blend_sign",
-        promotion_margin: float = 0.0,
-        register_mode: str = "refit",
+        experiment: str = defaults["experiment"],
+        model_name: str = defaults["model_name"],
+        promotion_metric: str = defaults["promotion_metric"],
+        promotion_margin: float = defaults["promotion_margin"],
+        register_mode: str = defaults["register_mode"],
         only_if_new_data: bool = False,
         credentials_secret: str = "blendsign-credentials",
     ):

@@ -19,7 +19,7 @@ from typing import Any
 from blendsign.credentials import environment
 from blendsign.errors import ConfigError, InputError
 from blendsign.pipelines.backends import VARIANTS, Variant, check_variant, server_version, text, variant_for
-from blendsign.pipelines.blendsign_pipeline import build_pipeline, compile_pipeline
+from blendsign.pipelines.blendsign_pipeline import build_pipeline, compile_pipeline, run_settings
 from blendsign.pipelines.profile import ClusterProfile
 
 log = logging.getLogger(__name__)
@@ -59,17 +59,19 @@ def run_local(
     k: int | None = None,
     rounds: int | None = None,
     tracking_uri: str | None = None,
-    experiment: str = "blendsign",
-    model_name: str = "blendsign",
-    metric: str = "cv_auc_blend_sign",
-    margin: float = 0.0,
-    register_mode: str = "refit",
+    experiment: str | None = None,
+    model_name: str | None = None,
+    metric: str | None = None,
+    margin: float | None = None,
+    register_mode: str | None = None,
     only_if_new_data: bool = False,
     progress: bool = True,
 ) -> LocalRun:
     """The whole pipeline on this machine with kfp.local (SubprocessRunner in this environment).
 
-    Without ``source`` the embedded synthetic cohort of ``preset`` is written first (``work/source``).
+    ``experiment``, ``model_name``, ``metric``, ``margin``, ``register_mode``: ``None`` is the preset's
+    (``tracking``, ``registry``). Without ``source`` the embedded synthetic cohort of ``preset`` is written first
+    (``work/source``).
     Task outputs go to ``work/kfp`` (ingest, fuse and folds are cached there on their inputs), the training
     jobs' checkpoints and models to ``work/runs/<run id>``.
     """
@@ -77,16 +79,16 @@ def run_local(
 
     from blendsign.config import load_preset
     from blendsign.deid import KEY_ENV
-    from blendsign.pipeline import RECORD_ENV, RUN_RECORD, check_settings
+    from blendsign.pipeline import RECORD_ENV, RUN_RECORD, check_settings, with_registry
     from blendsign.storage import write_json_atomic
     from blendsign.tracking import tracking_uri as default_tracking_uri
 
     start = time.perf_counter()
     work = Path(work_dir).resolve()
-    cfg = load_preset(preset)
+    cfg = with_registry(load_preset(preset), mode=register_mode, name=model_name, metric=metric, margin=margin)
     if (annotations is None) != (source is None):
         raise InputError("give a DICOM source and its annotations together, or neither (the synthetic cohort)")
-    check_settings(metric=metric, register_mode=register_mode, k=k, rounds=rounds, margin=margin)
+    check_settings(cfg.registry, k=k, rounds=rounds)
     if source is None:
         from blendsign.synth import synthesize
 
@@ -97,8 +99,7 @@ def run_local(
         "source_uri": str(source), "annotations_uri": str(annotations), "work_uri": str(work / "runs"),
         "clinical_uri": str(clinical or ""), "preset": preset, "k": 0 if k is None else k,
         "rounds": -1 if rounds is None else rounds, "tracking_uri": tracking_uri or default_tracking_uri(),
-        "experiment": experiment, "model_name": model_name, "promotion_metric": metric,
-        "promotion_margin": float(margin), "register_mode": register_mode, "only_if_new_data": only_if_new_data,
+        **run_settings(cfg), "experiment": experiment or cfg.tracking.experiment, "only_if_new_data": only_if_new_data,
     }
     _check_names(arguments)
     root = work / "kfp"
@@ -189,12 +190,13 @@ def _check_names(arguments: dict[str, Any]) -> None:
 def _check(arguments: dict[str, Any]) -> None:
     """What can be refused before anything is sent: parameter names and the parameters' own values (the run's
     first step checks the rest: inputs, tracking server, work prefix)."""
-    from blendsign.pipeline import check_settings
+    from blendsign.config import Config
+    from blendsign.pipeline import check_settings, with_registry
 
     _check_names(arguments)
-    check_settings(metric=arguments.get("promotion_metric", "cv_auc_blend_sign"),
-                   register_mode=arguments.get("register_mode", "refit"), k=arguments.get("k"),
-                   rounds=arguments.get("rounds"), margin=arguments.get("promotion_margin", 0.0))
+    cfg = with_registry(Config(), mode=arguments.get("register_mode"), name=arguments.get("model_name"),
+                        metric=arguments.get("promotion_metric"), margin=arguments.get("promotion_margin"))
+    check_settings(cfg.registry, k=arguments.get("k"), rounds=arguments.get("rounds"))
 
 
 def backend_variant(host: str, backend: str | None = None) -> Variant:

@@ -29,12 +29,18 @@ import yaml
 from blendsign import pipeline as lib_pipeline
 from blendsign.components import images, stages
 from blendsign.components.stages import STAGES
-from blendsign.config import load_preset
+from blendsign.config import Config, load_preset
 from blendsign.credentials import DIR_ENV
 from blendsign.data import shared_memory_bytes
 from blendsign.pipelines import launch
 from blendsign.pipelines.backends import VARIANTS, features_used, minimum_backend
-from blendsign.pipelines.blendsign_pipeline import COMMITTED, CREDENTIALS_DIR, compile_pipeline
+from blendsign.pipelines.blendsign_pipeline import (
+    COMMITTED,
+    CREDENTIALS_DIR,
+    RUN_SETTINGS,
+    build_pipeline,
+    compile_pipeline,
+)
 from blendsign.pipelines.profile import ClusterProfile, load_profile
 from tests.conftest import EXPECTED_TREE, LOCAL_PRESET, run_tree
 
@@ -301,6 +307,28 @@ def test_committed_yaml_is_current(tmp_path: Path, variant: str) -> None:
         pytest.skip("BLENDSIGN_IMAGE or BLENDSIGN_CPU_IMAGE is set: the committed YAMLs name the default images")
     assert _default_yaml(variant, str(tmp_path.parent)) == committed.read_text(), \
         f"{committed.name} is stale: run `make pipelines` and commit it"
+
+
+def test_the_run_settings_parameters_default_to_the_config(tmp_path: Path) -> None:
+    """The parameters that carry config fields default to the config the pipeline is compiled for: ``Config()``
+    for the presets (so the committed YAMLs stay as they are), a site TOML's own values otherwise."""
+    def defaults(preset: str) -> dict[str, Any]:
+        return {k: v.default for k, v in build_pipeline(preset=preset).component_spec.inputs.items()}
+
+    cfg = Config()
+    paper = {"experiment": cfg.tracking.experiment, "model_name": cfg.registry.model_name,
+             "promotion_metric": cfg.registry.promotion_metric, "promotion_margin": cfg.registry.promotion_margin,
+             "register_mode": cfg.registry.mode}
+    assert paper == {"experiment": "blendsign", "model_name": "blendsign", "promotion_metric": "cv_auc_blend_sign",
+                     "promotion_margin": 0.0, "register_mode": "refit"}
+    assert set(RUN_SETTINGS) == set(paper) <= set(launch.PARAMETERS)
+    assert {p: defaults("paper")[p] for p in paper} == paper == {p: defaults("demo")[p] for p in paper}
+    site = tmp_path / "site.toml"
+    site.write_text('preset = "demo"\n[registry]\nmodel_name = "site-model"\npromotion_margin = 0.01\n'
+                    'mode = "fold-ensemble"\n[tracking]\nexperiment = "site"\n')
+    assert {p: defaults(str(site))[p] for p in paper} == {
+        **paper, "model_name": "site-model", "promotion_margin": 0.01, "register_mode": "fold-ensemble",
+        "experiment": "site"}
 
 
 def test_compile_writes_where_it_is_told_never_into_the_checkout(tmp_path: Path) -> None:

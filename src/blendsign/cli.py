@@ -10,21 +10,57 @@ import sys
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from blendsign import __version__
-from blendsign.errors import BlendsignError, InputError
+from blendsign.errors import BlendsignError, ConfigError, InputError
 
 if TYPE_CHECKING:
     from blendsign.config import Config
 
 Command = Callable[[argparse.Namespace], int]
 
+ALIASES: dict[str, str] = {
+    "scans": "synth.scans", "synth_seed": "synth.seed", "size": "synth.size", "workers": "ingest.workers",
+    "box_match_iou": "labels.box_match_iou", "k": "folds.k", "folds_seed": "folds.seed",
+    "backbone": "model.backbone", "weights": "model.weights", "epochs": "train.epochs", "device": "train.device",
+    "label_noise": "train.label_noise", "rounds": "distill.rounds", "experiment": "tracking.experiment",
+    "model_name": "registry.model_name", "metric": "registry.promotion_metric", "margin": "registry.promotion_margin",
+    "register_mode": "registry.mode",
+}
+"""Today's flags, each an alias of one ``--set section.field=value``: argparse dest → config field."""
+
 
 def _config(args: argparse.Namespace) -> Config:
-    from blendsign.config import load_preset
+    """``--config`` with the flags' and ``--set``'s overrides (:func:`blendsign.config.override_dotted`)."""
+    from blendsign.config import load_preset, override_dotted
 
-    return load_preset(args.config)
+    return override_dotted(load_preset(args.config), _overrides(args))
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """``section.field`` → value: the flags of :data:`ALIASES` that were given, then ``--set``; a key given twice
+    is an error."""
+    out = {key: getattr(args, dest) for dest, key in ALIASES.items() if getattr(args, dest, None) is not None}
+    for item in getattr(args, "sets", None) or ():
+        key, value = _parsed_set(item)
+        if key in out:
+            raise ConfigError(f"--set {key}: given twice (by --set or by its flag)")
+        out[key] = value
+    return out
+
+
+def _parsed_set(item: str) -> tuple[str, Any]:
+    """``section.field=value``, the value read as TOML (``3``, ``0.5``, ``true``, ``[1, 2]``), else as the string."""
+    import tomllib
+
+    key, eq, text = item.partition("=")
+    if not eq or not key.strip():
+        raise ConfigError(f"--set {item}: expected section.field=value")
+    try:
+        return key.strip(), tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key.strip(), text
 
 
 def _print_json(obj: object) -> None:
@@ -35,6 +71,9 @@ def _common() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default="paper",
                         help="preset (paper, demo or ci; default paper) or a site .toml file (configs/)")
+    common.add_argument("--set", dest="sets", action="append", metavar="SECTION.FIELD=VALUE",
+                        help="override one config field (repeatable); VALUE is read as TOML (3, 0.5, true, [1, 2], "
+                             '"x"), else taken as a string: train.epochs=3, train.device=cpu')
     common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     common.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     common.add_argument("--cache-dir", type=Path, default=None,
@@ -72,20 +111,16 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p = _stage(sub, "synth", help="write the embedded synthetic head-CT cohort (DICOM + annotations)")
     p.add_argument("out", type=Path, help="output folder")
     p.add_argument("--scans", type=int, default=None, help="usable scans to generate (preset default)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (same seed, same files)")
+    p.add_argument("--seed", dest="synth_seed", type=int, default=None, help="random seed (same seed, same files)")
     p.add_argument("--size", type=int, default=None,
                    help="rows = columns of each slice (default: the preset's, 512 in paper)")
     p.set_defaults(func=_run_synth)
 
 
 def _run_synth(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from blendsign.synth import synthesize
 
-    cfg = _config(args).synth
-    changes = {k: v for k, v in {"scans": args.scans, "seed": args.seed, "size": args.size}.items() if v is not None}
-    result = synthesize(args.out, replace(cfg, **changes), progress=args.progress)
+    result = synthesize(args.out, _config(args).synth, progress=args.progress)
     print(result.summary())
     return 0
 
@@ -104,14 +139,9 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_ingest(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from blendsign.remote import ingest_uri
 
-    cfg = _config(args).ingest
-    if args.workers is not None:
-        cfg = replace(cfg, workers=args.workers)
-    result = ingest_uri(args.source, args.out, cfg, clinical_csv=args.clinical, progress=args.progress,
+    result = ingest_uri(args.source, args.out, _config(args).ingest, clinical_csv=args.clinical, progress=args.progress,
                         cache=_cache(args))
     print(result.summary())
     return 0
@@ -213,14 +243,9 @@ def _add_fuse(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_fuse(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from blendsign.remote import fuse_uri
 
-    cfg = _config(args).labels
-    if args.box_match_iou is not None:
-        cfg = replace(cfg, box_match_iou=args.box_match_iou)
-    print(fuse_uri(args.annotations, args.ingest_dir, args.out, cfg, cache=_cache(args)).summary())
+    print(fuse_uri(args.annotations, args.ingest_dir, args.out, _config(args).labels, cache=_cache(args)).summary())
     return 0
 
 
@@ -229,19 +254,15 @@ def _add_folds(sub: argparse._SubParsersAction) -> None:
     p.add_argument("labels_dir", help="output of `blendsign fuse` (folder or s3:// prefix)")
     p.add_argument("out", help="output folder or s3:// prefix (folds.parquet, folds.json, folds.md)")
     p.add_argument("--k", type=int, default=None, help="number of folds (default: the preset's, 5 in paper)")
-    p.add_argument("--seed", type=int, default=None,
+    p.add_argument("--seed", dest="folds_seed", type=int, default=None,
                    help="random seed (same seed and pseudonym key, same folds: they follow the patient pseudonyms)")
     p.set_defaults(func=_run_folds)
 
 
 def _run_folds(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from blendsign.remote import folds_uri
 
-    cfg = _config(args).folds
-    changes = {k: v for k, v in {"k": args.k, "seed": args.seed}.items() if v is not None}
-    print(folds_uri(args.labels_dir, args.out, replace(cfg, **changes), cache=_cache(args)).summary())
+    print(folds_uri(args.labels_dir, args.out, _config(args).folds, cache=_cache(args)).summary())
     return 0
 
 
@@ -264,7 +285,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backbone", default=None, help="resnet50, resnet18, vgg16 or inception_v3")
     p.add_argument("--weights", default=None, help="imagenet, none, or a state-dict file")
     p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--experiment", default="blendsign", help="MLflow experiment")
+    p.add_argument("--experiment", default=None, help="MLflow experiment (default: the config's, blendsign)")
     p.add_argument("--no-mlflow", dest="mlflow", action="store_false", help="do not log to MLflow")
     p.set_defaults(func=_run_train)
 
@@ -276,18 +297,14 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_train_staged(args: argparse.Namespace) -> int:
-    from blendsign.config import override
     from blendsign.tracking import Tracker
     from blendsign.train import train
 
     cfg = _config(args)
-    model = {k: v for k, v in {"backbone": args.backbone, "weights": args.weights}.items() if v is not None}
-    training = {k: v for k, v in {"device": args.device, "epochs": args.epochs}.items() if v is not None}
-    cfg = override(cfg, model=model, train=training)
     fold = args.fold
     if fold is not None and args.folds is None:
         raise InputError("--folds is required unless --fold all")
-    tracker = Tracker.open(args.experiment) if args.mlflow else None
+    tracker = Tracker.open(cfg.tracking.experiment) if args.mlflow else None
     result = train(cfg, ingest_dir=args.ingest, labels_dir=args.labels, folds_dir=args.folds, fold=fold,
                    out_dir=args.out, resume=args.resume, stop_after_epochs=args.stop_after_epochs,
                    tracker=tracker, progress=args.progress)
@@ -303,19 +320,16 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", required=True, help="fuse output folder (labels.parquet)")
     p.add_argument("--folds", required=True, help="folds output folder (folds.parquet)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--experiment", default="blendsign", help="MLflow experiment")
+    p.add_argument("--experiment", default=None, help="MLflow experiment (default: the config's, blendsign)")
     p.add_argument("--no-mlflow", dest="mlflow", action="store_false", help="do not log to MLflow")
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the config's)")
 
 
-def _setup(args: argparse.Namespace, **sections: dict[str, object]) -> tuple[Config, object]:
-    from blendsign.config import override
+def _setup(args: argparse.Namespace) -> tuple[Config, Any]:
     from blendsign.tracking import Tracker
 
     cfg = _config(args)
-    train = {"device": args.device} if args.device else {}
-    cfg = override(cfg, train={**train, **sections.pop("train", {})}, **sections)
-    return cfg, (Tracker.open(args.experiment) if args.mlflow else None)
+    return cfg, (Tracker.open(cfg.tracking.experiment) if args.mlflow else None)
 
 
 def _dirs(args: argparse.Namespace) -> dict[str, Path]:
@@ -352,8 +366,7 @@ def _run_distill_staged(args: argparse.Namespace) -> int:
 
     cfg, tracker = _setup(args)
     fold = args.fold
-    result = distill(cfg, **_dirs(args), fold=fold, out_dir=args.out, rounds=args.rounds, tracker=tracker,
-                     progress=args.progress)
+    result = distill(cfg, **_dirs(args), fold=fold, out_dir=args.out, tracker=tracker, progress=args.progress)
     print(result.summary())
     return 0
 
@@ -401,7 +414,7 @@ def _run_cv(args: argparse.Namespace) -> int:
 def _run_cv_staged(args: argparse.Namespace) -> int:
     from blendsign.cv import cross_validate
 
-    cfg, tracker = _setup(args, **({"distill": {"rounds": args.rounds}} if args.rounds is not None else {}))
+    cfg, tracker = _setup(args)
     print(cross_validate(cfg, **_dirs(args), out_dir=args.out, tracker=tracker, progress=args.progress).summary())
     return 0
 
@@ -423,8 +436,7 @@ def _run_ablation(args: argparse.Namespace) -> int:
 def _run_ablation_staged(args: argparse.Namespace) -> int:
     from blendsign.cv import ablation
 
-    noise = {"train": {"label_noise": args.label_noise}} if args.label_noise is not None else {}
-    cfg, tracker = _setup(args, **noise)
+    cfg, tracker = _setup(args)
     print(ablation(cfg, **_dirs(args), out_dir=args.out, tracker=tracker, progress=args.progress).summary())
     return 0
 
@@ -439,12 +451,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--source", type=Path, default=None, help="DICOM folder (default: synthesise the cohort)")
     p.add_argument("--annotations", type=Path, default=None, help="native annotation CSV (with --source)")
     p.add_argument("--clinical", default=None, help="clinical.csv (postoperative list)")
-    p.add_argument("--register", dest="register_mode", default="refit", choices=["refit", "fold-ensemble"],
-                   help="what to register: a refit on all scans (default) or the K fold models averaged")
-    p.add_argument("--model-name", default="blendsign", help="registered model name")
-    p.add_argument("--metric", default="cv_auc_blend_sign", help="promotion metric (cv_<metric>_<class>)")
-    p.add_argument("--margin", type=float, default=0.0, help="promotion margin over the champion")
-    p.add_argument("--experiment", default="blendsign", help="MLflow experiment")
+    _run_settings(p)
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the config's)")
     p.add_argument("--only-if-new-data", action="store_true",
                    help="end early, training nothing, when the registered model already holds this dataset")
@@ -457,11 +464,24 @@ def _run_run(args: argparse.Namespace) -> int:
     args.mlflow = True
     cfg, tracker = _setup(args)
     result = run_pipeline(cfg, work_dir=args.work, source=args.source, annotations=args.annotations,
-                          clinical=args.clinical, tracker=tracker, register_mode=args.register_mode,
-                          model_name=args.model_name, metric=args.metric, margin=args.margin,
-                          only_if_new_data=args.only_if_new_data, progress=args.progress)
+                          clinical=args.clinical, tracker=tracker, only_if_new_data=args.only_if_new_data,
+                          progress=args.progress)
     print(result.summary())
     return 0
+
+
+def _run_settings(p: argparse.ArgumentParser) -> None:
+    """The flags of the run settings (``registry``, ``tracking``; aliases of ``--set``)."""
+    from blendsign.config import REGISTER_MODES
+
+    p.add_argument("--register", dest="register_mode", default=None, choices=REGISTER_MODES,
+                   help="what to register: a refit on all scans (default) or the K fold models averaged")
+    p.add_argument("--model-name", default=None, help="registered model name (default: the config's, blendsign)")
+    p.add_argument("--metric", default=None, help="promotion metric, cv_<metric>_<class> (default: the config's, "
+                   "cv_auc_blend_sign)")
+    p.add_argument("--margin", type=float, default=None, help="promotion margin over the champion (default: the "
+                   "config's, 0)")
+    p.add_argument("--experiment", default=None, help="MLflow experiment (default: the config's, blendsign)")
 
 
 # --- pipeline: the Kubeflow pipeline (compile, run --local, submit, schedule) ---------------------------
@@ -478,12 +498,7 @@ def _pipeline_params(p: argparse.ArgumentParser, *, local: bool) -> None:
     p.add_argument("--rounds", type=int, default=None, help="distillation rounds (default: the preset's)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI"
                    + (", else .blendsign/mlflow.db)" if local else " in the pods, from the credentials secret)"))
-    p.add_argument("--experiment", default="blendsign", help="MLflow experiment")
-    p.add_argument("--model-name", default="blendsign", help="registered model name")
-    p.add_argument("--metric", default="cv_auc_blend_sign", help="promotion metric (cv_<metric>_<class>)")
-    p.add_argument("--margin", type=float, default=0.0, help="promotion margin over the champion")
-    p.add_argument("--register", dest="register_mode", default="refit", choices=["refit", "fold-ensemble"],
-                   help="what to register: a refit on all scans (default) or the K fold models averaged")
+    _run_settings(p)
 
 
 def _pipeline_cluster(p: argparse.ArgumentParser, *, compile_only: bool) -> None:
@@ -517,7 +532,7 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
                            "--cancelled). For a run whose exit handler did not run (terminated from the UI, say).")
     e.add_argument("run_id", help="the Kubeflow run id (or the pipeline_run_id tag of a blendsign run)")
     e.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
-    e.add_argument("--experiment", default="blendsign", help="MLflow experiment")
+    e.add_argument("--experiment", default=None, help="MLflow experiment (default: the config's, blendsign)")
     e.add_argument("--cancelled", action="store_true", help="the run was cancelled: end them KILLED")
     for name, what in (("submit", "run the pipeline once on a Kubeflow Pipelines endpoint"),
                        ("schedule", "create a recurring run (scheduled retraining) on an endpoint")):
@@ -549,39 +564,57 @@ def _cluster_profile(args: argparse.Namespace) -> object:
     return profile
 
 
+def _pipeline_config(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
+    """The config of a pipeline run and the overrides it was given, which must be fields the pipeline takes as
+    parameters (``k``, ``rounds`` and ``RUN_SETTINGS``): its pods read every other field from the preset."""
+    from blendsign.config import load_preset, override_dotted
+    from blendsign.pipelines.blendsign_pipeline import RUN_SETTINGS
+
+    overrides = _overrides(args)
+    carried = set() if args.action == "compile" else {"folds.k", "distill.rounds", *RUN_SETTINGS.values()}
+    extra = sorted(set(overrides) - carried)
+    if extra:
+        raise ConfigError(f"--set {extra[0]}: not a parameter of the pipeline {args.action}, whose pods read the "
+                         "preset: set it in a site TOML (configs/) and pass that as --config")
+    return override_dotted(load_preset(args.config), overrides), overrides
+
+
 def _run_pipeline_command(args: argparse.Namespace) -> int:
     from blendsign.pipelines import launch
-    from blendsign.pipelines.blendsign_pipeline import compile_pipeline
+    from blendsign.pipelines.blendsign_pipeline import compile_pipeline, run_settings
 
+    if args.action == "end-runs":
+        from blendsign.run_tree import end_unfinished_runs
+        from blendsign.tracking import tracking_uri
+
+        ended = end_unfinished_runs(args.tracking_uri or tracking_uri(), _config(args).tracking.experiment,
+                                    args.run_id, "CANCELED" if args.cancelled else None)
+        print(f"ended {len(ended)} MLflow run(s) of pipeline run {args.run_id}" + (": " + ", ".join(ended)
+                                                                                    if ended else ""))
+        return 0
+    cfg, overrides = _pipeline_config(args)
     if args.action == "compile":
         if args.config.endswith(".toml"):
             logging.getLogger("blendsign").warning("the preset parameter's default is the file %s: it must exist at "
                                                    "that path inside the image", args.config)
         print(compile_pipeline(args.output, _cluster_profile(args), args.backend, args.config))
         return 0
-    if args.action == "end-runs":
-        from blendsign.run_tree import end_unfinished_runs
-        from blendsign.tracking import tracking_uri
-
-        ended = end_unfinished_runs(args.tracking_uri or tracking_uri(), args.experiment, args.run_id,
-                                    "CANCELED" if args.cancelled else None)
-        print(f"ended {len(ended)} MLflow run(s) of pipeline run {args.run_id}" + (": " + ", ".join(ended)
-                                                                                    if ended else ""))
-        return 0
+    k, rounds = overrides.get("folds.k"), overrides.get("distill.rounds")  # else the preset's, in the pods
     if args.action == "run":
+        reg = cfg.registry
         result = launch.run_local(
             preset=args.config, work_dir=args.work, source=args.source, annotations=args.annotations,
-            clinical=args.clinical, k=args.k, rounds=args.rounds, tracking_uri=args.tracking_uri,
-            experiment=args.experiment, model_name=args.model_name, metric=args.metric, margin=args.margin,
-            register_mode=args.register_mode, only_if_new_data=args.only_if_new_data, progress=args.progress)
+            clinical=args.clinical, k=k, rounds=rounds, tracking_uri=args.tracking_uri,
+            experiment=cfg.tracking.experiment, model_name=reg.model_name, metric=reg.promotion_metric,
+            margin=reg.promotion_margin, register_mode=reg.mode, only_if_new_data=args.only_if_new_data,
+            progress=args.progress)
         print(result.summary)
         return 0
     params = {"source_uri": args.source, "annotations_uri": args.annotations, "work_uri": args.work,
-              "clinical_uri": args.clinical or "", "preset": args.config, "experiment": args.experiment,
-              "model_name": args.model_name, "promotion_metric": args.metric, "promotion_margin": args.margin,
-              "register_mode": args.register_mode, "credentials_secret": args.secret,
-              **{k: v for k, v in {"k": args.k, "rounds": args.rounds, "tracking_uri": args.tracking_uri}.items()
-                 if v is not None}}
+              "clinical_uri": args.clinical or "", "preset": args.config, **run_settings(cfg),
+              "credentials_secret": args.secret,
+              **{name: value for name, value in {"k": k, "rounds": rounds, "tracking_uri": args.tracking_uri}.items()
+                 if value is not None}}
     common = {"kfp_experiment": args.kfp_experiment, "namespace": args.namespace, "profile": _cluster_profile(args),
               "backend": args.backend}
     if args.action == "submit":
@@ -599,22 +632,25 @@ def _run_pipeline_command(args: argparse.Namespace) -> int:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="models:/blendsign@champion",
-                   help="model URI (models:/…, runs:/…) or a model folder (default: the champion)")
+    p.add_argument("--model", default=None,
+                   help="model URI (models:/…, runs:/…) or a model folder (default: the champion of the config's "
+                        "registry.model_name, models:/blendsign@champion)")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow store that resolves models:/ and runs:/ URIs (default: $MLFLOW_TRACKING_URI, else "
                         "./.blendsign/mlflow.db when it exists)")
-    p.add_argument("--device", default=None,
+    p.add_argument("--device", dest="serve_device", default=None,
                    help="auto (CUDA when present), cpu, cuda, cuda:N (default: $BLENDSIGN_SERVE_DEVICE or auto)")
 
 
-def _model_store(args: argparse.Namespace) -> str | None:
-    """The store that resolves ``args.model``: none for a model folder; never a new, empty one."""
+def _served(args: argparse.Namespace) -> tuple[str, str | None]:
+    """The model to load (``--model``, default the champion of ``registry.model_name``) and the store that resolves
+    it: none for a model folder; never a new, empty one."""
     from blendsign.tracking import existing_store
 
-    if not args.model.startswith(("models:", "runs:")):  # a folder, s3://…: no store needed
-        return args.tracking_uri
-    return args.tracking_uri or existing_store(f"to resolve {args.model}")
+    model = args.model or f"models:/{_config(args).registry.model_name}@champion"
+    if not model.startswith(("models:", "runs:")):  # a folder, s3://…: no store needed
+        return model, args.tracking_uri
+    return model, args.tracking_uri or existing_store(f"to resolve {model}")
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
@@ -629,9 +665,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 def _run_predict(args: argparse.Namespace) -> int:
     from blendsign.predict import predict_paths
 
-    slices, scans = predict_paths(args.model, args.paths, params={"explain": args.explain},
-                                  tracking_uri=_model_store(args),
-                                  model_config={"device": args.device} if args.device else None)
+    model, store = _served(args)
+    slices, scans = predict_paths(model, args.paths, params={"explain": args.explain}, tracking_uri=store,
+                                  model_config={"device": args.serve_device} if args.serve_device else None)
     if args.json:
         _print_json({"slices": json.loads(slices.to_json(orient="records")),
                      "scans": json.loads(scans.to_json(orient="records"))})
@@ -662,8 +698,9 @@ def _run_triage(args: argparse.Namespace) -> int:
     from blendsign.model_package import load
     from blendsign.triage import triage
 
-    model = load(args.model, tracking_uri=_model_store(args),
-                 model_config={"device": args.device} if args.device else None).unwrap_python_model()
+    uri, store = _served(args)
+    model = load(uri, tracking_uri=store,
+                 model_config={"device": args.serve_device} if args.serve_device else None).unwrap_python_model()
     result = triage(model, args.ingest_dir, args.reads, args.out, threshold=args.threshold, progress=args.progress)
     m = result["metrics"]
     print(f"triage of {m['scans']} scans ({m['positives']} with ICH): AUC {m['auc']:.3f} "
@@ -679,12 +716,13 @@ def _run_triage(args: argparse.Namespace) -> int:
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = _stage(sub, "serve", "serve a model over HTTP (MLflow's scoring protocol, request limits, no request "
                              "content in errors, /health)")
-    p.add_argument("model", nargs="?", default="models:/blendsign@champion",
-                   help="model URI or folder (KServe: /mnt/models; default: the champion)")
+    p.add_argument("model", nargs="?", default=None,
+                   help="model URI or folder (KServe: /mnt/models; default: the champion of registry.model_name)")
     p.add_argument("--tracking-uri", default=None, help="MLflow store for models:/ and runs:/ URIs")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default: $BLENDSIGN_SERVE_DEVICE or auto)")
+    p.add_argument("--device", dest="serve_device", default=None,
+                   help="auto, cpu, cuda, cuda:N (default: $BLENDSIGN_SERVE_DEVICE or auto)")
     p.add_argument("--max-rows", type=int, default=None, help="slices per request ($BLENDSIGN_MAX_ROWS, 256)")
     p.add_argument("--max-bytes", type=int, default=None,
                    help="request body limit in bytes ($BLENDSIGN_MAX_REQUEST_BYTES, 192 MiB)")
@@ -700,9 +738,10 @@ def _run_serve(args: argparse.Namespace) -> int:
     settings = ServerSettings.from_env()
     settings = replace(settings, **{k: v for k, v in {"max_bytes": args.max_bytes, "timeout": args.timeout}.items()
                                     if v is not None})
-    model_config = {k: v for k, v in {"device": args.device, "max_rows": args.max_rows}.items() if v is not None}
-    serve(args.model, host=args.host, port=args.port, settings=settings, model_config=model_config,
-          tracking_uri=_model_store(args))
+    model_config = {k: v for k, v in {"device": args.serve_device, "max_rows": args.max_rows}.items()
+                    if v is not None}
+    model, store = _served(args)
+    serve(model, host=args.host, port=args.port, settings=settings, model_config=model_config, tracking_uri=store)
     return 0
 
 
@@ -716,7 +755,8 @@ def _add_registry(sub: argparse._SubParsersAction) -> None:
                               ("deploy", "KServe manifests (ServingRuntime + InferenceService) for a registered "
                                          "alias: kubectl apply -f")):
         a = actions.add_parser(action, help=help_text, description=help_text, parents=[_common()])
-        a.add_argument("--name", default="blendsign", help="registered model (default blendsign)")
+        a.add_argument("--name", dest="model_name", default=None,
+                       help="registered model (default: the config's registry.model_name, blendsign)")
         a.add_argument("--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI)")
         if action == "deploy":
             a.add_argument("--alias", default="champion")
@@ -737,17 +777,18 @@ def _run_registry(args: argparse.Namespace) -> int:
 
     from blendsign.tracking import existing_store
 
-    client = MlflowClient(tracking_uri=args.tracking_uri or existing_store(f"holding {args.name}"))
+    name = _config(args).registry.model_name
+    client = MlflowClient(tracking_uri=args.tracking_uri or existing_store(f"holding {name}"))
     if args.action == "rollback":
         from blendsign.registry import rollback
 
-        back, demoted = rollback(client, args.name)
-        print(f"{args.name}: champion is v{back} again (v{demoted} is previous-champion; rollback again to undo)")
+        back, demoted = rollback(client, name)
+        print(f"{name}: champion is v{back} again (v{demoted} is previous-champion; rollback again to undo)")
         return 0
     from blendsign.deploy import render, storage_uri
 
-    version, storage = storage_uri(client, args.name, args.alias, artifacts_destination=args.artifacts_destination)
-    text = render(storage, image=args.image, name=args.name, namespace=args.namespace, gpus=args.gpus,
+    version, storage = storage_uri(client, name, args.alias, artifacts_destination=args.artifacts_destination)
+    text = render(storage, image=args.image, name=name, namespace=args.namespace, gpus=args.gpus,
                   service_account=args.service_account, version=version)
     if args.output is None:
         print(text, end="")
@@ -755,7 +796,7 @@ def _run_registry(args: argparse.Namespace) -> int:
         from blendsign.storage import write_text_atomic
 
         write_text_atomic(args.output, text)
-        print(f"{args.name}@{args.alias} (v{version}, {storage}): {args.output}; kubectl apply -f {args.output}")
+        print(f"{name}@{args.alias} (v{version}, {storage}): {args.output}; kubectl apply -f {args.output}")
     return 0
 
 

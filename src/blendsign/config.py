@@ -8,7 +8,9 @@ object is logged to MLflow and stored in checkpoints (``to_dict`` / ``from_dict`
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -208,6 +210,38 @@ class EvalConfig:
     refuse_below_baselines: bool = True  # False: the verdict is recorded, the version may still be promoted
 
 
+REGISTER_MODES = ("refit", "fold-ensemble")
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    """What a run registers and the champion gate (``blendsign.registry``; ``blendsign run``, the pipeline)."""
+
+    model_name: str = "blendsign"  # the registered model; served as models:/<model_name>@champion
+    promotion_metric: str = "cv_auc_blend_sign"  # cv_<metric>_<class>: the blend sign is the method's subject
+    promotion_margin: float = 0.0  # champion only if beating the champion's metric by more than this
+    # "refit": teacher + students retrained on every scan (the model that saw the most data, its performance
+    # estimated by CV); "fold-ensemble": the K fold models averaged (no retraining, K× the inference cost)
+    mode: str = "refit"
+
+    def __post_init__(self) -> None:
+        if self.mode not in REGISTER_MODES:
+            raise ConfigError(f"register mode must be one of {list(REGISTER_MODES)}, got {self.mode!r}")
+        if not math.isfinite(self.promotion_margin) or self.promotion_margin < 0:
+            raise ConfigError(f"the promotion margin must be a finite number ≥ 0, got {self.promotion_margin}")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow (``blendsign.tracking``); the store itself is the environment's (``MLFLOW_TRACKING_URI``)."""
+
+    experiment: str = "blendsign"  # the MLflow experiment every run of a stage or pipeline logs to
+
+
+RUN_SECTIONS = ("registry", "tracking")
+"""How a run is tracked and registered, not what a model is: not logged as the model's params (:meth:`Config.flat`)."""
+
+
 @dataclass(frozen=True)
 class Config:
     """Top-level configuration: one section per stage."""
@@ -223,14 +257,19 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def flat(self) -> dict[str, Any]:
-        """``{"section.field": value}``, the form logged as MLflow params."""
+        """``{"section.field": value}``, the form logged as MLflow params, without :data:`RUN_SECTIONS`: a Kubeflow
+        run passes those as parameters to the steps that use them, and ``register`` logs its own (``register.*``)."""
         out: dict[str, Any] = {}
         for section, values in self.to_dict().items():
+            if section in RUN_SECTIONS:
+                continue
             if isinstance(values, dict):
                 out.update({f"{section}.{k}": v for k, v in values.items()})
             else:
@@ -293,6 +332,25 @@ def override(cfg: Config, **sections: dict[str, Any]) -> Config:
         current = getattr(cfg, section)
         changes[section] = replace(current, **values) if is_dataclass(current) else values
     return replace(cfg, **changes)
+
+
+def override_dotted(cfg: Config, values: Mapping[str, Any]) -> Config:
+    """Copy of ``cfg`` with ``{"section.field": value}`` applied (``ingest.head.unknown`` too) through
+    :meth:`Config.from_dict`, so its type checks and unknown-field errors apply; an error names the key."""
+    for key, value in values.items():
+        data = cfg.to_dict()
+        *path, name = key.split(".")
+        table: Any = data
+        for part in path:
+            table = table.get(part) if isinstance(table, dict) else None
+        if not path or not isinstance(table, dict):
+            raise ConfigError(f"{key}: not a config field (section.field)")
+        table[name] = value
+        try:
+            cfg = Config.from_dict(data)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+    return cfg
 
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from blendsign import credentials, storage
-from blendsign.config import Config, load_preset, override
+from blendsign.config import Config, RegistryConfig, load_preset, override, override_dotted
 from blendsign.errors import ConfigError, InputError
 from blendsign.folds import FOLDS_REPORT, FOLDS_REPORT_MD, FoldsResult, fold_ids, make_folds
 from blendsign.ingest import REPORT as INGEST_REPORT
@@ -44,7 +43,6 @@ R = TypeVar("R")
 
 REFIT = -1
 """The training job that is not a fold: teacher and students on every scan (the model ``register`` ships)."""
-REGISTER_MODES = ("refit", "fold-ensemble")
 JOBS, MODELS = "jobs", "models"  # a run's work folder: jobs/<fold folder> (checkpoints), models/<fold folder>
 
 
@@ -84,21 +82,25 @@ def pipeline_config(preset: str, *, k: int | None = None, rounds: int | None = N
 # --- the run's inputs, checked before any data moves ---------------------------------------------------
 
 
-def check_settings(*, metric: str, register_mode: str, k: int | None = None, rounds: int | None = None,
-                   margin: float = 0.0) -> None:
+def with_registry(cfg: Config, *, mode: str | None = None, name: str | None = None, metric: str | None = None,
+                  margin: float | None = None) -> Config:
+    """``cfg`` with the registry settings given as arguments (the pipeline's parameters); ``None`` keeps cfg's.
+    :class:`RegistryConfig` refuses an unknown register mode or a negative margin."""
+    given = {"registry.mode": mode, "registry.model_name": name, "registry.promotion_metric": metric,
+             "registry.promotion_margin": margin}
+    return override_dotted(cfg, {k: v for k, v in given.items() if v is not None})
+
+
+def check_settings(registry: RegistryConfig, *, k: int | None = None, rounds: int | None = None) -> None:
     """What a run refuses from its parameters alone (here, before submitting, and in its first step): an unknown
-    promotion metric or register mode, and impossible fold or round counts, which would fail after training."""
+    promotion metric, and impossible fold or round counts, which would fail after training."""
     from blendsign.registry import check_promotion_metric
 
-    check_promotion_metric(metric)
-    if register_mode not in REGISTER_MODES:
-        raise ConfigError(f"register mode must be one of {list(REGISTER_MODES)}, got {register_mode!r}")
+    check_promotion_metric(registry.promotion_metric)
     if k is not None and k not in (0,) and k < 2:
         raise ConfigError(f"k must be at least 2 folds (0: the preset's), got {k}")
     if rounds is not None and rounds < -1:
         raise ConfigError(f"rounds must be 0 or more (-1: the preset's), got {rounds}")
-    if not math.isfinite(margin) or margin < 0:
-        raise ConfigError(f"the promotion margin must be a finite number ≥ 0, got {margin}")
 
 
 @dataclass(frozen=True)
@@ -161,21 +163,23 @@ def _check_work(work_uri: str, *, on_cluster: bool) -> str:
 
 @step
 def check_run(*, source: str, annotations: str, clinical: str = "", preset: str | Config, k: int = 0, rounds: int = -1,
-              metric: str, register_mode: str, margin: float = 0.0, tracking_uri: str = "", work_uri: str,
-              on_cluster: bool) -> RunInputs:
+              metric: str | None = None, register_mode: str | None = None, margin: float | None = None,
+              tracking_uri: str = "", work_uri: str, on_cluster: bool) -> RunInputs:
     """Everything a run can check before data moves (the pipeline's first step; ``blendsign run`` too): the
     parameters, the inputs present, the clinical list (given, or found in or beside the source), the
-    pseudonym key on a cluster, the tracking server reachable, the work prefix writable."""
+    pseudonym key on a cluster, the tracking server reachable, the work prefix writable. ``metric``,
+    ``register_mode``, ``margin``: ``None`` is the preset's (:func:`with_registry`)."""
     from blendsign.deid import KEY_ENV
 
     checks: list[str] = []
     if not source or not annotations:
         missing = [n for n, v in (("source_uri", source), ("annotations_uri", annotations)) if not v]
         raise InputError(f"missing input(s): {', '.join(missing)} (the DICOM export and its annotation CSV)")
-    check_settings(metric=metric, register_mode=register_mode, k=k, rounds=rounds, margin=margin)
     cfg = pipeline_config(preset, k=k, rounds=rounds) if isinstance(preset, str) else preset
+    reg = with_registry(cfg, mode=register_mode, metric=metric, margin=margin).registry
+    check_settings(reg, k=k, rounds=rounds)
     checks.append(f"preset {cfg.preset}: {cfg.folds.k} folds, {cfg.distill.rounds} distillation rounds, "
-                  f"promotion on {metric} (margin {margin:g}), register {register_mode}")
+                  f"promotion on {reg.promotion_metric} (margin {reg.promotion_margin:g}), register {reg.mode}")
     if not storage.exists(source) or storage.is_file(source):
         raise FileNotFoundError(f"the DICOM source {source} is not a folder (or s3:// prefix) holding files")
     if not storage.is_file(annotations):
@@ -453,13 +457,14 @@ def evaluate_step(cfg: Config, ref: RunRef, *, ingest_dir: str | Path, labels_di
 
 @step
 def register_step(cfg: Config, ref: RunRef, *, cv_dir: str | Path, ingest_dir: str | Path, labels_dir: str | Path,
-                  out_dir: str | Path | None = None, card_path: str | Path | None = None, mode: str = "refit",
-                  name: str = "blendsign", metric: str = "cv_auc_blend_sign", margin: float = 0.0) -> dict[str, Any]:
+                  out_dir: str | Path | None = None, card_path: str | Path | None = None, mode: str | None = None,
+                  name: str | None = None, metric: str | None = None, margin: float | None = None) -> dict[str, Any]:
     """Register the refit or the fold ensemble (the models the run's training jobs exported, :func:`job_models`:
-    only those it ships are read) behind the champion gate on ``metric`` (``registry.py``), end the parent run,
-    and return the run record. ``cv_dir/evaluation`` holds the CV metrics; ``out_dir`` (default: a temporary
-    folder) keeps the registered checkpoints and the model card; ``card_path``: the card is written there too.
-    ``ingest_dir``: the ingest output or its summary (``ingest.export_summary``)."""
+    only those it ships are read) behind the champion gate (``registry.py``), end the parent run, and return the
+    run record. ``mode``, ``name``, ``metric``, ``margin``: ``None`` is ``cfg.registry``'s. ``cv_dir/evaluation``
+    holds the CV metrics; ``out_dir`` (default: a temporary folder) keeps the registered checkpoints and the model
+    card; ``card_path``: the card is written there too. ``ingest_dir``: the ingest output or its summary
+    (``ingest.export_summary``)."""
     import shutil
     import tempfile
 
@@ -470,12 +475,15 @@ def register_step(cfg: Config, ref: RunRef, *, cv_dir: str | Path, ingest_dir: s
     from blendsign.model_package import log_model
     from blendsign.registry import Promotion, baseline_verdict, check_promotion_metric, model_card, register_version
 
-    check_settings(metric=metric, register_mode=mode, margin=margin)
+    cfg = with_registry(cfg, mode=mode, name=name, metric=metric, margin=margin)
+    check_settings(cfg.registry)
+    mode, name, metric, margin = (cfg.registry.mode, cfg.registry.model_name, cfg.registry.promotion_metric,
+                                  cfg.registry.promotion_margin)
     cv_dir = Path(cv_dir)
     if out_dir is None:
         with tempfile.TemporaryDirectory(prefix="blendsign-register-") as tmp:
             return register_step(cfg, ref, cv_dir=cv_dir, ingest_dir=ingest_dir, labels_dir=labels_dir, out_dir=tmp,
-                                 card_path=card_path, mode=mode, name=name, metric=metric, margin=margin)
+                                 card_path=card_path)
     out_dir = Path(out_dir)
     evaluation = EvalResult.load(cv_dir / "evaluation")
     metrics = read_metrics(cv_dir / "evaluation")
@@ -563,18 +571,20 @@ def run_pipeline(
     annotations: str | Path | None = None,
     clinical: str | Path | None = None,
     tracker: Tracker,
-    register_mode: str = "refit",
-    model_name: str = "blendsign",
-    metric: str = "cv_auc_blend_sign",
-    margin: float = 0.0,
+    register_mode: str | None = None,
+    model_name: str | None = None,
+    metric: str | None = None,
+    margin: float | None = None,
     only_if_new_data: bool = False,
     progress: bool = True,
 ) -> PipelineResult:
     """The main job in one process, step by step as the Kubeflow pipeline runs it (the same functions, the same
-    MLflow run tree); the embedded synthetic cohort when no source is given."""
+    MLflow run tree); the embedded synthetic cohort when no source is given. ``register_mode``, ``model_name``,
+    ``metric``, ``margin``: ``None`` is ``cfg.registry``'s."""
     if (annotations is None) != (source is None):
         raise InputError("give a DICOM source and its annotations together, or neither (the synthetic cohort)")
-    check_settings(metric=metric, register_mode=register_mode, margin=margin)
+    cfg = with_registry(cfg, mode=register_mode, name=model_name, metric=metric, margin=margin)
+    check_settings(cfg.registry)
     work = Path(work_dir)
     if source is None:
         from blendsign.synth import synthesize
@@ -582,8 +592,7 @@ def run_pipeline(
         log.info("%s", synthesize(work / "source", cfg.synth, progress=progress).summary())
         source, annotations = work / "source" / "dicom", work / "source" / "annotations.csv"
     inputs = check_run(source=str(source), annotations=str(annotations), clinical=str(clinical or ""),
-                       preset=cfg, metric=metric, register_mode=register_mode, margin=margin,
-                       tracking_uri=tracker.uri, work_uri=str(work), on_cluster=False)
+                       preset=cfg, tracking_uri=tracker.uri, work_uri=str(work), on_cluster=False)
     ing = ingest_step(cfg, inputs.source, work / "ingest", clinical=inputs.clinical, tracker=tracker,
                       progress=progress)
     log.info("%s", ing.summary())
@@ -594,19 +603,18 @@ def run_pipeline(
                     run_id=None, work_uri=str(work), tags={"orchestrator": "blendsign run"})
     dirs = {"ingest_dir": work / "ingest", "labels_dir": work / "labels"}
     try:
-        decision = check_new_data(ref, manifest=work / "ingest", model_name=model_name,
+        decision = check_new_data(ref, manifest=work / "ingest", model_name=cfg.registry.model_name,
                                   only_if_new_data=only_if_new_data)
         if not decision.retrain:
             record = no_new_data(ref, decision)
             evaluation = None
         else:
-            for job in training_jobs(work / "folds", register_mode):
+            for job in training_jobs(work / "folds", cfg.registry.mode):
                 log.info("%s", train_job(cfg, ref, job, **dirs, folds_dir=work / "folds", progress=progress)
                          .summary())
             evaluation = evaluate_step(cfg, ref, **dirs, folds_dir=work / "folds", out=work / "cv",
                                        progress=progress)
-            record = register_step(cfg, ref, cv_dir=work / "cv", **dirs, out_dir=work / "register",
-                                   mode=register_mode, name=model_name, metric=metric, margin=margin)
+            record = register_step(cfg, ref, cv_dir=work / "cv", **dirs, out_dir=work / "register")
     finally:
         end_run(tracking_uri=ref.tracking_uri, experiment=ref.experiment, run_id=ref.run_id)
     write_json_atomic(RUN_RECORD, record)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from blendsign.config import TrackingConfig
 from blendsign.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -172,14 +173,16 @@ class Tracker:
     client: Any
     experiment_id: str
     uri: str
-    experiment_name: str = "blendsign"
+    experiment_name: str
     tags: Mapping[str, str] = field(default_factory=dict)  # set on every run this tracker opens
 
     @classmethod
-    def open(cls, experiment: str = "blendsign", uri: str | None = None,
+    def open(cls, experiment: str | None = None, uri: str | None = None,
              tags: Mapping[str, str] | None = None) -> Tracker:
+        """``experiment``: default the config's (``tracking.experiment``)."""
         from mlflow import MlflowClient
 
+        experiment = experiment or TrackingConfig().experiment
         uri = uri or tracking_uri()
         check_server_version(uri)
         client = MlflowClient(tracking_uri=uri)
