@@ -167,6 +167,12 @@ def s3(s3_endpoint: str) -> Iterator[Any]:
         yield client
 
 
+def keys(client: Any, prefix: str) -> dict[str, str]:
+    """ETag by key under ``prefix``."""
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return {o["Key"]: o["ETag"] for page in pages for o in page.get("Contents", [])}
+
+
 # --- whole pipeline runs (kfp.local and `blendsign run`): the preset and the MLflow run tree they leave -----
 
 LOCAL_PRESET = Path(__file__).parent / "fixtures" / "kfp-local.toml"  # ci, one epoch per round
