@@ -14,7 +14,8 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from blendsign.storage import s3_client
+from blendsign import CLASSES, METRICS
+from blendsign.storage import s3_client, write_json_atomic
 
 # Identifying values written into every file made by ``write_ct``; de-identification tests look for them.
 IDENTIFIERS = {
@@ -167,6 +168,12 @@ def s3(s3_endpoint: str) -> Iterator[Any]:
         yield client
 
 
+def keys(client: Any, prefix: str) -> dict[str, str]:
+    """ETag by key under ``prefix``."""
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return {o["Key"]: o["ETag"] for page in pages for o in page.get("Contents", [])}
+
+
 # --- whole pipeline runs (kfp.local and `blendsign run`): the preset and the MLflow run tree they leave -----
 
 LOCAL_PRESET = Path(__file__).parent / "fixtures" / "kfp-local.toml"  # ci, one epoch per round
@@ -208,3 +215,15 @@ def model(served: dict[str, Any]) -> Any:
     from blendsign import model_package
 
     return model_package.load(served["model_uri"], tracking_uri=served["uri"], model_config={"device": "cpu"})
+
+
+# --- an evaluation folder as `evaluate` leaves it (tests/test_evaluate.py, test_run_tree.py) -------------------------
+
+
+def evaluation_folder(folder: Path) -> Path:
+    """``metrics.json`` of a two-fold evaluation: every CV metric 0.8 ± 0.1, ``auc_non_ich`` undefined (NaN)."""
+    cv = {f"{m}_{c}": [0.8, 0.1] for m in METRICS for c in CLASSES}
+    cv["auc_non_ich"] = [float("nan"), float("nan")]
+    write_json_atomic(folder / "metrics.json", {"per_fold": {"0": {}, "1": {}}, "cv": cv,
+                                                "ci": {k: [0.7, 0.9] for k in cv}, "scan": {"auc_any_ich": 0.9}})
+    return folder

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from blendsign.baselines import baseline_table, blood_share, fold_baselines, hu_rule, prior, shortfalls
-from blendsign.evaluate import figure_picks
 from blendsign.metrics import per_class_metrics
 
 
@@ -60,14 +59,3 @@ def test_shortfalls_name_each_failing_metric() -> None:
     assert shortfalls(good, base, 0.05) == []  # accuracy equal to the prior's is enough
     table = baseline_table(good, {"prior": {"accuracy": (0.71, 0.0), "auc_non_ich": (0.5, 0.0)}})
     assert "| model | 0.710 | 0.900 | 0.800 | 0.950 |" in table and "| prior | 0.710 | 0.500 | n/a |" in table
-
-
-def test_figure_picks_cover_every_class_correct_and_wrong_first() -> None:
-    """Correct non-ICH examples are the most confident, yet the first six are one correct and one wrong per class."""
-    cams = [{"class": 0, "correct": True, "p": 0.99 - i / 100, "id": f"n{i}"} for i in range(6)]
-    cams += [{"class": 0, "correct": False, "p": 0.6, "id": "nx"}, {"class": 1, "correct": True, "p": 0.7, "id": "i"},
-             {"class": 1, "correct": False, "p": 0.8, "id": "ix"}, {"class": 2, "correct": True, "p": 0.5, "id": "b"},
-             {"class": 2, "correct": False, "p": 0.4, "id": "bx"}, {"class": 2, "correct": True, "p": 0.9, "id": "b2"}]
-    assert [c["id"] for c in figure_picks(cams, 6)] == ["n0", "nx", "i", "ix", "b2", "bx"]
-    assert [c["id"] for c in figure_picks(cams, 8)][6:] == ["n1", "b"]  # then the next of each kind, in order
-    assert figure_picks([], 6) == []

@@ -1,18 +1,23 @@
-"""blendsign.distill: a round of self-knowledge distillation end to end; the review table; label noise."""
+"""blendsign.distill: a round of self-knowledge distillation end to end; the review table; label noise; the final
+models exported and gathered (``distill.json``)."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from blendsign.config import load_preset, override
 from blendsign.data import inject_label_noise, load_index, split_index
-from blendsign.distill import DistillResult, distill, final_checkpoint, review_table, soft_labels
+from blendsign.distill import DistillResult, distill, export_final, final_checkpoint, gather, review_table, soft_labels
 from blendsign.engine import resolve_device
+from blendsign.folds import fold_ids
+from blendsign.pipeline import REFIT, training_jobs
 from blendsign.tracking import Tracker
 
 CFG = override(load_preset("ci"), train={"epochs": 1}, distill={"rounds": 1})
@@ -102,3 +107,44 @@ def test_label_noise_flips_only_blend_sign(cohort: dict[str, Path]) -> None:
     assert np.all(noisy.label[noisy.noisy] == 1) and np.all(blend[noisy.noisy])
     assert np.array_equal(noisy.label[~noisy.noisy], index.label[~noisy.noisy])
     assert np.array_equal(inject_label_noise(index, 0.5, seed=0).noisy, noisy.noisy)
+
+
+def _distilled(folder: Path, name: str, rounds: int) -> Path:
+    fold_dir = folder / name
+    for r in range(rounds + 1):
+        (fold_dir / f"round{r}").mkdir(parents=True)
+        (fold_dir / f"round{r}" / "model.pt").write_bytes(b"%s r%d" % (name.encode(), r))
+        (fold_dir / f"round{r}" / "last.pt").write_bytes(b"optimiser state")
+    (fold_dir / "distill.json").write_text(json.dumps({"fold": name, "final_checkpoint": f"round{rounds}/model.pt"}))
+    return fold_dir
+
+
+def test_folds_jobs_and_the_exported_final_models(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"scan_id": ["a", "b", "c", "d"], "fold": [2, 0, 2, 1]}), tmp_path / "folds.parquet")
+    assert fold_ids(tmp_path) == [0, 1, 2]
+    assert training_jobs(tmp_path, "refit") == [0, 1, 2, REFIT]  # the refit trains beside the folds
+    assert training_jobs(tmp_path, "fold-ensemble") == [0, 1, 2]
+    sources = [_distilled(tmp_path / f"task{k}", f"fold{k}", 1).parent for k in (1, 0)]
+    dest = gather(sources, tmp_path / "cv" / "models")
+    files = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
+    assert files == ["fold0/distill.json", "fold0/round1/model.pt", "fold1/distill.json", "fold1/round1/model.pt"]
+    assert gather(sources, tmp_path / "cv" / "models") == dest  # a re-run: the same files again
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()) == files
+    with pytest.raises(ValueError, match="twice"):
+        gather([sources[0], sources[0]], tmp_path / "again")
+    with pytest.raises(FileNotFoundError, match="no finished training job fold2"):
+        gather(sources, tmp_path / "none", names=["fold0", "fold2"])
+    refit = _distilled(tmp_path / "task-refit", "all", 0).parent
+    assert sorted(p.name for p in gather([*sources, refit], tmp_path / "eval").iterdir()) == ["fold0", "fold1"]
+    only = gather([*sources, refit], tmp_path / "register", names=["all"])
+    assert (only / "all" / "round0" / "model.pt").read_bytes() == b"all r0" and not (only / "fold0").exists()
+
+
+def test_an_export_replaces_the_teachers(tmp_path: Path) -> None:
+    teacher = _distilled(tmp_path / "teacher", "fold3", 0)
+    export_final(teacher, tmp_path / "models")
+    assert (tmp_path / "models" / "fold3" / "round0" / "model.pt").is_file()
+    student = _distilled(tmp_path / "student", "fold3", 2)
+    target = export_final(student, tmp_path / "models")
+    assert sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()) == [
+        "distill.json", "round2/model.pt"]  # no earlier round, no optimiser state

@@ -394,22 +394,6 @@ def test_killing_the_main_process_ends_its_workers(tmp_path: Path) -> None:
     assert left == [], f"{len(left)} processes outlived the killed main process"
 
 
-# --- CLI ---------------------------------------------------------------------------------------------
-
-
-def test_cli_ingest_and_lazy_imports(tmp_path: Path, ct_writer: Callable[..., str]) -> None:
-    from blendsign.cli import main
-
-    make_study(tmp_path / "src", ct_writer)
-    assert main(["ingest", str(tmp_path / "src"), str(tmp_path / "out"), "--no-progress"]) == 0
-    assert json.loads((tmp_path / "out" / "ingest_report.json").read_text())["slices_written"] == 5
-    assert main(["ingest", str(tmp_path / "nowhere"), str(tmp_path / "out2"), "--no-progress"]) == 2
-    heavy = "('torch', 'mlflow', 'kfp', 'pyarrow')"
-    code = f"import sys, blendsign.cli; print(sorted(m for m in {heavy} if m in sys.modules))"
-    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert loaded.strip() == "[]"
-
-
 # --- hostile and broken sources -----------------------------------------------------------------------------
 
 

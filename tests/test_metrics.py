@@ -45,7 +45,7 @@ def test_missing_class_gives_nan_not_an_error() -> None:
     assert m["specificity_blend_sign"] == 1.0 and m["auc_non_ich"] == 1.0
 
 
-# --- bootstrap CIs, scan-level triage, calibration (issue 5) ---------------------------------------------------
+# --- bootstrap CIs, scan-level triage, calibration --------------------------------------------------------------------
 
 
 def _cohort(scans: int, per_scan: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

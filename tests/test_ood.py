@@ -49,7 +49,8 @@ def test_a_registered_model_carries_its_statistics_and_scores_real_slices(cohort
                                                                          tmp_path: Path) -> None:
     """Trained on the synthetic cohort and logged as the served model: its own (slimmed) checkpoint keeps the
     OOD state, every scored slice gets ood_score = the state's score of its pooled features, and the flag is
-    score > 1. (Whether real CT is flagged depends on how well the model is trained: see issue 15's notes.)"""
+    score > 1. (Whether real CT is flagged depends on how well the model is trained: README, "What the demo's model
+    learns".)"""
     from blendsign import model_package
     from blendsign.config import load_preset, override
     from blendsign.serving import DICOM_COLUMN, read_slice, to_model_input

@@ -1,6 +1,6 @@
-"""blendsign.pipeline: the steps the Kubeflow components and `blendsign run` share — the run's checks before any
-data moves (against a real MLflow server and a real S3-compatible server), and training jobs whose checkpoints
-survive the pod (a pre-empted job resumes from the work prefix, bit for bit)."""
+"""blendsign.pipeline: the steps the Kubeflow components and `blendsign run` share — the config of a run, its checks
+before any data moves (against a real MLflow server and a real S3-compatible server), and training jobs whose
+checkpoints survive the pod (a pre-empted job resumes from the work prefix, bit for bit)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,16 @@ import torch
 from blendsign import checkpoint, storage
 from blendsign.config import load_preset, override
 from blendsign.deid import KEY_ENV
-from blendsign.pipeline import REFIT, check_run, job_label, job_markdown, job_models, start_run, train_job
+from blendsign.pipeline import (
+    REFIT,
+    check_run,
+    job_label,
+    job_markdown,
+    job_models,
+    pipeline_config,
+    start_run,
+    train_job,
+)
 from blendsign.storage import sync_up
 from blendsign.train import train
 from tests.conftest import BUCKET, EXPECTED_TREE, LOCAL_PRESET, run_tree
@@ -266,3 +275,10 @@ def test_blendsign_run_builds_the_same_run_tree_as_the_kubeflow_pipeline(
         "tree": EXPECTED_TREE, "statuses": {"FINISHED"}}
     assert json.loads((tmp_path / ".blendsign" / "last_run.json").read_text()) == result.record
     assert sorted(p.name for p in (tmp_path / "work" / "models").iterdir()) == ["all", "fold0", "fold1"]
+
+
+def test_pipeline_config_applies_k_rounds_and_the_device() -> None:
+    cfg = pipeline_config("ci", k=2, rounds=0, device="cuda")
+    assert (cfg.preset, cfg.folds.k, cfg.distill.rounds, cfg.data.size, cfg.train.device) == ("ci", 2, 0, 64, "cuda")
+    assert (pipeline_config("paper").folds.k, pipeline_config("paper").distill.rounds) == (5, 2)
+    assert pipeline_config("ci", k=0, rounds=-1) == pipeline_config("ci")  # the pipeline's "preset's value"

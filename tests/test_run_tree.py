@@ -1,22 +1,15 @@
 """blendsign.run_tree: the pipeline run's MLflow tree, opened in one step, closed in another, ended by the exit
-handler; and the on-disk formats the steps hand each other (fold exports, metrics.json, folds)."""
+handler."""
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import replace
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from blendsign import CLASSES, METRICS
-from blendsign.distill import export_final, gather
 from blendsign.evaluate import EvalResult
-from blendsign.folds import fold_ids
-from blendsign.pipeline import REFIT, pipeline_config, training_jobs
+from blendsign.pipeline import pipeline_config
 from blendsign.retrain import RetrainDecision
 from blendsign.run_tree import (
     RUN_TAG,
@@ -26,72 +19,7 @@ from blendsign.run_tree import (
     finish_pipeline_run,
     open_pipeline_run,
 )
-from blendsign.storage import write_json_atomic
-
-
-def test_pipeline_config_applies_k_rounds_and_the_device() -> None:
-    cfg = pipeline_config("ci", k=2, rounds=0, device="cuda")
-    assert (cfg.preset, cfg.folds.k, cfg.distill.rounds, cfg.data.size, cfg.train.device) == ("ci", 2, 0, 64, "cuda")
-    assert (pipeline_config("paper").folds.k, pipeline_config("paper").distill.rounds) == (5, 2)
-    assert pipeline_config("ci", k=0, rounds=-1) == pipeline_config("ci")  # the pipeline's "preset's value"
-
-
-def _distilled(folder: Path, name: str, rounds: int) -> Path:
-    fold_dir = folder / name
-    for r in range(rounds + 1):
-        (fold_dir / f"round{r}").mkdir(parents=True)
-        (fold_dir / f"round{r}" / "model.pt").write_bytes(b"%s r%d" % (name.encode(), r))
-        (fold_dir / f"round{r}" / "last.pt").write_bytes(b"optimiser state")
-    (fold_dir / "distill.json").write_text(json.dumps({"fold": name, "final_checkpoint": f"round{rounds}/model.pt"}))
-    return fold_dir
-
-
-def test_folds_jobs_and_the_exported_final_models(tmp_path: Path) -> None:
-    pq.write_table(pa.table({"scan_id": ["a", "b", "c", "d"], "fold": [2, 0, 2, 1]}), tmp_path / "folds.parquet")
-    assert fold_ids(tmp_path) == [0, 1, 2]
-    assert training_jobs(tmp_path, "refit") == [0, 1, 2, REFIT]  # the refit trains beside the folds
-    assert training_jobs(tmp_path, "fold-ensemble") == [0, 1, 2]
-    sources = [_distilled(tmp_path / f"task{k}", f"fold{k}", 1).parent for k in (1, 0)]
-    dest = gather(sources, tmp_path / "cv" / "models")
-    files = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
-    assert files == ["fold0/distill.json", "fold0/round1/model.pt", "fold1/distill.json", "fold1/round1/model.pt"]
-    assert gather(sources, tmp_path / "cv" / "models") == dest  # a re-run: the same files again
-    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()) == files
-    with pytest.raises(ValueError, match="twice"):
-        gather([sources[0], sources[0]], tmp_path / "again")
-    with pytest.raises(FileNotFoundError, match="no finished training job fold2"):
-        gather(sources, tmp_path / "none", names=["fold0", "fold2"])
-    refit = _distilled(tmp_path / "task-refit", "all", 0).parent
-    assert sorted(p.name for p in gather([*sources, refit], tmp_path / "eval").iterdir()) == ["fold0", "fold1"]
-    only = gather([*sources, refit], tmp_path / "register", names=["all"])
-    assert (only / "all" / "round0" / "model.pt").read_bytes() == b"all r0" and not (only / "fold0").exists()
-
-
-def test_an_export_replaces_the_teachers(tmp_path: Path) -> None:
-    teacher = _distilled(tmp_path / "teacher", "fold3", 0)
-    export_final(teacher, tmp_path / "models")
-    assert (tmp_path / "models" / "fold3" / "round0" / "model.pt").is_file()
-    student = _distilled(tmp_path / "student", "fold3", 2)
-    target = export_final(student, tmp_path / "models")
-    assert sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()) == [
-        "distill.json", "round2/model.pt"]  # no earlier round, no optimiser state
-
-
-def _evaluation(folder: Path) -> Path:
-    cv = {f"{m}_{c}": [0.8, 0.1] for m in METRICS for c in CLASSES}
-    cv["auc_non_ich"] = [float("nan"), float("nan")]
-    write_json_atomic(folder / "metrics.json", {"per_fold": {"0": {}, "1": {}}, "cv": cv,
-                                                "ci": {k: [0.7, 0.9] for k in cv}, "scan": {"auc_any_ich": 0.9}})
-    return folder
-
-
-def test_evaluation_from_its_folder(tmp_path: Path) -> None:
-    ev = EvalResult.load(_evaluation(tmp_path / "evaluation"))
-    text = (tmp_path / "evaluation" / "metrics.json").read_text()
-    assert "NaN" not in text and json.loads(text)["cv"]["auc_non_ich"] == [None, None]  # strict JSON: null
-    assert all(math.isnan(v) for v in ev.cv["auc_non_ich"])  # read back as NaN
-    assert sorted(ev.per_fold) == [0, 1] and "0.800 ± 0.100 [0.700, 0.900]" in ev.summary()
-    assert ev.cv_means()["cv_auc_blend_sign"] == 0.8 and "cv_auc_non_ich" not in ev.cv_means()  # NaN left out
+from tests.conftest import evaluation_folder
 
 
 def _open(tmp_path: Path, run_id: str = "kfp-run-1", **tags: str) -> RunRef:
@@ -118,7 +46,7 @@ def test_parent_run_opened_in_one_step_closed_in_another(tmp_path: Path) -> None
 
     registered = {"registered_model": "m", "model_version": "3", "alias": "challenger", "promoted": False,
                   "decision": "challenger: ...", "model_uri": "models:/m@champion", "version_uri": "models:/m/3"}
-    record = finish_pipeline_run(ref, cv_metrics=EvalResult.load(_evaluation(tmp_path / "ev")).cv_means(),
+    record = finish_pipeline_run(ref, cv_metrics=EvalResult.load(evaluation_folder(tmp_path / "ev")).cv_means(),
                                  registered=registered)
     assert record["status"] == "registered" and record["parent_run_id"] == ref.parent_run_id
     assert record[RUN_TAG] == "kfp-run-1" and record["model_uri"] == "models:/m@champion"

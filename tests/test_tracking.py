@@ -1,15 +1,19 @@
-"""blendsign.tracking against a real MLflow store: runs end FINISHED or FAILED, a resumed run follows its parent."""
+"""blendsign.tracking against a real MLflow store: runs end FINISHED or FAILED, a resumed run follows its parent;
+artifacts on a real S3-compatible server (moto's server mode on 127.0.0.1)."""
 
 from __future__ import annotations
 
 import http.server
+import logging
 import re
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from blendsign.tracking import Tracker, check_server_version, finite, ui_command
+from tests.conftest import ACCESS_KEY, BUCKET, SECRET_KEY, keys
 
 
 def test_runs_end_with_their_outcome_and_resume_under_a_new_parent(tmp_path: Path) -> None:
@@ -77,3 +81,30 @@ def test_an_mlflow_2_server_is_refused_naming_both_versions(caplog: pytest.LogCa
         assert check_server_version("sqlite:///x.db") is None
     finally:
         server.shutdown()
+
+
+def test_mlflow_artifacts_on_s3(s3: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                caplog: pytest.LogCaptureFixture) -> None:
+    from blendsign.tracking import Tracker
+
+    caplog.set_level(logging.INFO)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("BLENDSIGN_ARTIFACT_ROOT", f"s3://{BUCKET}/mlflow")
+    tracker = Tracker.open("s3-artifacts", uri)
+    assert tracker.client.get_experiment(tracker.experiment_id).artifact_location == \
+        f"s3://{BUCKET}/mlflow/s3-artifacts"
+    report = tmp_path / "report.json"
+    report.write_text('{"auc": 0.9}\n')
+    with tracker.run("artifact-on-s3") as run:
+        run.log_artifact(report, "reports")
+    key = f"mlflow/s3-artifacts/{run.run_id}/artifacts/reports/report.json"
+    assert s3.get_object(Bucket=BUCKET, Key=key)["Body"].read() == report.read_bytes()
+
+    # an experiment created with an explicit s3 artifact_location is used as is
+    monkeypatch.delenv("BLENDSIGN_ARTIFACT_ROOT")
+    tracker.client.create_experiment("explicit", artifact_location=f"s3://{BUCKET}/mlflow-explicit")
+    explicit = Tracker.open("explicit", uri)
+    with explicit.run("explicit") as run2:
+        run2.log_artifact(report)
+    assert f"mlflow-explicit/{run2.run_id}/artifacts/report.json" in keys(s3, "mlflow-explicit/")
+    assert ACCESS_KEY not in caplog.text and SECRET_KEY not in caplog.text

@@ -53,7 +53,7 @@ def per_class_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Uncertainty, triage and calibration (issue 5). Scans, not slices, are the independent units: a scan's slices
+# Uncertainty, triage and calibration. Scans, not slices, are the independent units: a scan's slices
 # share a patient, a scanner and a lesion, so every resampling and every scan-level score groups by scan id.
 
 

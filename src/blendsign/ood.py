@@ -1,4 +1,4 @@
-"""Out-of-distribution flag: how far a slice's features lie from the training slices' (issue 15).
+"""Out-of-distribution flag: how far a slice's features lie from the training slices'.
 
 The score is the Mahalanobis distance of the slice's pooled last-block features (the classification branch's
 GAP input, ``[C]``) to the nearest training class mean under one shared covariance (Lee et al., NeurIPS 2018),
@@ -6,9 +6,8 @@ the covariance shrunk by Ledoit–Wolf (``C`` is 512–2048, the training slices
 flagged when its score exceeds the conformal ``quantile`` (0.99) of held-out training slices' scores
 (:func:`conformal_quantile`): the training scans are split in two halves, each half scored by the statistics of
 the other, so that the threshold is what unseen slices of the training distribution reach, not the smaller
-in-sample distances; the stored means and
-covariance are then fitted on all training slices. The state travels in the checkpoint (``ood``) and so with
-the registered model.
+in-sample distances; the stored means and covariance are then fitted on all training slices. The state travels
+in the checkpoint (``ood``) and so with the registered model.
 """
 
 from __future__ import annotations

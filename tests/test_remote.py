@@ -1,5 +1,6 @@
-"""s3:// storage against a real S3-compatible server (moto's server mode on 127.0.0.1): ingest, fuse and folds
-from and to S3 prefixes, Parquet read in place with pyarrow, idempotent re-runs, failures, MLflow artifacts."""
+"""blendsign.remote: the stages on s3:// prefixes of a real S3-compatible server (moto's server mode on 127.0.0.1):
+ingest, fuse and folds from and to S3 prefixes, Parquet read in place with pyarrow, idempotent re-runs, failures,
+the CLI's cache of mirrors."""
 
 from __future__ import annotations
 
@@ -21,17 +22,9 @@ from blendsign.deid import KEY_ENV, Pseudonymizer
 from blendsign.folds import make_folds
 from blendsign.ingest import ingest
 from blendsign.labels import fuse
-from blendsign.storage import (
-    MARKER,
-    SyncStats,
-    is_s3,
-    local_input,
-    parquet_filesystem,
-    split_s3,
-    sync_up,
-)
+from blendsign.storage import MARKER, SyncStats, local_input, parquet_filesystem, sync_up
 from blendsign.synth import synthesize
-from tests.conftest import ACCESS_KEY, BUCKET, SECRET_KEY, real_file
+from tests.conftest import ACCESS_KEY, BUCKET, SECRET_KEY, keys, real_file
 
 PSEUDONYM_KEY = "s3-test-pseudonym-key-0123456789abcdef"
 REAL_FILES = ("CT_small.dcm", "J2K_pixelrep_mismatch.dcm", "693_UNCI.dcm")
@@ -65,12 +58,6 @@ def s3_cohort(s3: Any, tmp_path_factory: pytest.TempPathFactory) -> Cohort:
     return Cohort(root, cfg)
 
 
-def keys(client: Any, prefix: str) -> dict[str, str]:
-    """ETag by key under ``prefix``."""
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
-    return {o["Key"]: o["ETag"] for page in pages for o in page.get("Contents", [])}
-
-
 def get_json(client: Any, key: str) -> Any:
     return json.loads(client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
 
@@ -91,32 +78,6 @@ def uploads(monkeypatch: pytest.MonkeyPatch) -> list[SyncStats]:
 
     monkeypatch.setattr(storage, "sync_up", spy)
     return calls
-
-
-def test_uri_helpers() -> None:
-    assert is_s3("s3://b/k") and is_s3(Path("s3://b/k")) and not is_s3("/data/s3/x")
-    assert split_s3("s3://b/raw/dicom/") == ("b", "raw/dicom/")
-    assert split_s3(Path("s3://b")) == ("b", "")
-    with pytest.raises(ValueError):
-        split_s3("/local/path")
-
-
-def test_sync_up_publishes_changes_deletes_stale_marker_last(s3: Any, tmp_path: Path) -> None:
-    (tmp_path / "sub").mkdir()
-    (tmp_path / "a.txt").write_text("a")
-    (tmp_path / "sub" / "b.bin").write_bytes(b"b" * 100)
-    (tmp_path / ".a.txt.123.tmp").write_text("temporary")  # hidden temporaries are never published
-    uri = f"s3://{BUCKET}/sync/out"
-    assert sync_up(tmp_path, uri) == SyncStats(transferred=2, bytes=101)
-    assert set(keys(s3, "sync/")) == {"sync/out/a.txt", "sync/out/sub/b.bin", f"sync/out/{MARKER}"}
-    (tmp_path / "sub" / "b.bin").unlink()
-    (tmp_path / "a.txt").write_text("A")
-    (tmp_path / "c.txt").write_text("c")
-    assert sync_up(tmp_path, uri) == SyncStats(transferred=2, deleted=1, bytes=2)
-    assert set(keys(s3, "sync/")) == {"sync/out/a.txt", "sync/out/c.txt", f"sync/out/{MARKER}"}
-    assert sync_up(tmp_path, uri) == SyncStats(skipped=2)
-    with pytest.raises(ValueError, match="whole bucket"):
-        sync_up(tmp_path, f"s3://{BUCKET}")
 
 
 def test_ingest_s3_to_s3(s3: Any, s3_cohort: Cohort, tmp_path: Path, uploads: list[SyncStats],
@@ -212,66 +173,6 @@ def test_fuse_and_folds_through_s3(s3: Any, s3_cohort: Cohort, tmp_path: Path) -
         assert csv.read_bytes() == (s3_cohort.root / "annotations.csv").read_bytes()
     stats = storage.sync_down(ingest_uri, mirror)
     assert stats.transferred == 0 and stats.skipped > 0
-
-
-def test_mlflow_artifacts_on_s3(s3: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                caplog: pytest.LogCaptureFixture) -> None:
-    from blendsign.tracking import Tracker
-
-    caplog.set_level(logging.INFO)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("BLENDSIGN_ARTIFACT_ROOT", f"s3://{BUCKET}/mlflow")
-    tracker = Tracker.open("s3-artifacts", uri)
-    assert tracker.client.get_experiment(tracker.experiment_id).artifact_location == \
-        f"s3://{BUCKET}/mlflow/s3-artifacts"
-    report = tmp_path / "report.json"
-    report.write_text('{"auc": 0.9}\n')
-    with tracker.run("artifact-on-s3") as run:
-        run.log_artifact(report, "reports")
-    key = f"mlflow/s3-artifacts/{run.run_id}/artifacts/reports/report.json"
-    assert s3.get_object(Bucket=BUCKET, Key=key)["Body"].read() == report.read_bytes()
-
-    # an experiment created with an explicit s3 artifact_location is used as is
-    monkeypatch.delenv("BLENDSIGN_ARTIFACT_ROOT")
-    tracker.client.create_experiment("explicit", artifact_location=f"s3://{BUCKET}/mlflow-explicit")
-    explicit = Tracker.open("explicit", uri)
-    with explicit.run("explicit") as run2:
-        run2.log_artifact(report)
-    assert f"mlflow-explicit/{run2.run_id}/artifacts/report.json" in keys(s3, "mlflow-explicit/")
-    assert ACCESS_KEY not in caplog.text and SECRET_KEY not in caplog.text
-
-
-def test_sync_up_sends_the_files_named_last_after_the_others(s3: Any, tmp_path: Path) -> None:
-    """A checkpoint that says "finished" must not reach the prefix before the model it finished: a pod killed
-    mid-upload then leaves an unfinished checkpoint, which the retry resumes."""
-    for name in ("round0/last.pt", "round0/model.pt", "round0/history.json", "distill.json"):
-        (tmp_path / "job" / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "job" / name).write_bytes(name.encode() * 100)
-    order: list[str] = []
-
-    class Recording:
-        def __getattr__(self, name: str) -> Any:
-            return getattr(s3, name)
-
-        def upload_file(self, path: str, bucket: str, key: str, **kw: Any) -> None:
-            order.append(key.rsplit("/", 1)[-1])
-            s3.upload_file(path, bucket, key, **kw)
-
-    sync_up(tmp_path / "job", f"s3://{BUCKET}/work/run/jobs/fold0", marker=False, client=Recording(),
-            last=("last.pt", "distill.json"))
-    assert sorted(order[:2]) == ["history.json", "model.pt"] and sorted(order[2:]) == ["distill.json", "last.pt"]
-    assert not any(k.endswith("_SUCCESS") for k in keys(s3, "work/run/jobs/fold0/"))  # work in progress
-
-
-def test_a_misspelt_bucket_is_one_line_from_the_cli(s3: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                    caplog: pytest.LogCaptureFixture) -> None:
-    from blendsign.cli import main
-
-    with caplog.at_level("ERROR"):
-        rc = main(["ingest", f"s3://{BUCKET}-misspelt/raw/dicom/", str(tmp_path / "out")])
-    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert rc == 2 and len(errors) == 1 and "\n" not in errors[0] and "NoSuchBucket" in errors[0], errors
-    assert "Traceback" not in capsys.readouterr().err
 
 
 def test_a_cli_cache_keeps_the_mirror_and_scratch_of_killed_runs_is_removed(

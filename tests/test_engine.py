@@ -1,11 +1,13 @@
-"""resolve_device: ``auto`` falls back to the CPU; an explicit CUDA request without CUDA says what it found."""
+"""blendsign.engine: resolve_device (``auto`` falls back to the CPU; an explicit CUDA request without CUDA says what
+it found)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from blendsign.engine import resolve_device
+from blendsign.engine import resolve_device, softmax
 
 
 def _cuda(monkeypatch: pytest.MonkeyPatch, count: int, build: str | None = "12.8") -> None:
@@ -72,3 +74,10 @@ def test_cuda_index_beyond_the_device_count(monkeypatch: pytest.MonkeyPatch) -> 
 def test_unknown_device() -> None:
     with pytest.raises(ValueError, match="unknown device 'gpu'"):
         resolve_device("gpu")
+
+
+def test_softmax_in_closed_form() -> None:
+    """exp(0) : exp(ln 2) = 1 : 2; a temperature T divides the logits; a large shift changes nothing (no overflow)."""
+    np.testing.assert_allclose(softmax(np.array([[0.0, np.log(2)]])), [[1 / 3, 2 / 3]])
+    np.testing.assert_allclose(softmax(np.array([[0.0, 2 * np.log(2)]]), temperature=2.0), [[1 / 3, 2 / 3]])
+    np.testing.assert_allclose(softmax(np.array([[1000.0, 1000.0 + np.log(2)]])), [[1 / 3, 2 / 3]])
