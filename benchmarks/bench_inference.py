@@ -23,7 +23,7 @@ import torch
 from blendsign.config import Config, load_preset, override
 from blendsign.engine import resolve_device
 from blendsign.explain import grad_cam
-from blendsign.ingest import ingest
+from blendsign.ingest import decode_hu, ingest
 from blendsign.model import build_model
 from blendsign.synth import synthesize
 from blendsign.transforms import preprocess
@@ -37,7 +37,7 @@ def scan_slices(n: int, size: int) -> list[np.ndarray]:
         synthesize(Path(tmp) / "src", replace(cfg.synth, scans=max(1, n // 8), size=size), progress=False)
         ingest(Path(tmp) / "src" / "dicom", Path(tmp) / "ingest", cfg.ingest, progress=False)
         rows = pq.read_table(Path(tmp) / "ingest" / "slices", columns=["hu", "rows", "cols"]).to_pylist()
-    hu = [np.frombuffer(r["hu"], "<i2").reshape(r["rows"], r["cols"]) for r in rows]
+    hu = [decode_hu(r["hu"], r["rows"], r["cols"]) for r in rows]
     return [hu[i % len(hu)] for i in range(n)]
 
 

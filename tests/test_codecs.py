@@ -18,7 +18,7 @@ from pydicom.pixels import apply_rescale
 from blendsign import codecs
 from blendsign.config import IngestConfig
 from blendsign.dicom import UnusableFileError, read_header, read_hu
-from blendsign.ingest import ingest, locate
+from blendsign.ingest import decode_hu, ingest, locate
 from blendsign.serving import RowError, read_slice
 from tests.conftest import real_file
 
@@ -57,7 +57,7 @@ def ingested_hu(src: Path, out: Path) -> np.ndarray:
     result = ingest(src, out, CFG, progress=False)
     assert not result.report["quarantined"], result.report["quarantined"]
     (row,) = pq.read_table(out / "slices").to_pylist()
-    return np.frombuffer(row["hu"], dtype="<i2").reshape(row["rows"], row["cols"])
+    return decode_hu(row["hu"], row["rows"], row["cols"])
 
 
 @pytest.mark.parametrize("syntax", LOSSLESS, ids=lambda s: s.name)

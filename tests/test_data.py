@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,6 +14,8 @@ import torch
 
 from blendsign.config import load_preset
 from blendsign.data import EpochSampler, SliceDataset, collate, load_index, read_slice_hu
+from blendsign.errors import InputError
+from blendsign.ingest import FORMAT_VERSION, MANIFEST
 from blendsign.transforms import preprocess
 
 CFG = load_preset("ci")
@@ -75,3 +79,13 @@ def test_teacher_soft_labels_are_checked(cohort: dict[str, Path]) -> None:
     ds = SliceDataset(index, CFG.data, stride=32, min_overlap=0.7, augment=False,
                       teacher=np.full((len(index), 3), 1 / 3))
     assert ds[0]["teacher"].shape == (3,)
+
+
+def test_an_ingest_in_an_older_format_is_refused_with_what_to_do(cohort: dict[str, Path], tmp_path: Path) -> None:
+    old = tmp_path / "ingest"
+    shutil.copytree(cohort["ingest"], old)
+    manifest = json.loads((old / MANIFEST).read_text())
+    (old / MANIFEST).write_text(json.dumps({**manifest, "format": "1"}))
+    with pytest.raises(InputError, match=f"dataset format 1; this blendsign reads format {FORMAT_VERSION} .*ingest "
+                                         "the DICOM again"):
+        load_index(old, cohort["labels"], cohort["folds"])

@@ -21,7 +21,8 @@ from pydicom.pixels import apply_rescale
 from blendsign import cli
 from blendsign.config import IngestConfig
 from blendsign.deid import KEY_ENV, key_path_for
-from blendsign.ingest import SLICE_SCHEMA, ingest, locate, locate_slices
+from blendsign.errors import InputError
+from blendsign.ingest import SLICE_SCHEMA, decode_hu, encode_hu, ingest, locate, locate_slices
 from tests.conftest import IDENTIFIERS, real_file
 
 CFG = IngestConfig()
@@ -34,7 +35,7 @@ def read_slices(out: Path) -> list[dict]:
 
 
 def hu_of(row: dict) -> np.ndarray:
-    return np.frombuffer(row["hu"], dtype="<i2").reshape(row["rows"], row["cols"])
+    return decode_hu(row["hu"], row["rows"], row["cols"])
 
 
 def phantom(seed: int, shape: tuple[int, int] = (16, 20)) -> np.ndarray:
@@ -606,3 +607,12 @@ def test_locate_escapes_control_characters_of_file_names(tmp_path: Path, ct_writ
     assert cli.main(["locate", str(tmp_path / "src"), str(tmp_path / "out")]) == 0
     (line,) = capsys.readouterr().out.splitlines()
     assert line.startswith("notes\\tfrom\\nexport\tnot a DICOM file\tfile-")
+
+
+def test_hu_is_stored_as_two_byte_planes() -> None:
+    hu = np.array([[-1024, 40], [255, 3000]], dtype=np.int16)  # 0xFC00, 0x0028, 0x00FF, 0x0BB8
+    value = encode_hu(hu)
+    assert value == bytes([0x00, 0x28, 0xFF, 0xB8, 0xFC, 0x00, 0x00, 0x0B])  # the low bytes, then the high bytes
+    assert np.array_equal(decode_hu(value, 2, 2), hu) and decode_hu(value, 2, 2).dtype == np.int16
+    with pytest.raises(InputError, match="8 bytes cannot be 2×3 int16 pixels"):
+        decode_hu(value, 2, 3)

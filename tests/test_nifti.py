@@ -13,7 +13,7 @@ import pytest
 
 from blendsign.cli import main
 from blendsign.config import IngestConfig
-from blendsign.ingest import ingest
+from blendsign.ingest import decode_hu, ingest
 from blendsign.labels import fuse
 from blendsign.nifti import import_nifti, mask_boxes, slice_geometry
 
@@ -69,7 +69,7 @@ def test_a_nifti_set_imports_ingests_and_fuses_to_its_hu_geometry_and_boxes(tmp_
     assert report["scans_written"] == 1 and report["slices_written"] == 4 and report["age_unknown_scans"] == 1
     rows = sorted(pq.read_table(tmp_path / "ingest" / "slices").to_pylist(), key=lambda r: r["slice_index"])
     for k, row in enumerate(rows):
-        hu = np.frombuffer(row["hu"], dtype="<i2").reshape(row["rows"], row["cols"])
+        hu = decode_hu(row["hu"], row["rows"], row["cols"])
         np.testing.assert_array_equal(hu, volume(0)[:, :, k].T)
         assert row["z_mm"] == -30.0 + 5 * k and row["pixel_spacing_mm"] == [0.6, 0.5]
 

@@ -27,7 +27,7 @@ from blendsign import CLASSES
 from blendsign.config import Config, DataConfig
 from blendsign.errors import ConfigError, InputError
 from blendsign.folds import FOLDS_FILE
-from blendsign.ingest import data_fingerprint, scan_file
+from blendsign.ingest import check_format, data_fingerprint, decode_hu, scan_file
 from blendsign.labels import LABELS_FILE
 from blendsign.targets import encode_targets
 from blendsign.transforms import Augment, head_crop, preprocess, scale_boxes
@@ -68,6 +68,7 @@ def load_index(
 ) -> SliceIndex:
     """Index the labelled slices of the given folds (all folds when ``folds`` is None)."""
     ingest_dir, labels_dir = Path(ingest_dir), Path(labels_dir)
+    check_format(ingest_dir)
     labels = pq.read_table(labels_dir / LABELS_FILE).to_pylist()
     fold_of: dict[str, int] = {}
     if folds_dir is not None:
@@ -138,7 +139,7 @@ def _parquet(path: str) -> pq.ParquetFile:
 def read_slice_hu(path: str, row_group: int, offset: int, rows: int, cols: int) -> np.ndarray:
     """One slice's HU ``[rows, cols]`` int16, reading a single row group's ``hu`` column."""
     col = _parquet(path).read_row_group(row_group, columns=["hu"]).column(0)
-    return np.frombuffer(col[offset].as_py(), dtype="<i2").reshape(rows, cols)
+    return decode_hu(col[offset].as_buffer(), rows, cols)
 
 
 class SliceDataset(Dataset):

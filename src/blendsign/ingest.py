@@ -63,7 +63,7 @@ from blendsign.storage import atomic_path, remove_stale_temporaries, write_json_
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2 (2026-12-03): hu as two byte planes (encode_hu); 1: plain little-endian int16
 SLICE_SCHEMA = pa.schema(
     [
         pa.field("scan_id", pa.string(), nullable=False),  # pseudonym of StudyInstanceUID
@@ -76,10 +76,36 @@ SLICE_SCHEMA = pa.schema(
         pa.field("slice_thickness_mm", pa.float64()),
         pa.field("instance_key", pa.string(), nullable=False),  # pseudonym of SOPInstanceUID
         pa.field("transfer_syntax", pa.string(), nullable=False),  # of the source file
-        pa.field("hu", pa.binary(), nullable=False),  # little-endian int16, row-major, rows × cols
+        pa.field("hu", pa.binary(), nullable=False),  # int16 rows × cols as two byte planes: encode_hu / decode_hu
     ],
-    metadata={"blendsign.format": FORMAT_VERSION, "blendsign.hu": "int16 little-endian row-major rows x cols"},
+    metadata={"blendsign.format": FORMAT_VERSION,
+              "blendsign.hu": "int16 rows x cols, row-major: the low bytes of every pixel, then the high bytes"},
 )
+
+def encode_hu(hu: np.ndarray) -> bytes:
+    """The stored ``hu`` value of a ``[rows, cols]`` int16 slice: the low byte of every pixel (row-major), then
+    every high byte. The high plane is nearly constant, so zstd-1 compresses the planes 2.6× in half the time
+    it takes to compress the interleaved int16 1.9× (benchmarks/README.md, "Slice encoding")."""
+    v = np.ascontiguousarray(hu, dtype="<i2").view(np.uint8).ravel()
+    return v[0::2].tobytes() + v[1::2].tobytes()
+
+
+def decode_hu(value: bytes | memoryview | pa.Buffer, rows: int, cols: int) -> np.ndarray:
+    """``[rows, cols]`` int16 HU from a stored ``hu`` value (:func:`encode_hu`)."""
+    planes, n = np.frombuffer(value, dtype=np.uint8), rows * cols
+    if planes.size != 2 * n:
+        raise InputError(f"a stored slice of {planes.size} bytes cannot be {rows}×{cols} int16 pixels")
+    return ((planes[n:].view(np.int8).astype(np.int16) << 8) | planes[:n]).reshape(rows, cols)
+
+
+def check_format(out: str | Path) -> None:
+    """Refuse an ingest output written in another dataset format, with what to do about it."""
+    found = str(read_manifest(out).get("format"))
+    if found != FORMAT_VERSION:
+        raise InputError(f"{out} holds dataset format {found}; this blendsign reads format {FORMAT_VERSION} (its "
+                         "slices are stored as byte planes since 2026-12-03): ingest the DICOM again, into this "
+                         "folder or a new one")
+
 
 # --- results -----------------------------------------------------------------------------------------
 
@@ -454,7 +480,7 @@ def write_scan(task: ScanTask) -> ScanOutcome:
         except OSError as exc:
             quarantined.append((s.path, f"cannot read file ({exc.strerror})"))
             continue
-        kept.append((s, hu.astype("<i2", copy=False).tobytes()))
+        kept.append((s, encode_hu(hu)))
     if not kept:
         Path(task.out_path).unlink(missing_ok=True)
         return ScanOutcome(task.scan_id, 0, task.source_digest, False, tuple(quarantined))

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from blendsign.errors import InputError
-from blendsign.ingest import scan_file
+from blendsign.ingest import check_format, decode_hu, scan_file
 from blendsign.labels import _Problems, _read_csv, fleiss_kappa, read_ingested_slices
 from blendsign.storage import atomic_path, write_json_atomic, write_text_atomic
 
@@ -140,6 +140,7 @@ def score_scans(model: Any, ingest_dir: str | Path, scans: Sequence[str], *, bat
     from blendsign.progress import progress as progress_bar
     from blendsign.serving import to_model_input
 
+    check_format(ingest_dir)
     non_ich = CLASSES.index("non_ich")
     out: dict[str, tuple[float, int]] = {}
     bar = progress_bar(total=len(scans), desc="triage", unit="scan", enabled=progress)
@@ -150,7 +151,7 @@ def score_scans(model: Any, ingest_dir: str | Path, scans: Sequence[str], *, bat
             best = -math.inf
             for start in range(0, len(hu), batch_size):
                 x = torch.stack([
-                    to_model_input(np.frombuffer(h, dtype="<i2").reshape(r, c), model.data_config)
+                    to_model_input(decode_hu(h, r, c), model.data_config)
                     for h, r, c in zip(hu[start : start + batch_size], rows[start : start + batch_size],
                                        cols[start : start + batch_size], strict=True)
                 ])
