@@ -39,8 +39,10 @@ mlflow-server: $(STAMP)
 mlflow-ui: $(STAMP)
 	$(BIN)/mlflow ui --host 127.0.0.1 --backend-store-uri sqlite:///$(CURDIR)/.blendsign/mlflow.db
 
+# ruff, then mypy ([tool.mypy] in pyproject.toml; its cache, .mypy_cache/, makes a rerun fast)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks components pipelines docker
+	$(BIN)/mypy
 
 # Debian's chromium for the HTML report's screenshot test, if absent and installable (root, apt-get); never fails
 browser:

@@ -103,7 +103,7 @@ class ClusterProfile:
     parallelism: int = 0  # training jobs (pods) at once (0: all: the K folds and the refit together)
 
     def task(self, name: str) -> TaskProfile:
-        return getattr(self, name)  # type: ignore[no-any-return]
+        return getattr(self, name)
 
     def with_gpus(self, gpus: int, gpu_resource: str | None = None) -> ClusterProfile:
         """The GPU task classes (train, evaluate) with ``gpus`` accelerators of ``gpu_resource``."""

@@ -8,7 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -415,10 +415,10 @@ def test_an_unreadable_folder_is_reported_not_dropped(tmp_path: Path, ct_writer:
     if os.geteuid() == 0:  # root reads a chmod-000 folder anyway: make listing it fail as it would for a user
         real_scandir = os.scandir
 
-        def scandir(path: object = ".") -> object:
-            if Path(str(path)) == locked:
+        def scandir(path: str | os.PathLike[str] = ".") -> Iterator[os.DirEntry[str]]:
+            if Path(path) == locked:
                 raise PermissionError(13, "Permission denied", str(path))
-            return real_scandir(path)  # type: ignore[arg-type]
+            return real_scandir(path)
 
         monkeypatch.setattr(os, "scandir", scandir)
     else:

@@ -10,13 +10,14 @@ import sys
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from blendsign import __version__
 from blendsign.errors import BlendsignError, ConfigError, InputError
 
 if TYPE_CHECKING:
     from blendsign.config import Config
+    from blendsign.tracking import Tracker
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -325,14 +326,22 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the config's)")
 
 
-def _setup(args: argparse.Namespace) -> tuple[Config, Any]:
+def _setup(args: argparse.Namespace) -> tuple[Config, Tracker | None]:
     from blendsign.tracking import Tracker
 
     cfg = _config(args)
     return cfg, (Tracker.open(cfg.tracking.experiment) if args.mlflow else None)
 
 
-def _dirs(args: argparse.Namespace) -> dict[str, Path]:
+class _DataDirs(TypedDict):
+    """The training stages' three input folders, passed as keywords."""
+
+    ingest_dir: Path
+    labels_dir: Path
+    folds_dir: Path
+
+
+def _dirs(args: argparse.Namespace) -> _DataDirs:
     return {"ingest_dir": args.ingest, "labels_dir": args.labels, "folds_dir": args.folds}
 
 
@@ -463,6 +472,7 @@ def _run_run(args: argparse.Namespace) -> int:
 
     args.mlflow = True
     cfg, tracker = _setup(args)
+    assert tracker is not None  # (args.mlflow)
     result = run_pipeline(cfg, work_dir=args.work, source=args.source, annotations=args.annotations,
                           clinical=args.clinical, tracker=tracker, only_if_new_data=args.only_if_new_data,
                           progress=args.progress)

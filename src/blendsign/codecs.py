@@ -28,7 +28,7 @@ a 1.6 KB JPEG 2000 file can declare 16384² pixels behind a 128×128 header.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pydicom
 from pydicom import uid
@@ -180,12 +180,12 @@ def transcode(src: str | Path, dst: str | Path, syntax: str, *, near: int = 3, j
         ds.file_meta.TransferSyntaxUID = syntax
         ds.save_as(dst)
     elif syntax in ENCODABLE:
-        kwargs: dict[str, object] = {}
+        kwargs: dict[str, Any] = {}
         if syntax == uid.JPEGLSNearLossless:
             kwargs["jls_error"] = near
         elif syntax == uid.JPEG2000:
             kwargs["j2k_cr"] = [j2k_ratio]
-        ds.compress(syntax, generate_instance_uid=False, **kwargs)  # type: ignore[arg-type]
+        ds.compress(syntax, generate_instance_uid=False, **kwargs)
         ds.save_as(dst)
     else:
         raise ConfigError(f"cannot encode {syntax.name}; encodable: {', '.join(u.name for u in ENCODABLE)}")

@@ -278,7 +278,8 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:
-        return _build(cls, data)
+        config: Config = _build(cls, data)  # _build makes any section from its class: Any
+        return config
 
 
 # Fields that earlier versions wrote (into checkpoints and registered models) and that no longer exist: read
@@ -330,7 +331,8 @@ def override(cfg: Config, **sections: dict[str, Any]) -> Config:
     changes: dict[str, Any] = {}
     for section, values in sections.items():
         current = getattr(cfg, section)
-        changes[section] = replace(current, **values) if is_dataclass(current) else values
+        changes[section] = (replace(current, **values) if is_dataclass(current) and not isinstance(current, type)
+                            else values)
     return replace(cfg, **changes)
 
 

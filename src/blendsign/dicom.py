@@ -14,15 +14,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, Literal, overload
 
 import numpy as np
 import pydicom
-from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileDataset
 from pydicom.encaps import generate_frames, get_frame
 from pydicom.errors import InvalidDicomError
+from pydicom.tag import Tag
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 
 from blendsign import codecs
@@ -48,7 +49,7 @@ FUNCTIONAL_GROUP_TAGS = ["SharedFunctionalGroupsSequence", "PerFrameFunctionalGr
                          "ContrastBolusAgentSequence"]
 PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
 PIXEL_DATA_TAGS = (PIXEL_DATA_TAG, b"\x7f\xe0\x00\x10")  # little and big endian
-NATIVE_LITTLE_ENDIAN = {ExplicitVRLittleEndian: 12, ImplicitVRLittleEndian: 8}  # element header bytes
+NATIVE_LITTLE_ENDIAN: dict[str, int] = {ExplicitVRLittleEndian: 12, ImplicitVRLittleEndian: 8}  # element header bytes
 
 
 @dataclass(frozen=True)
@@ -177,8 +178,8 @@ def frame_headers(ds: Dataset, header: SliceHeader) -> list[SliceHeader]:
                 sop_uid=str(source) if source else f"{header.sop_uid}.{i + 1}",
                 orientation=_floats(item("PlaneOrientationSequence").get("ImageOrientationPatient"), 6)
                 or header.orientation,
-                position=_floats(item("PlanePositionSequence").get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
-                pixel_spacing=_floats(measures.get("PixelSpacing"), 2) or header.pixel_spacing,  # type: ignore[arg-type]
+                position=_floats(item("PlanePositionSequence").get("ImagePositionPatient"), 3),
+                pixel_spacing=_floats(measures.get("PixelSpacing"), 2) or header.pixel_spacing,
                 slice_thickness=_float_or_none(measures.get("SliceThickness")) or header.slice_thickness,
                 image_type=tuple(str(t) for t in _as_list(frame_type)) or header.image_type,
                 contrast=contrast,
@@ -193,7 +194,7 @@ def frame_headers(ds: Dataset, header: SliceHeader) -> list[SliceHeader]:
     return out
 
 
-def _read_forced(fp: BinaryIO, path: str) -> Dataset:
+def _read_forced(fp: BinaryIO, path: str) -> FileDataset:
     """Files without the 128-byte preamble are still DICOM if a forced read finds an image's UIDs."""
     if Path(path).stat().st_size == 0:
         raise UnusableFileError("empty file")
@@ -206,7 +207,7 @@ def _read_forced(fp: BinaryIO, path: str) -> Dataset:
     return ds
 
 
-_HEADER_VR = {name: (int(tag_for_keyword(name)), dictionary_VR(name)) for name in HEADER_TAGS}  # type: ignore[arg-type]
+_HEADER_VR = {name: (int(Tag(name)), dictionary_VR(name)) for name in HEADER_TAGS}
 _TEXT_VRS = {"UI", "CS", "LO", "SH", "AS", "DA"}
 _NUMBER_VRS = {"DS", "IS"}
 _SLOW = object()  # _decode's answer for a value it leaves to pydicom
@@ -224,7 +225,7 @@ class HeaderValues:
     def __init__(self, ds: Dataset) -> None:
         self.ds = ds
 
-    def get(self, name: str, default: object = None) -> object:
+    def get(self, name: str, default: Any = None) -> Any:  # what pydicom gives: str, int, DSfloat, MultiValue, ...
         tag, vr = _HEADER_VR[name]
         raw = self.ds.get_item(tag)
         if raw is None:
@@ -276,8 +277,8 @@ def header_from_dataset(ds: Dataset, path: str, pixel_offset: int | None = None)
             modality=str(v.get("Modality", "") or "").upper(),
             image_type=tuple(str(t) for t in _as_list(v.get("ImageType"))),
             orientation=_floats(v.get("ImageOrientationPatient"), 6),
-            position=_floats(v.get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
-            pixel_spacing=_floats(v.get("PixelSpacing"), 2),  # type: ignore[arg-type]
+            position=_floats(v.get("ImagePositionPatient"), 3),
+            pixel_spacing=_floats(v.get("PixelSpacing"), 2),
             slice_thickness=_float_or_none(v.get("SliceThickness")),
             rows=rows,
             cols=cols,
@@ -314,39 +315,45 @@ def header_from_dataset(ds: Dataset, path: str, pixel_offset: int | None = None)
         raise UnusableFileError(f"malformed header ({type(exc).__name__}: {exc})") from None
 
 
-def _text(value: object) -> str:
+def _text(value: Any) -> str:
     return " ".join(str(v) for v in _as_list(value))
 
 
-def _rescale(value: object, default: float) -> float:
+def _rescale(value: Any, default: float) -> float:
     """RescaleSlope/RescaleIntercept as a float, ``default`` when absent or empty (0 stays 0: :func:`to_hu` refuses
     a slope that is not positive)."""
-    return default if value is None or value == "" else float(value)  # type: ignore[arg-type]
+    return default if value is None or value == "" else float(value)
 
 
-def _as_list(value: object) -> list[object]:
+def _as_list(value: Any) -> list[Any]:
     if value is None or value == "":
         return []
     if isinstance(value, str | bytes | int | float):
         return [value]
-    return list(value)  # type: ignore[call-overload]
+    return list(value)
 
 
-def _floats(value: object, n: int) -> tuple[float, ...] | None:
+@overload
+def _floats(value: Any, n: Literal[2]) -> tuple[float, float] | None: ...
+@overload
+def _floats(value: Any, n: Literal[3]) -> tuple[float, float, float] | None: ...
+@overload
+def _floats(value: Any, n: int) -> tuple[float, ...] | None: ...
+def _floats(value: Any, n: int) -> tuple[float, ...] | None:
     items = _as_list(value)
     if len(items) != n:
         return None
-    return tuple(float(v) for v in items)  # type: ignore[arg-type]
+    return tuple(float(v) for v in items)
 
 
-def _float_or_none(value: object) -> float | None:
+def _float_or_none(value: Any) -> float | None:
     try:
-        return None if value in (None, "") else float(value)  # type: ignore[arg-type]
+        return None if value in (None, "") else float(value)
     except (TypeError, ValueError):
         return None
 
 
-def _int_or_none(value: object) -> int | None:
+def _int_or_none(value: Any) -> int | None:
     f = _float_or_none(value)
     return None if f is None else int(f)
 
@@ -448,10 +455,11 @@ def head_verdict(series: Sequence[SliceHeader], rules: HeadRules) -> tuple[bool,
         if fov > rules.max_field_of_view_mm:
             return False, "field of view"
         extent = 0.0
-        if h.orientation is not None and all(s.position is not None for s in series):
+        positions = [s.position for s in series if s.position is not None]
+        if h.orientation is not None and len(positions) == len(series):
             try:
                 normal = slice_normal(h.orientation)
-                zs = [z_position(s.position, normal) for s in series]  # type: ignore[arg-type]
+                zs = [z_position(p, normal) for p in positions]
                 extent = max(zs) - min(zs)
             except ValueError:
                 pass
@@ -575,7 +583,8 @@ def _read_native(path: str, fmt: PixelFormat) -> np.ndarray:
     head_len = NATIVE_LITTLE_ENDIAN[fmt.transfer_syntax_uid]
     expected = fmt.rows * fmt.cols * 2
     with open(path, "rb") as f:
-        f.seek(fmt.offset)  # type: ignore[arg-type]
+        assert fmt.offset is not None  # (fmt.direct)
+        f.seek(fmt.offset)
         head = f.read(head_len)
         length = int.from_bytes(head[-4:], "little") if len(head) == head_len else 0
         if head[:4] != PIXEL_DATA_TAG or length == 0xFFFFFFFF or length < expected:

@@ -153,7 +153,8 @@ def distill(
     state_file = fold_dir / STATE_FILE
     fold_run_id = None
     if tracker is not None:
-        previous = next((json.loads(f.read_text()) for f in (state_file, fold_dir / RUN_FILE) if f.exists()), {})
+        previous: dict[str, Any] = next(
+            (json.loads(f.read_text()) for f in (state_file, fold_dir / RUN_FILE) if f.exists()), {})
         with tracker.run(name, tags={"fold": "all" if fold is None else fold, "stage": "fold", "preset": cfg.preset},
                          parent_run_id=parent_run_id, run_id=previous.get("fold_run_id")) as run:
             fold_run_id = run.run_id

@@ -48,7 +48,6 @@ from blendsign.deid import Pseudonymizer, load_or_create_key
 from blendsign.dicom import (
     PixelFormat,
     SliceHeader,
-    UnusableFileError,
     head_verdict,
     is_axial,
     is_derived,
@@ -57,7 +56,7 @@ from blendsign.dicom import (
     slice_normal,
     z_position,
 )
-from blendsign.errors import ConfigError, InputError
+from blendsign.errors import ConfigError, InputError, UnusableFileError
 from blendsign.progress import progress as progress_bar
 from blendsign.storage import atomic_path, remove_stale_temporaries, write_json_atomic, write_text_atomic
 
@@ -227,7 +226,8 @@ def file_digest(path: str) -> str:
 
 def read_headers(paths: Sequence[str]) -> tuple[list[SliceHeader], list[tuple[str, str]]]:
     """Headers of ``paths`` and ``(path, reason)`` for files that are not usable DICOM."""
-    headers, bad = [], []
+    headers: list[SliceHeader] = []
+    bad: list[tuple[str, str]] = []
     for p in paths:
         try:
             found = read_headers_of(p)
@@ -301,7 +301,7 @@ def _usable_images(series: list[SliceHeader], plan: Plan) -> list[SliceHeader]:
     for h in images:
         if (h.rows, h.cols) != shape:
             plan.quarantined.append((h.path, f"size {h.rows}x{h.cols} differs from its series ({shape[0]}x{shape[1]})"))
-        elif not np.allclose(h.orientation, ref, atol=1e-3):  # type: ignore[arg-type]
+        elif not np.allclose(h.orientation, ref, atol=1e-3):  # type: ignore[arg-type]  # not None: _usable_images
             plan.quarantined.append((h.path, "orientation differs from the rest of its series"))
         else:
             kept.append(h)
@@ -394,17 +394,17 @@ def _scan_task(
     pseudo: Pseudonymizer,
     slices_dir: Path,
 ) -> ScanTask:
-    normal = slice_normal(images[0].orientation)  # type: ignore[arg-type]
+    normal = slice_normal(images[0].orientation)  # type: ignore[arg-type]  # not None: _usable_images
     slices = sorted(
         (
             SliceSource(
                 path=h.path,
                 instance_key=pseudo.instance(h.sop_uid),
-                z_mm=z_position(h.position, normal),  # type: ignore[arg-type]
+                z_mm=z_position(h.position, normal),  # type: ignore[arg-type]  # not None: _usable_images
                 instance_number=h.instance_number or 0,
                 rows=h.rows,
                 cols=h.cols,
-                pixel_spacing=h.pixel_spacing,  # type: ignore[arg-type]
+                pixel_spacing=h.pixel_spacing,
                 slice_thickness=h.slice_thickness,
                 transfer_syntax=h.transfer_syntax,
                 pixels=h.pixels,
@@ -543,11 +543,11 @@ def _run_parallel(
             return
         futures: dict[Future[R], T] = {pool.submit(fn, item): item for item in items}
         for fut in as_completed(futures):
-            exc = fut.exception()
-            if isinstance(exc, BrokenProcessPool):  # not the files' fault: stop instead of quarantining them all
-                raise RuntimeError(POOL_DIED) from exc
+            error = fut.exception()
+            if isinstance(error, BrokenProcessPool):  # not the files' fault: stop instead of quarantining them all
+                raise RuntimeError(POOL_DIED) from error
             bar.update()
-            yield futures[fut], (exc if exc is not None else fut.result())
+            yield futures[fut], (error if error is not None else fut.result())
     finally:
         bar.close()
 
@@ -724,16 +724,16 @@ def ingest(
 
         plan = plan_ingest(headers, postoperative, cfg, pseudo, slices_dir)
         quarantined.extend(plan.quarantined)
-        for task, res in _run_parallel(write_scan, plan.tasks, pool, "scans", progress, "scan"):
-            if isinstance(res, BaseException):
-                log.error("scan %s failed: %s", task.scan_id, res)
-                failed.append({"scan_id": task.scan_id, "reason": f"{type(res).__name__}: {res}"})
+        for task, outcome in _run_parallel(write_scan, plan.tasks, pool, "scans", progress, "scan"):
+            if isinstance(outcome, BaseException):
+                log.error("scan %s failed: %s", task.scan_id, outcome)
+                failed.append({"scan_id": task.scan_id, "reason": f"{type(outcome).__name__}: {outcome}"})
                 continue
-            quarantined.extend(res.quarantined)
-            if res.slices == 0:
+            quarantined.extend(outcome.quarantined)
+            if outcome.slices == 0:
                 failed.append({"scan_id": task.scan_id, "reason": "no slice of the scan could be decoded"})
             else:
-                outcomes.append(res)
+                outcomes.append(outcome)
 
     written = {o.scan_id for o in outcomes}
     stale = [p for p in slices_dir.glob("*.parquet") if p.stem not in written]
@@ -861,8 +861,8 @@ def _report(
 
 
 def _manifest(outcomes: list[ScanOutcome]) -> dict[str, Any]:
-    scans = sorted(({"scan_id": o.scan_id, "file": f"{SLICES_DIR}/{o.scan_id}.parquet", "slices": o.slices,
-                     "source_digest": o.digest} for o in outcomes), key=lambda d: d["scan_id"])
+    scans = [{"scan_id": o.scan_id, "file": f"{SLICES_DIR}/{o.scan_id}.parquet", "slices": o.slices,
+              "source_digest": o.digest} for o in sorted(outcomes, key=lambda o: o.scan_id)]
     fingerprint = hashlib.sha256(json.dumps(scans, sort_keys=True).encode()).hexdigest()
     return {"format": FORMAT_VERSION, "scans": scans, "dataset_fingerprint": fingerprint}
 

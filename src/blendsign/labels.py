@@ -186,8 +186,8 @@ def fuse_boxes(boxes: Sequence[Sequence[Box]], n_readers: int, min_iou: float) -
     for members in match_boxes(boxes, min_iou):
         if 2 * len(members) <= n_readers:
             continue
-        coords = np.array([boxes[r][i] for r, i in members], dtype=np.float64).mean(axis=0)
-        fused.append(FusedBox(*(float(c) for c in coords), readers=len(members)))
+        x_min, y_min, x_max, y_max = np.array([boxes[r][i] for r, i in members], dtype=np.float64).mean(axis=0).tolist()
+        fused.append(FusedBox(x_min, y_min, x_max, y_max, readers=len(members)))
     return sorted(fused, key=lambda f: (f.y_min + f.y_max, f.x_min + f.x_max, f.x_min, f.y_min))
 
 
@@ -638,11 +638,11 @@ def _rsna(path: str | Path) -> tuple[list[Annotation], int]:
             problems.add("Label is not 0 or 1", [row])
             continue
         state = images.setdefault(m.group(1), [0, 0, row])
-        b, positive = bit[m.group(2)], rec["Label"] == "1"
-        if state[0] & b and bool(state[1] & b) != positive:
+        b, is_positive = bit[m.group(2)], rec["Label"] == "1"
+        if state[0] & b and bool(state[1] & b) != is_positive:
             problems.add("conflicting duplicate of an earlier ID", [row])
         state[0] |= b
-        state[1] |= b if positive else 0
+        state[1] |= b if is_positive else 0
     out = []
     complete, any_bit = (1 << len(RSNA_SUBTYPES)) - 1, bit["any"]
     for image, (seen, positive, row) in images.items():

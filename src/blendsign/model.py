@@ -106,6 +106,9 @@ class BlendSignNet(nn.Module):
         out_channels: channels ``C`` of the backbone's feature map (2048, 512, 512, 2048).
     """
 
+    mean: torch.Tensor  # the buffers, declared: nn.Module's attribute lookup types them as Tensor | Module
+    std: torch.Tensor
+
     def __init__(self, backbone: str, *, num_classes: int = 3, det_channels: int = 256) -> None:
         super().__init__()
         _check_backbone(backbone)
@@ -126,19 +129,16 @@ class BlendSignNet(nn.Module):
             )
         )
         # Detection branch: two convolutional layers (paper §Detection branch).
-        self.det_head = nn.Sequential(
-            OrderedDict(
-                conv=nn.Conv2d(self.out_channels, det_channels, kernel_size=3, padding=1),
-                relu=nn.ReLU(inplace=True),
-                out=nn.Conv2d(det_channels, 5, kernel_size=1),
-            )
-        )
-        for conv in (self.det_head.conv, self.det_head.out):  # as torchvision's FCOS / CenterNet heads
-            nn.init.normal_(conv.weight, std=0.01)
-            nn.init.zeros_(conv.bias)
+        conv = nn.Conv2d(self.out_channels, det_channels, kernel_size=3, padding=1)
+        out = nn.Conv2d(det_channels, 5, kernel_size=1)
+        assert conv.bias is not None and out.bias is not None  # (Conv2d types its bias Tensor | None)
+        self.det_head = nn.Sequential(OrderedDict(conv=conv, relu=nn.ReLU(inplace=True), out=out))
+        for weight, bias in ((conv.weight, conv.bias), (out.weight, out.bias)):  # as torchvision's FCOS / CenterNet
+            nn.init.normal_(weight, std=0.01)
+            nn.init.zeros_(bias)
         # Center-point prior 0.1 (CenterNet): sigmoid(−2.19) ≈ 0.1, so the many background cells start quiet.
         with torch.no_grad():
-            self.det_head.out.bias[0] = -2.19
+            out.bias[0] = -2.19
 
     def feature_size(self, input_size: int) -> int:
         """Side of the feature map (and of the detection map) for a square ``input_size`` × ``input_size`` input.

@@ -138,7 +138,7 @@ def _tracking(uri: str) -> Iterator[None]:
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(previous)  # type: ignore[arg-type]  (None unsets it, as MLflow's own code does)
+        mlflow.set_tracking_uri(previous)  # type: ignore[arg-type]  # None unsets it, as MLflow's own code does
 
 
 def log_model(

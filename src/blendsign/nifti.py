@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from blendsign.errors import InputError, UnusableFileError
 from blendsign.labels import Annotation, annotations_csv
@@ -101,7 +101,7 @@ def _write_slice(path: Path, hu: np.ndarray, *, dataset: str, name: str, k: int,
     orientation, position, spacing, thickness = geometry
     sop = _uid(dataset, name, "slice", str(k))
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, sop
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, UID(sop)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
@@ -132,6 +132,7 @@ def import_nifti(volumes: str | Path, out_dicom: str | Path, *, masks: str | Pat
     whose mask is missing or does not match its grid, or that cannot be read, is skipped and named in the result.
     Idempotent: the same files and UIDs on every run."""
     import nibabel as nib
+    from nibabel.spatialimages import SpatialImage
 
     if (masks is None) != (annotations_out is None):
         raise ValueError("masks and annotations_out go together: the annotations are the masks' boxes")
@@ -139,12 +140,15 @@ def import_nifti(volumes: str | Path, out_dicom: str | Path, *, masks: str | Pat
     if not found:
         raise InputError(f"no NIfTI volume ({' or '.join(NIFTI_SUFFIXES)}) in {volumes}")
     mask_files = _volumes(Path(masks)) if masks is not None else {}
-    result, annotations = NiftiImportResult(), []
+    result = NiftiImportResult()
+    annotations: list[Annotation] = []
     for name, path in progress_bar(found.items(), desc="volumes", unit="scan", enabled=progress):
         try:
             if masks is not None and name not in mask_files:
                 raise UnusableFileError(f"no mask named {name} in {masks}")
             image = nib.load(path)
+            if not isinstance(image, SpatialImage):  # (a NIfTI file's image is one: affine, shape, data)
+                raise UnusableFileError(f"a {type(image).__name__}, not a volume")
             hu = np.rint(np.asarray(image.get_fdata(dtype=np.float32)))
             if hu.ndim != 3:
                 raise UnusableFileError(f"a {hu.ndim}-D image, not a volume")
@@ -153,6 +157,8 @@ def import_nifti(volumes: str | Path, out_dicom: str | Path, *, masks: str | Pat
             mask = None
             if masks is not None:
                 m = nib.load(mask_files[name])
+                if not isinstance(m, SpatialImage):
+                    raise UnusableFileError(f"mask: a {type(m).__name__}, not a volume")
                 if m.shape != image.shape or not np.allclose(m.affine, image.affine, atol=1e-3):
                     raise UnusableFileError(f"mask grid {m.shape} does not match the volume's {image.shape}")
                 mask = np.asarray(m.dataobj)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypedDict, TypeVar
 
 from blendsign import credentials, storage
 from blendsign.config import Config, RegistryConfig, load_preset, override, override_dotted
@@ -563,6 +563,13 @@ class PipelineResult:
         return "\n".join(lines)
 
 
+class _DataDirs(TypedDict):
+    """The ingest and fuse outputs that the training, evaluation and register steps take, as keywords."""
+
+    ingest_dir: Path
+    labels_dir: Path
+
+
 def run_pipeline(
     cfg: Config,
     *,
@@ -601,7 +608,7 @@ def run_pipeline(
              .summary())
     ref = start_run(cfg, manifest=work / "ingest", tracking_uri=tracker.uri, experiment=tracker.experiment_name,
                     run_id=None, work_uri=str(work), tags={"orchestrator": "blendsign run"})
-    dirs = {"ingest_dir": work / "ingest", "labels_dir": work / "labels"}
+    dirs: _DataDirs = {"ingest_dir": work / "ingest", "labels_dir": work / "labels"}
     try:
         decision = check_new_data(ref, manifest=work / "ingest", model_name=cfg.registry.model_name,
                                   only_if_new_data=only_if_new_data)

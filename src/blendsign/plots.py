@@ -206,6 +206,7 @@ def confusion_grid(panels: Sequence[tuple[str, Any, Any]], path: PathLike, *, ti
     image = None
     for i, (ax, (name, labels, pred)) in enumerate(zip(axes[0], panels, strict=True)):
         image = _draw_confusion(ax, labels, pred, f"({chr(ord('A') + i)}) {name}")
+    assert image is not None  # (n ≥ 1 panels)
     fig.colorbar(image, ax=list(axes[0]), shrink=0.8, label="share of the true class")
     if title:
         fig.suptitle(title)

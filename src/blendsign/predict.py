@@ -91,7 +91,7 @@ def _aggregate(slices: pd.DataFrame) -> pd.DataFrame:
             "out_of_distribution": int(flagged.fillna(False).sum()) if flagged is not None else 0,
             "max_p_blend_sign": float(p_blend.max()) if ok.any() else float("nan"),
             "max_p_ich": float(p_ich.max()) if ok.any() else float("nan"),
-            "top_file": str(group.loc[p_blend.idxmax(), "file"]) if ok.any() else None,
+            "top_file": str(group.at[p_blend.idxmax(), "file"]) if ok.any() else None,
         })
     return pd.DataFrame(rows, columns=["scan", "slices", "errors", "out_of_distribution", "max_p_blend_sign",
                                        "max_p_ich", "top_file"])

@@ -12,7 +12,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 from typing import Any, Generic, TypeVar
 
 log = logging.getLogger(__name__)
@@ -27,8 +27,8 @@ class LogProgress(Generic[T]):
     def __init__(self, iterable: Iterable[T] | None, *, total: int | None, desc: str, unit: str,
                  interval: float) -> None:
         self.iterable, self.desc, self.unit, self.interval = iterable, desc, unit, interval
-        if total is None and iterable is not None and hasattr(iterable, "__len__"):
-            total = len(iterable)  # type: ignore[arg-type]
+        if total is None and iterable is not None and isinstance(iterable, Sized):
+            total = len(iterable)
         self.total, self.n, self.postfix = total, 0, ""
         self.start = self.last = time.monotonic()
         self.closed = False

@@ -15,7 +15,7 @@ import os
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from blendsign.config import FoldConfig, IngestConfig, LabelConfig
 from blendsign.deid import KEY_ENV
@@ -25,7 +25,14 @@ from blendsign.ingest import IngestResult, find_clinical, ingest
 from blendsign.labels import FuseResult, fuse
 from blendsign.storage import is_s3, local_input, local_output, scratch_dir, uri_text
 
-R = TypeVar("R")
+
+class _Result(Protocol):
+    """A stage's result, which summarises itself."""
+
+    def summary(self) -> str: ...
+
+
+R = TypeVar("R", bound=_Result)  # IngestResult, FuseResult, FoldsResult
 
 
 @dataclass(frozen=True)
@@ -37,7 +44,7 @@ class StageResult(Generic[R]):
     result: R
 
     def summary(self) -> str:
-        text: str = self.result.summary()  # type: ignore[attr-defined]
+        text = self.result.summary()
         return text.replace(str(self.local), self.uri) if is_s3(self.uri) else text
 
 

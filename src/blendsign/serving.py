@@ -31,12 +31,12 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
-import mlflow
 import numpy as np
 import pandas as pd
 import pydicom
 import torch
 import torch.nn.functional as F
+from mlflow.pyfunc import PythonModel  # (not mlflow.pyfunc.PythonModel: mypy sees a LazyLoader there)
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from torch import Tensor
@@ -45,13 +45,12 @@ from blendsign import CLASSES, ood
 from blendsign.config import Config, DataConfig, IngestConfig
 from blendsign.dicom import (
     PIXEL_DATA_TAGS,
-    UnusableFileError,
     header_from_dataset,
     hu_from_dataset,
     missing_pixels_reason,
 )
 from blendsign.engine import resolve_device
-from blendsign.errors import ConfigError, InputError
+from blendsign.errors import ConfigError, InputError, UnusableFileError
 from blendsign.explain import cam_to_png, grad_cam
 from blendsign.ingest import series_role
 from blendsign.model import BlendSignNet, load_trained
@@ -257,8 +256,9 @@ class _Ensemble:
     def cam(self, x: Tensor, target: int) -> Tensor:
         """Grad-CAM ``[S, S]`` in [0, 1] of one input ``x [3, S, S]`` for class ``target``, averaged over members."""
         total = sum(grad_cam(m, x, target_class=target)[0] for m in self.models)
-        peak = float(total.max())  # type: ignore[union-attr]
-        return (total / peak if peak > 0 else total).cpu()  # type: ignore[union-attr, operator]
+        assert isinstance(total, Tensor)  # (sum's start, 0, makes it Tensor | int to the type checker)
+        peak = float(total.max())
+        return (total / peak if peak > 0 else total).cpu()
 
 
 def check_compatible(configs: Sequence[Config]) -> None:
@@ -271,7 +271,7 @@ def check_compatible(configs: Sequence[Config]) -> None:
             raise InputError("ensemble checkpoints differ in backbone or number of classes")
 
 
-class BlendSignModel(mlflow.pyfunc.PythonModel):
+class BlendSignModel(PythonModel):
     """The pyfunc. Its pickled state is only its default settings; the networks are built in :meth:`load_context`.
 
     ``predict(context, df, params)``: ``df`` has a column ``dicom`` (bytes or base64 text), one row per slice;
@@ -417,9 +417,9 @@ class BlendSignModel(mlflow.pyfunc.PythonModel):
             score = float(ood_score[b])
             if not math.isnan(score):
                 rows[i].update(ood_score=score, out_of_distribution=score > 1.0)
-            hu = slices[b]
-            if hu is not None:
-                rows[i][GRADCAM_COLUMN] = _gradcam_png(ens, x[b], k, hu, crops[b])
+            explained = slices[b]
+            if explained is not None:
+                rows[i][GRADCAM_COLUMN] = _gradcam_png(ens, x[b], k, explained, crops[b])
 
 
 def _gradcam_png(ens: _Ensemble, x: Tensor, target: int, hu: np.ndarray, crop: Crop | None) -> str:

@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless, generate_uid
 
 from blendsign import CLASSES  # class index order, as class_ratio's
 from blendsign.config import SynthConfig
@@ -1026,9 +1026,9 @@ def _series_dataset(study: StudyPlan, series: SeriesPlan, grid: Grid) -> Dataset
     """The elements shared by every image of a series (see :func:`_set_image` for the rest)."""
     patient, cfg_storage = study.patient, _STORAGE[series.storage]
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
-    meta.MediaStorageSOPInstanceUID = ""
-    meta.ImplementationClassUID = IMPLEMENTATION_UID
+    meta.MediaStorageSOPClassUID = UID(CT_IMAGE_STORAGE)
+    meta.MediaStorageSOPInstanceUID = UID("")
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_UID)
     meta.ImplementationVersionName = "BLENDSIGN_SYN1"
     ds = Dataset()
     ds.file_meta = meta
@@ -1072,7 +1072,7 @@ def _series_dataset(study: StudyPlan, series: SeriesPlan, grid: Grid) -> Dataset
 def _set_image(ds: Dataset, series: SeriesPlan, image: int, position: tuple[float, float, float],
                orientation: Sequence[int]) -> Dataset:
     """Set the per-image elements of a series dataset (in place) and reset it to uncompressed."""
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = series.sop_uids[image]
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = UID(series.sop_uids[image])
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     if "PixelData" in ds:
         del ds.PixelData

@@ -164,9 +164,9 @@ def train(
     name = run_name or f"{fold_name(fold)}-{cfg.model.backbone}"
     run_tags = {"fold": "all" if fold is None else fold, "backbone": cfg.model.backbone, "preset": cfg.preset,
                 "stage": "distill" if teacher is not None else "train", **(tags or {})}
-    tracking = tracker is not None and is_main
-    with tracker.run(name, tags=run_tags, parent_run_id=parent_run_id, run_id=run_id) if tracking \
-            else nullcontext() as run:  # type: ignore[union-attr]
+    tracking = tracker if is_main else None
+    with tracking.run(name, tags=run_tags, parent_run_id=parent_run_id, run_id=run_id) if tracking is not None \
+            else nullcontext() as run:
         if run is not None and run_id is None:
             run.log_params({**cfg.flat(), "fold": "all" if fold is None else fold,
                             "train_slices": len(train_index), "val_slices": len(val_index or []),
@@ -175,7 +175,7 @@ def train(
         last_epoch = cfg.train.epochs if stop_after_epochs is None else min(cfg.train.epochs,
                                                                            start_epoch + stop_after_epochs)
         for epoch in range(start_epoch, last_epoch):
-            train_loader.sampler.set_epoch(epoch)
+            train_loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]  # make_loader's EpochSampler
             metrics = train_one_epoch(net, train_loader, optimizer, scheduler, scaler, loss_cfg=cfg.loss,
                                       device=device, amp=amp, channels_last=cuda and cfg.train.channels_last,
                                       grad_clip_norm=cfg.train.grad_clip_norm,

@@ -134,7 +134,7 @@ class Augment:
         size = tuple(image.shape[-2:])
         img, bb = self.transform(
             tv_tensors.Image(image),
-            tv_tensors.BoundingBoxes(boxes.reshape(-1, 4), format="XYXY", canvas_size=size),  # type: ignore[arg-type]
+            tv_tensors.BoundingBoxes(boxes.reshape(-1, 4), format="XYXY", canvas_size=size),
         )
         bb = bb.as_subclass(Tensor)
         keep = ((bb[:, 2] - bb[:, 0]) >= 1) & ((bb[:, 3] - bb[:, 1]) >= 1)
