@@ -139,8 +139,8 @@ def summary(record: dict[str, Any], *, seconds: float | None = None) -> str:
     from mlflow import MlflowClient
 
     from blendsign.evaluate import METRICS_FILE, EvalResult
+    from blendsign.html_report import HTML_REPORT_FILE
     from blendsign.pipeline import RUN_RECORD
-    from blendsign.report import HTML_REPORT_FILE
     from blendsign.tracking import display_uri, ui_command
 
     name, uri = record["registered_model"], record["tracking_uri"]

@@ -33,9 +33,9 @@ from blendsign.engine import predict, resolve_device, softmax
 from blendsign.errors import InputError
 from blendsign.explain import grad_cam
 from blendsign.folds import fold_name
+from blendsign.html_report import HTML_REPORT_FILE, write_html_report
 from blendsign.metrics import bootstrap_ci, calibration, per_class_metrics, scan_auc
 from blendsign.model import load_trained
-from blendsign.report import HTML_REPORT_FILE, write_html_report
 from blendsign.storage import atomic_path, write_json_atomic, write_text_atomic
 from blendsign.targets import decode_boxes
 from blendsign.tracking import Tracker, finite
