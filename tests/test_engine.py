@@ -1,5 +1,5 @@
 """blendsign.engine: resolve_device (``auto`` falls back to the CPU; an explicit CUDA request without CUDA says what
-it found)."""
+it found); the training epoch checks for a non-finite loss at its host syncs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from blendsign.engine import resolve_device, softmax
+from blendsign.engine import SYNC_EVERY, amp_dtype, resolve_device, softmax, train_one_epoch
 
 
 def _cuda(monkeypatch: pytest.MonkeyPatch, count: int, build: str | None = "12.8") -> None:
@@ -81,3 +81,47 @@ def test_softmax_in_closed_form() -> None:
     np.testing.assert_allclose(softmax(np.array([[0.0, np.log(2)]])), [[1 / 3, 2 / 3]])
     np.testing.assert_allclose(softmax(np.array([[0.0, 2 * np.log(2)]]), temperature=2.0), [[1 / 3, 2 / 3]])
     np.testing.assert_allclose(softmax(np.array([[1000.0, 1000.0 + np.log(2)]])), [[1 / 3, 2 / 3]])
+
+
+def _batches(n: int, nan_at: int | None) -> list[dict[str, torch.Tensor]]:
+    """``n`` batches of two 64² slices of the ci model's form (no boxes); batch ``nan_at`` (1-based) holds a NaN."""
+    out = []
+    for b in range(1, n + 1):
+        image = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(b))
+        if b == nan_at:
+            image[0, 0, 0, 0] = float("nan")
+        out.append({"image": image, "label": torch.tensor([0, 1]), "heatmap": torch.zeros(2, 1, 2, 2),
+                    "reg": torch.zeros(2, 4, 2, 2), "reg_mask": torch.zeros(2, 2, 2, dtype=torch.bool)})
+    return out
+
+
+def _epoch(batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    from blendsign.config import load_preset
+    from blendsign.model import build_model
+
+    cfg = load_preset("ci")
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return train_one_epoch(model, batches, opt, sched, scaler, loss_cfg=cfg.loss, device=torch.device("cpu"),
+                           amp=False, channels_last=False, progress=False)
+
+
+@pytest.mark.parametrize(("n", "nan_at", "where"), [
+    (SYNC_EVERY + 5, 3, f"1–{SYNC_EVERY}"),
+    (SYNC_EVERY + 5, SYNC_EVERY + 2, f"{SYNC_EVERY + 1}–{SYNC_EVERY + 5}"),
+])
+def test_a_non_finite_loss_is_caught_at_the_next_sync_naming_its_batches(n: int, nan_at: int, where: str) -> None:
+    with pytest.raises(FloatingPointError, match=f"non-finite loss in batches {where}$"):
+        _epoch(_batches(n, nan_at))
+
+
+def test_a_finite_epoch_reports_its_mean_losses() -> None:
+    metrics = _epoch(_batches(3, None))
+    assert np.isfinite(metrics["loss_total"]) and metrics["images_per_s"] > 0 and metrics["lr"] == 1e-4
+
+
+def test_amp_dtype_is_float16_off_cuda() -> None:
+    assert amp_dtype(torch.device("cpu")) == torch.float16

@@ -140,6 +140,9 @@ class DataConfig:
     max_rotation_deg: float = 10.0  # paper §Data augmentation: rotations up to 10°
     max_shift: float = 0.1  # LR/UD shift as a fraction of the size (paper gives no value)
     scale_range: tuple[float, float] = (0.9, 1.1)  # paper §Data augmentation: scaling 0.9–1.1
+    # where data.Prepare (windows, resize, augmentation, targets) runs: "device" (the training GPU; loader workers
+    # only read and decode hu), "workers" (their CPUs), "auto" (device on CUDA, else workers); bench_train*.py
+    prepare_on: str = "auto"
     workers: int = 8  # data-loader worker processes (persistent); 8 feed 412 images/s to an H200 (bench_train_gpu)
 
 
@@ -184,6 +187,7 @@ class TrainConfig:
     # otherwise throw the center heatmap's logits into divergence on a batch with few boxes
     amp: bool = True  # mixed precision (CUDA only)
     channels_last: bool = True  # memory format (CUDA only)
+    torch_compile: bool = False  # opt-in torch.compile of the training network; bench_train*.py --compile
     seed: int = 0
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:N"
     label_noise: float = 0.0  # ablation: share of training blend-sign slices relabelled normal ICH

@@ -29,10 +29,19 @@ from blendsign.errors import ConfigError, InputError
 from blendsign.folds import FOLDS_FILE
 from blendsign.ingest import check_format, data_fingerprint, decode_hu, scan_file
 from blendsign.labels import LABELS_FILE
-from blendsign.targets import encode_targets
-from blendsign.transforms import Augment, head_crop, preprocess, scale_boxes
+from blendsign.targets import encode_targets_batch
+from blendsign.transforms import (
+    IDENTITY,
+    augment_boxes,
+    augment_images,
+    draw_affine,
+    head_crop,
+    preprocess,
+    scale_boxes,
+)
 
 CLASS_INDEX = {name: i for i, name in enumerate(CLASSES)}
+AIR_HU = -1024  # what pads a batch's smaller slices
 
 
 @dataclass(frozen=True)
@@ -143,8 +152,11 @@ def read_slice_hu(path: str, row_group: int, offset: int, rows: int, cols: int) 
 
 
 class SliceDataset(Dataset):
-    """Samples ``{"image" [3,S,S], "label", "boxes" [K,4], "heatmap" [1,h,w], "reg" [4,h,w], "reg_mask" [h,w],
-    "index", ("teacher" [3])}``; keys are ``(epoch, i)`` from ``EpochSampler`` or a plain ``i``.
+    """Raw samples, what a loader worker makes: ``{"hu" [rows, cols] int16, "crop" [3] int64 (the head's square,
+    :func:`blendsign.transforms.head_crop`; side 0: none), "affine" [5] float32 (the augmentation's parameters,
+    :func:`blendsign.transforms.draw_affine`; identity without augmentation), "boxes" [K, 4] in input pixels
+    (scaled, cropped and augmented), "label", "index", ("teacher" [3])}``; keys are ``(epoch, i)`` from
+    ``EpochSampler`` or a plain ``i``. :class:`Prepare` turns a batch of them into model inputs and targets.
 
     Args:
         index: the slices.
@@ -170,7 +182,7 @@ class SliceDataset(Dataset):
         if teacher is not None and teacher.shape != (len(index), len(CLASSES)):
             raise InputError(f"teacher soft labels of shape {teacher.shape}, expected {(len(index), len(CLASSES))}")
         self.index, self.cfg, self.stride, self.min_overlap = index, cfg, stride, min_overlap
-        self.augment = Augment(cfg) if augment and cfg.augment else None
+        self.augment = augment and cfg.augment
         self.seed, self.teacher = seed, teacher
 
     def __len__(self) -> int:
@@ -178,32 +190,79 @@ class SliceDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         epoch, i = key if isinstance(key, tuple) else (0, key)
-        ix = self.index
-        hu = read_slice_hu(ix.file[i], int(ix.row_group[i]), int(ix.offset[i]), int(ix.rows[i]), int(ix.cols[i]))
-        hu_t = torch.from_numpy(hu.copy())
-        crop = head_crop(hu_t, self.cfg)
-        image = preprocess(hu_t, self.cfg, crop)  # [3, S, S]
-        boxes = scale_boxes(torch.from_numpy(ix.boxes[i]), int(ix.rows[i]), int(ix.cols[i]), self.cfg.size, crop)
-        if self.augment is not None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed((self.seed * 1_000_003 + epoch * 100_003 + i) % (2**63))
-                image, boxes = self.augment(image, boxes)
-        sample = {"image": image, "label": int(ix.label[i]), "boxes": boxes, "index": i}
-        sample.update(encode_targets(boxes, input_size=self.cfg.size, stride=self.stride, min_overlap=self.min_overlap))
+        ix, size = self.index, self.cfg.size
+        rows, cols = int(ix.rows[i]), int(ix.cols[i])
+        hu = torch.from_numpy(read_slice_hu(ix.file[i], int(ix.row_group[i]), int(ix.offset[i]), rows, cols).copy())
+        crop = head_crop(hu, self.cfg)
+        boxes = scale_boxes(torch.from_numpy(ix.boxes[i]), rows, cols, size, crop)
+        if self.augment:
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch * 100_003 + i) % (2**63))
+            affine = draw_affine(self.cfg, size, g)
+            boxes = augment_boxes([boxes], affine[None], size)[0]
+        else:
+            affine = torch.tensor(IDENTITY, dtype=torch.float32)
+        sample = {"hu": hu, "crop": torch.tensor(crop or (0, 0, 0)), "affine": affine, "boxes": boxes,
+                  "label": int(ix.label[i]), "index": i}
         if self.teacher is not None:
             sample["teacher"] = torch.from_numpy(self.teacher[i].astype(np.float32))
         return sample
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack tensors; keep the variable-length ``boxes`` as a list."""
+    """Stack tensors; ``hu`` slices of differing sizes are padded with air into ``[B, rows_max, cols_max]``
+    (their sizes in ``shape`` ``[B, 2]``); the variable-length ``boxes`` stay a list."""
     out: dict[str, Any] = {"boxes": [s["boxes"] for s in samples]}
+    hu = [s["hu"] for s in samples]
+    out["shape"] = torch.tensor([tuple(h.shape) for h in hu])
+    rows, cols = out["shape"].max(dim=0).values.tolist()
+    out["hu"] = torch.full((len(hu), rows, cols), AIR_HU, dtype=hu[0].dtype)
+    for b, h in enumerate(hu):
+        out["hu"][b, : h.shape[0], : h.shape[1]] = h
     for key in samples[0]:
-        if key == "boxes":
+        if key in out:
             continue
         values = [s[key] for s in samples]
         out[key] = torch.stack(values) if isinstance(values[0], Tensor) else torch.tensor(values)
     return out
+
+
+@dataclass(frozen=True)
+class Prepare:
+    """A collated batch of raw samples → the model's inputs and targets on ``device``: ``{"image" [B, 3, S, S],
+    "heatmap" [B, 1, h, h], "reg" [B, 4, h, h], "reg_mask" [B, h, h], "label" [B], "index" [B], "boxes" (list of
+    [K, 4], CPU), ("teacher" [B, 3])}``.
+
+    The head's square, the windows and the resize (:func:`blendsign.transforms.preprocess`, slice by slice, the
+    one definition that serving also runs), the augmentation (:func:`blendsign.transforms.augment_images`, one
+    ``grid_sample`` for the batch) and the detection targets (:func:`blendsign.targets.encode_targets_batch`) run
+    on ``device`` without a host sync: on the GPU in the training process, so that loader workers only read.
+    """
+
+    cfg: DataConfig
+    stride: int
+    min_overlap: float
+
+    def __call__(self, raw: dict[str, Any], device: torch.device) -> dict[str, Any]:
+        non_blocking = device.type == "cuda"
+        hu = raw["hu"].to(device, non_blocking=non_blocking)  # [B, rows_max, cols_max]
+        images = torch.stack([
+            preprocess(hu[b, :rows, :cols], self.cfg, (top, left, side) if side else None)
+            for b, ((rows, cols), (top, left, side)) in enumerate(zip(raw["shape"].tolist(), raw["crop"].tolist(),
+                                                                       strict=True))
+        ])  # [B, 3, S, S]
+        affine = raw["affine"]  # [B, 5], CPU
+        if not torch.equal(affine, torch.tensor(IDENTITY).expand_as(affine)):
+            images = augment_images(images, affine.to(device, non_blocking=non_blocking))
+        boxes = raw["boxes"]
+        counts = [len(b) for b in boxes]
+        flat = torch.cat([b.reshape(-1, 4) for b in boxes]).to(device, non_blocking=non_blocking)  # [ΣK, 4]
+        out = encode_targets_batch(list(flat.split(counts)), input_size=self.cfg.size, stride=self.stride,
+                                   min_overlap=self.min_overlap, device=device)
+        out.update(image=images, label=raw["label"].to(device, non_blocking=non_blocking), index=raw["index"],
+                   boxes=boxes)
+        if "teacher" in raw:
+            out["teacher"] = raw["teacher"].to(device, non_blocking=non_blocking)
+        return out
 
 
 class EpochSampler(Sampler[tuple[int, int]]):
@@ -240,8 +299,10 @@ SHM = Path("/dev/shm")
 
 def shared_memory_bytes(cfg: DataConfig, batch_size: int, *, margin: bool = True) -> int:
     """The ``/dev/shm`` a loader of ``cfg.workers`` workers needs: each worker's ``PREFETCH`` ready batches and
-    the one it builds pass through shared memory as float32 images ``[B, 3, S, S]`` (the targets add about 2%).
-    ``margin`` (what a mount is sized with): ×1.25 for the allocator, plus 256 MiB. No workers: none."""
+    the one it builds pass through shared memory as float32 images ``[B, 3, S, S]`` (the targets add about 2%;
+    prepared on the device, a batch is int16 ``hu`` at native size, 6× less for 512² slices at ``S`` = 512: the
+    bound holds for both). ``margin`` (what a mount is sized with): ×1.25 for the allocator, plus 256 MiB. No
+    workers: none."""
     if cfg.workers == 0:
         return 0
     batches = cfg.workers * (PREFETCH + 1) * batch_size * 3 * cfg.size * cfg.size * 4 * 1.02
@@ -262,31 +323,75 @@ def check_shared_memory(cfg: DataConfig, batch_size: int, shm: Path = SHM) -> No
                          "mount) or use fewer data.workers")
 
 
+PREPARE_ON = ("auto", "device", "workers")
+
+
+@dataclass(frozen=True)
+class _CollatePrepared:
+    """A loader's ``collate_fn`` that also runs :class:`Prepare` on the worker's CPU (``data.prepare_on``)."""
+
+    prepare: Prepare
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        return self.prepare(collate(samples), torch.device("cpu"))
+
+
+class Loader:
+    """Batches of :class:`Prepare`'s form on ``device``: prepared on ``device`` after the workers read them, or
+    in the workers (``prepared_in_workers``). ``len`` and ``sampler`` are the wrapped ``DataLoader``'s."""
+
+    def __init__(self, loader: DataLoader, prepare: Prepare, device: torch.device, *, in_workers: bool) -> None:
+        self.loader, self.prepare, self.device, self.prepared_in_workers = loader, prepare, device, in_workers
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.loader:
+            yield batch if self.prepared_in_workers else self.prepare(batch, self.device)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    @property
+    def sampler(self) -> EpochSampler:
+        return self.loader.sampler  # type: ignore[return-value]  # make_loader passes an EpochSampler
+
+
 def make_loader(
     dataset: SliceDataset,
     *,
     batch_size: int,
     shuffle: bool,
     workers: int,
+    device: torch.device,
     seed: int = 0,
     rank: int = 0,
     world: int = 1,
-    pin_memory: bool = False,
-) -> DataLoader:
-    """A loader with a persistent worker pool; call ``loader.sampler.set_epoch(e)`` each epoch."""
-    check_shared_memory(replace(dataset.cfg, workers=workers), batch_size)
+) -> Loader:
+    """A loader with a persistent worker pool whose batches are ready for the model on ``device``; call
+    ``loader.sampler.set_epoch(e)`` each epoch.
+
+    Where :class:`Prepare` runs is ``dataset.cfg.prepare_on``: ``device`` (the workers only read and decode
+    ``hu``), ``workers`` (on their CPUs, as on a CPU-only machine where the training process has no spare
+    core), ``auto`` (``device`` on CUDA, else ``workers``).
+    """
+    cfg = dataset.cfg
+    if cfg.prepare_on not in PREPARE_ON:
+        raise ConfigError(f"data.prepare_on must be one of {', '.join(PREPARE_ON)}, got {cfg.prepare_on!r}")
+    in_workers = cfg.prepare_on == "workers" or (cfg.prepare_on == "auto" and device.type != "cuda")
+    check_shared_memory(replace(cfg, workers=workers), batch_size)
+    prepare = Prepare(cfg, dataset.stride, dataset.min_overlap)
     sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world=world)
-    return DataLoader(
+    loader = DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
         num_workers=workers,
         persistent_workers=workers > 0,
-        pin_memory=pin_memory,
-        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+        collate_fn=_CollatePrepared(prepare) if in_workers else collate,
         drop_last=False,
         prefetch_factor=PREFETCH if workers > 0 else None,
     )
+    return Loader(loader, prepare, device, in_workers=in_workers)
 
 
 # --- the slices of one training job: (training, held-out) for a fold ------------------------------------

@@ -64,7 +64,8 @@ def soft_labels(checkpoint: str | Path, index: SliceIndex, cfg: Config, device: 
     model, trained, _ = load_trained(checkpoint, device)
     ds = SliceDataset(index, trained.data, stride=model.stride, min_overlap=trained.loss.gaussian_min_overlap,
                       augment=False)
-    loader = make_loader(ds, batch_size=cfg.train.batch_size, shuffle=False, workers=cfg.data.workers)
+    loader = make_loader(ds, batch_size=cfg.train.batch_size, shuffle=False, workers=cfg.data.workers,
+                         device=device)
     pred = predict(model, loader, device=device, desc="teacher", progress=progress)
     out = np.zeros((len(index), len(CLASSES)), dtype=np.float32)
     out[pred["index"]] = softmax(pred["logits"], cfg.loss.kd_temperature)

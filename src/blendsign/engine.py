@@ -5,12 +5,12 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from blendsign.config import LossConfig
 from blendsign.errors import ConfigError
@@ -57,6 +57,17 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
+SYNC_EVERY = 25  # training steps between host syncs: the non-finite check and the progress bar's loss
+
+
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 where the device computes it (Ampere and later: no loss scaling, so no ``GradScaler`` sync per
+    step), else float16 with loss scaling."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
 def _inputs(batch: dict[str, Any], device: torch.device, channels_last: bool) -> torch.Tensor:
     images = batch["image"].to(device, non_blocking=True)
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
@@ -64,7 +75,7 @@ def _inputs(batch: dict[str, Any], device: torch.device, channels_last: bool) ->
 
 def train_one_epoch(
     model: nn.Module,
-    loader: DataLoader,
+    loader: Iterable[dict[str, Any]],
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
@@ -77,26 +88,31 @@ def train_one_epoch(
     desc: str = "train",
     progress: bool = True,
 ) -> dict[str, float]:
-    """Train over ``loader`` once; the LR scheduler steps per iteration (poly decay); gradients are clipped
-    to ``grad_clip_norm`` (0: not clipped).
+    """Train over ``loader`` (batches of :class:`blendsign.data.Prepare`'s form) once; the LR scheduler steps
+    per iteration (poly decay); gradients are clipped to ``grad_clip_norm`` (0: not clipped).
+
+    The host waits for the device only every ``SYNC_EVERY`` steps and at the end: a non-finite loss stops the
+    epoch there (before any checkpoint is written), naming the steps it fell in. Autocast uses
+    :func:`amp_dtype`; ``scaler`` is enabled for float16 only.
 
     Returns the sample-weighted mean of each loss term (``loss_<term>``), the last ``lr`` and
     ``images_per_s``.
     """
     model.train()
+    dtype = amp_dtype(device)
     sums: dict[str, torch.Tensor] = {}
-    seen, start = 0, time.perf_counter()
+    finite = torch.ones((), dtype=torch.bool, device=device)
+    seen, step, checked, start = 0, 0, 0, time.perf_counter()
     bar = progress_bar(loader, desc=desc, unit="batch", enabled=progress, leave=False)
-    for batch in bar:
+    for step, batch in enumerate(bar, start=1):
         images = _inputs(batch, device, channels_last)
         targets = {k: batch[k].to(device, non_blocking=True) for k in TARGET_KEYS}
         teacher = batch["teacher"].to(device, non_blocking=True) if "teacher" in batch else None
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+        with torch.autocast(device.type, dtype=dtype, enabled=amp):
             out = model(images)
         out = {k: v.float() for k, v in out.items()}  # losses in float32
         terms = total_loss(out, targets, loss_cfg, teacher_probs=teacher)
-        if not torch.isfinite(terms["total"]):
-            raise FloatingPointError(f"{desc}: non-finite loss {terms['total'].item()} at batch {seen // len(images)}")
+        finite &= torch.isfinite(terms["total"])
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(terms["total"]).backward()
         if grad_clip_norm > 0:
@@ -109,8 +125,13 @@ def train_one_epoch(
         seen += n
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + v.detach() * n
-        if progress:
-            bar.set_postfix(loss=f"{terms['total'].item():.3f}", img_s=f"{seen / (time.perf_counter() - start):.1f}")
+        if step % SYNC_EVERY == 0:
+            _check_finite(finite, desc, checked + 1, step)
+            checked = step
+            if progress:
+                bar.set_postfix(loss=f"{terms['total'].item():.3f}",
+                                img_s=f"{seen / (time.perf_counter() - start):.1f}")
+    _check_finite(finite, desc, checked + 1, step)
     elapsed = time.perf_counter() - start
     out_metrics = {f"loss_{k}": float(v) / max(seen, 1) for k, v in sums.items()}
     out_metrics["lr"] = float(optimizer.param_groups[0]["lr"])
@@ -118,10 +139,15 @@ def train_one_epoch(
     return out_metrics
 
 
+def _check_finite(finite: torch.Tensor, desc: str, first: int, last: int) -> None:
+    if not bool(finite):
+        raise FloatingPointError(f"{desc}: non-finite loss in batches {first}–{last}")
+
+
 @torch.no_grad()
 def predict(
     model: nn.Module,
-    loader: DataLoader,
+    loader: Iterable[dict[str, Any]],
     *,
     device: torch.device,
     amp: bool = False,
@@ -134,11 +160,11 @@ def predict(
     model.eval()
     logits, labels, index, pooled = [], [], [], []
     for batch in progress_bar(loader, desc=desc, unit="batch", enabled=progress, leave=False):
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+        with torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp):
             out = model(_inputs(batch, device, channels_last))
         logits.append(out["logits"].float().cpu())
         pooled.append(out["features"].float().mean(dim=(2, 3)).cpu())
-        labels.append(batch["label"])
+        labels.append(batch["label"].cpu())
         index.append(batch["index"])
     return {
         "logits": torch.cat(logits).numpy() if logits else np.zeros((0, 3), np.float32),

@@ -188,8 +188,9 @@ def evaluate(
         assert val is not None
         ds = SliceDataset(val, trained.data, stride=model.stride, min_overlap=trained.loss.gaussian_min_overlap,
                           augment=False)
-        pred = predict(model, make_loader(ds, batch_size=cfg.train.batch_size, shuffle=False, workers=cfg.data.workers),
-                       device=device, desc=f"evaluate fold {k}", progress=progress)
+        loader = make_loader(ds, batch_size=cfg.train.batch_size, shuffle=False, workers=cfg.data.workers,
+                             device=device)
+        pred = predict(model, loader, device=device, desc=f"evaluate fold {k}", progress=progress)
         order = np.argsort(pred["index"])
         probs, labels = softmax(pred["logits"][order]), pred["labels"][order]
         per_fold[k] = per_class_metrics(probs, labels)

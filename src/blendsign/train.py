@@ -26,7 +26,7 @@ from blendsign import checkpoint
 from blendsign.checkpoint import LAST, MODEL
 from blendsign.config import Config
 from blendsign.data import SliceDataset, SliceIndex, check_data, make_loader, training_data
-from blendsign.engine import predict, resolve_device, softmax, train_one_epoch
+from blendsign.engine import amp_dtype, predict, resolve_device, softmax, train_one_epoch
 from blendsign.errors import ConfigError, InputError
 from blendsign.folds import fold_name
 from blendsign.metrics import per_class_metrics
@@ -132,20 +132,20 @@ def train(
     train_ds = SliceDataset(train_index, cfg.data, stride=stride, min_overlap=cfg.loss.gaussian_min_overlap,
                             augment=True, seed=cfg.train.seed, teacher=teacher)
     train_loader = make_loader(train_ds, batch_size=cfg.train.batch_size // world, shuffle=True,
-                               workers=cfg.data.workers, seed=cfg.train.seed, rank=rank, world=world,
-                               pin_memory=cuda)
+                               workers=cfg.data.workers, device=device, seed=cfg.train.seed, rank=rank,
+                               world=world)
     val_loader = None
     if val_index is not None:
         val_ds = SliceDataset(val_index, cfg.data, stride=stride, min_overlap=cfg.loss.gaussian_min_overlap,
                               augment=False)
         val_loader = make_loader(val_ds, batch_size=cfg.train.batch_size, shuffle=False,
-                                 workers=cfg.data.workers, pin_memory=cuda)
+                                 workers=cfg.data.workers, device=device)
 
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _poly(cfg.train.epochs * len(train_loader), cfg.train.poly_power))
     amp = cfg.train.amp and cuda
-    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype(device) == torch.float16)
     start_epoch, history, run_id = 0, [], None
     if state is not None:
         model.load_state_dict(state["model"])
@@ -156,6 +156,8 @@ def train(
         start_epoch, history, run_id = state["epoch"], state["history"], state["run_id"]
         log.info("resuming %s at epoch %d of %d", out_dir, start_epoch + 1, cfg.train.epochs)
     net = DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if world > 1 else model
+    if cfg.train.torch_compile:
+        net = torch.compile(net)  # type: ignore[assignment]  # an OptimizedModule is called like the module
 
     is_main = rank == 0
     if is_main:
@@ -175,7 +177,7 @@ def train(
         last_epoch = cfg.train.epochs if stop_after_epochs is None else min(cfg.train.epochs,
                                                                            start_epoch + stop_after_epochs)
         for epoch in range(start_epoch, last_epoch):
-            train_loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]  # make_loader's EpochSampler
+            train_loader.sampler.set_epoch(epoch)
             metrics = train_one_epoch(net, train_loader, optimizer, scheduler, scaler, loss_cfg=cfg.loss,
                                       device=device, amp=amp, channels_last=cuda and cfg.train.channels_last,
                                       grad_clip_norm=cfg.train.grad_clip_norm,
@@ -229,7 +231,8 @@ def _fit_ood(model: torch.nn.Module, index: SliceIndex, cfg: Config, device: tor
     from blendsign import ood
 
     ds = SliceDataset(index, cfg.data, stride=stride, min_overlap=cfg.loss.gaussian_min_overlap, augment=False)
-    pred = predict(model, make_loader(ds, batch_size=cfg.train.batch_size, shuffle=False, workers=cfg.data.workers),
+    pred = predict(model, make_loader(ds, batch_size=cfg.train.batch_size, shuffle=False, workers=cfg.data.workers,
+                                        device=device),
                    device=device, desc="out-of-distribution statistics", progress=progress)
     groups = np.asarray(index.scan_id)[pred["index"]]
     state = ood.fit(pred["features"], pred["labels"], groups)
