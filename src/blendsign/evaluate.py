@@ -27,7 +27,15 @@ from blendsign import CLASSES, METRICS, checkpoint, ood
 from blendsign.baselines import NAMES as BASELINES
 from blendsign.baselines import baseline_table, blood_share, fold_baselines, shortfalls
 from blendsign.config import Config
-from blendsign.data import SliceDataset, SliceIndex, load_index, make_loader, read_slice_hu, training_data
+from blendsign.data import (
+    SliceDataset,
+    SliceIndex,
+    collate,
+    load_index,
+    make_loader,
+    read_slice_hu,
+    training_data,
+)
 from blendsign.distill import final_checkpoint, job_dir_name, read_state
 from blendsign.engine import predict, resolve_device, softmax
 from blendsign.errors import InputError
@@ -208,13 +216,14 @@ def evaluate(
         rows["fold"] += [k] * len(val)
         rows["label"] += labels.tolist()
         for i, correct in _cam_candidates(probs, labels, cfg.eval.gradcam_per_class):
-            sample = ds[i]
-            image = sample["image"].to(device)
+            sample = loader.prepare(collate([ds[i]]), device)  # the held-out slice as it was scored
+            image = sample["image"][0]
             cam = grad_cam(model, image, target_class=int(probs[i].argmax()))[0].cpu()
             with torch.no_grad():
                 det = model(image[None])["det"][0].float().cpu()
-            cams.append({"image": sample["image"], "cam": cam, "boxes": decode_boxes(det, stride=model.stride)[:, :4],
-                         "gold": sample["boxes"], "true": CLASSES[labels[i]], "pred": CLASSES[int(probs[i].argmax())],
+            boxes = decode_boxes(det, stride=model.stride)[:, :4]
+            cams.append({"image": image.cpu(), "cam": cam, "boxes": boxes, "gold": sample["boxes"][0],
+                         "true": CLASSES[labels[i]], "pred": CLASSES[int(probs[i].argmax())],
                          "p": float(probs[i].max()), "correct": correct, "class": int(labels[i])})
 
     probs = np.concatenate(probs_all)
