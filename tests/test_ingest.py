@@ -492,6 +492,33 @@ def test_sources_are_fingerprinted_by_content_not_by_names_or_mtimes(tmp_path: P
     assert changed["dataset_fingerprint"] != first["dataset_fingerprint"]
 
 
+def test_an_output_digested_with_another_algorithm_is_rewritten_once_and_reuse_decodes_nothing(
+        tmp_path: Path, ct_writer: Callable[..., str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """An output of an ingest before issue 16.3 (BLAKE2b file digests) is rewritten, not wrongly reused; then its
+    scans are reused by their files' bytes alone, without decoding a pixel."""
+    from blendsign import ingest as ingest_module
+
+    monkeypatch.setenv(KEY_ENV, "one-key-for-both-outputs")
+    make_study(tmp_path / "src" / "s1", ct_writer, study="1.2.3.1", patient_id="P1")
+    make_study(tmp_path / "src" / "s2", ct_writer, study="1.2.3.2", patient_id="P2")
+    cfg, out = replace(CFG, workers=1), tmp_path / "out"
+    with monkeypatch.context() as m:
+        m.setattr(ingest_module, "CONTENT_DIGEST", "blake2b")
+        old = ingest(tmp_path / "src", out, cfg, progress=False).report
+    fresh = ingest(tmp_path / "src", tmp_path / "fresh", cfg, progress=False).report
+    again = ingest(tmp_path / "src", out, cfg, progress=False).report
+    assert again["scans_reused"] == 0 and again["scans_written"] == old["scans_written"] == 2
+    assert again["dataset_fingerprint"] == fresh["dataset_fingerprint"] != old["dataset_fingerprint"]
+    assert read_slices(out) == read_slices(tmp_path / "fresh")
+
+    def no_decoding(*args: object) -> object:
+        raise AssertionError("a reused scan was decoded")
+
+    monkeypatch.setattr(ingest_module, "read_hu", no_decoding)
+    third = ingest(tmp_path / "src", out, cfg, progress=False).report
+    assert third["scans_reused"] == 2 and third["dataset_fingerprint"] == fresh["dataset_fingerprint"]
+
+
 def test_an_abdominal_ct_is_not_ingested_as_a_head_scan(tmp_path: Path, ct_writer: Callable[..., str]) -> None:
     make_study(tmp_path / "src" / "head", ct_writer, study="1.2.3.1", patient_id="P1")
     for i, z in enumerate((0.0, 5.0, 10.0)):

@@ -101,7 +101,7 @@ class IngestConfig:
     min_age_years: float = 7.0  # paper §Data collection: patients younger than 7 excluded
     require_non_contrast: bool = True  # paper §Data collection: non-contrast head CT only
     max_axial_tilt_deg: float = 30.0  # slice normal within this angle of the z axis counts as axial (gantry tilt)
-    compression: str = "zstd"  # Parquet codec for the slice dataset
+    compression: str = "zstd"  # Parquet codec of the slice dataset's hu column (the few bytes of the others stay plain)
     compression_level: int = 1  # zstd level: fast writes; HU images compress ~2× at any level
     rows_per_row_group: int = 1  # one slice per row group: the data loader reads single slices
     workers: int = 1

@@ -7,6 +7,7 @@ turns into pseudonyms.
 from __future__ import annotations
 
 import functools
+import io
 import math
 import re
 import unicodedata
@@ -47,6 +48,7 @@ HEADER_TAGS = [
 # Enhanced CT: per-frame geometry, rescale and frame type live in the functional groups (PS3.3 C.7.6.16)
 FUNCTIONAL_GROUP_TAGS = ["SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
                          "ContrastBolusAgentSequence"]
+_READ_TAGS = [Tag(t) for t in HEADER_TAGS + FUNCTIONAL_GROUP_TAGS]  # as tags: dcmread converts keywords per call
 PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
 PIXEL_DATA_TAGS = (PIXEL_DATA_TAG, b"\x7f\xe0\x00\x10")  # little and big endian
 NATIVE_LITTLE_ENDIAN: dict[str, int] = {ExplicitVRLittleEndian: 12, ImplicitVRLittleEndian: 8}  # element header bytes
@@ -104,7 +106,6 @@ class SliceHeader:
     instance_number: int | None
     transfer_syntax: str
     pixels: PixelFormat
-    content_digest: str = ""  # of the whole file's bytes (ingest's source digests; never of its path or mtime)
     sop_class_uid: str = ""
     body_part: str = ""  # BodyPartExamined
     descriptions: tuple[str, str, str] = ("", "", "")  # SeriesDescription, ProtocolName, StudyDescription
@@ -137,7 +138,7 @@ def _read_header(path: str | Path) -> tuple[SliceHeader, Dataset]:
     try:
         with open(path, "rb") as fp:
             try:
-                ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=HEADER_TAGS + FUNCTIONAL_GROUP_TAGS)
+                ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=_READ_TAGS)
             except InvalidDicomError:
                 fp.seek(0)
                 ds = _read_forced(fp, path)
@@ -199,7 +200,7 @@ def _read_forced(fp: BinaryIO, path: str) -> FileDataset:
     if Path(path).stat().st_size == 0:
         raise UnusableFileError("empty file")
     try:
-        ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True, specific_tags=HEADER_TAGS)
+        ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True, specific_tags=_READ_TAGS[: len(HEADER_TAGS)])
     except Exception:
         raise UnusableFileError("not a DICOM file") from None
     if "SOPInstanceUID" not in ds or "StudyInstanceUID" not in ds:
@@ -526,32 +527,33 @@ def to_hu(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:
     return hu.astype(np.int16)
 
 
-def read_hu(path: str | Path, fmt: PixelFormat | None = None, frame: int | None = None) -> np.ndarray:
-    """Decode one slice and return its HU as int16 ``[rows, cols]``: a single-frame file, or ``frame`` of a
-    multi-frame one (rescaled with ``fmt``'s per-frame slope and intercept).
+def read_hu(source: str | Path | bytes, fmt: PixelFormat | None = None, frame: int | None = None) -> np.ndarray:
+    """Decode one slice of a file (its path, or its bytes as read) and return its HU as int16 ``[rows, cols]``: a
+    single-frame file, or ``frame`` of a multi-frame one (rescaled with ``fmt``'s per-frame slope and intercept).
 
-    Uncompressed little-endian data (``fmt.direct``) is read straight from its offset, with pydicom's
-    unused-bit correction; everything else goes through pydicom's decoders.
+    Uncompressed little-endian data (``fmt.direct``) is taken straight from its offset, with pydicom's unused-bit
+    correction; everything else goes through pydicom's decoders.
     """
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
     if frame is not None:
-        return _read_frame_hu(str(path), fmt, frame)
+        return _read_frame_hu(data, fmt, frame)
     if fmt is not None and fmt.direct:
-        return to_hu(_read_native(str(path), fmt), fmt.slope, fmt.intercept)
+        return to_hu(_native(data, fmt), fmt.slope, fmt.intercept)
     try:
-        ds = pydicom.dcmread(str(path))
+        ds = pydicom.dcmread(io.BytesIO(data))
     except Exception as exc:
         raise UnusableFileError(f"unreadable DICOM ({type(exc).__name__}: {exc})") from None
     return hu_from_dataset(ds, pixel_tag_seen=fmt is not None and fmt.offset is not None)
 
 
-def _read_frame_hu(path: str, fmt: PixelFormat | None, frame: int) -> np.ndarray:
+def _read_frame_hu(data: bytes, fmt: PixelFormat | None, frame: int) -> np.ndarray:
     """HU of one frame of a multi-frame object (pydicom decodes only that frame)."""
     from pydicom.pixels import pixel_array
 
     if fmt is not None:
-        _check_frame(path, fmt, frame)
+        _check_frame(data, fmt, frame)
     try:
-        stored = pixel_array(path, index=frame)
+        stored = pixel_array(io.BytesIO(data), index=frame)
     except Exception as exc:
         raise UnusableFileError(f"frame {frame + 1} cannot be decoded ({type(exc).__name__}: {exc})") from None
     if stored.ndim != 2:
@@ -559,17 +561,16 @@ def _read_frame_hu(path: str, fmt: PixelFormat | None, frame: int) -> np.ndarray
     return to_hu(stored, fmt.slope if fmt else 1.0, fmt.intercept if fmt else 0.0)
 
 
-def _check_frame(path: str, fmt: PixelFormat, frame: int) -> None:
+def _check_frame(data: bytes, fmt: PixelFormat, frame: int) -> None:
     """Refuse a compressed frame of a multi-frame object whose codestream declares another size than Rows ×
     Columns, before a decoder allocates what it asks for (the single-frame check of :func:`hu_from_dataset`)."""
     ts = UID(fmt.transfer_syntax_uid)
     if fmt.offset is None or not ts.is_encapsulated or ts == RLELossless:
         return
     try:
-        with open(path, "rb") as f:
-            f.seek(fmt.offset + 12)  # Pixel Data tag, VR OB, 2 reserved bytes, undefined length: then the items
-            data = get_frame(f, frame, number_of_frames=fmt.frames)
-        codecs.check_frame_size(data, fmt.rows, fmt.cols, ts.name)
+        f = io.BytesIO(data)
+        f.seek(fmt.offset + 12)  # Pixel Data tag, VR OB, 2 reserved bytes, undefined length: then the items
+        codecs.check_frame_size(get_frame(f, frame, number_of_frames=fmt.frames), fmt.rows, fmt.cols, ts.name)
     except Exception as exc:
         raise UnusableFileError(f"frame {frame + 1} cannot be decoded ({type(exc).__name__}: {exc})") from None
 
@@ -578,22 +579,22 @@ def missing_pixels_reason(syntax: str, pixel_tag_seen: bool) -> str:
     return f"pixel data cut short ({syntax}): the file is truncated" if pixel_tag_seen else "no pixel data"
 
 
-def _read_native(path: str, fmt: PixelFormat) -> np.ndarray:
-    """Stored values ``[rows, cols]`` of an uncompressed 16-bit slice, as pydicom's ``pixel_array`` gives them."""
+def _native(data: bytes, fmt: PixelFormat) -> np.ndarray:
+    """Stored values ``[rows, cols]`` of an uncompressed 16-bit slice, as pydicom's ``pixel_array`` gives them (a
+    read-only view of ``data`` where no unused bits need correcting)."""
+    assert fmt.offset is not None  # (fmt.direct)
     head_len = NATIVE_LITTLE_ENDIAN[fmt.transfer_syntax_uid]
     expected = fmt.rows * fmt.cols * 2
-    with open(path, "rb") as f:
-        assert fmt.offset is not None  # (fmt.direct)
-        f.seek(fmt.offset)
-        head = f.read(head_len)
-        length = int.from_bytes(head[-4:], "little") if len(head) == head_len else 0
-        if head[:4] != PIXEL_DATA_TAG or length == 0xFFFFFFFF or length < expected:
-            raise UnusableFileError(f"pixel data cannot be decoded (element of {length} bytes, need {expected})")
-        buf = f.read(expected)
-    if len(buf) < expected:
+    head = data[fmt.offset : fmt.offset + head_len]
+    length = int.from_bytes(head[-4:], "little") if len(head) == head_len else 0
+    if head[:4] != PIXEL_DATA_TAG or length == 0xFFFFFFFF or length < expected:
+        raise UnusableFileError(f"pixel data cannot be decoded (element of {length} bytes, need {expected})")
+    start = fmt.offset + head_len
+    if len(data) - start < expected:
         reason = missing_pixels_reason(UID(fmt.transfer_syntax_uid).name, True)
-        raise UnusableFileError(f"{reason} ({len(buf)} of {expected} bytes)")
-    arr = np.frombuffer(buf, dtype="<i2" if fmt.pixel_representation else "<u2").reshape(fmt.rows, fmt.cols)
+        raise UnusableFileError(f"{reason} ({max(len(data) - start, 0)} of {expected} bytes)")
+    arr = np.frombuffer(data, dtype="<i2" if fmt.pixel_representation else "<u2", count=fmt.rows * fmt.cols,
+                        offset=start).reshape(fmt.rows, fmt.cols)
     shift = 16 - fmt.bits_stored
     if shift:  # pydicom's correct_unused_bits: mask (unsigned) or sign-extend (signed) above BitsStored
         arr = np.right_shift(np.left_shift(arr, shift), shift)
