@@ -11,7 +11,7 @@ import torchvision
 
 from blendsign.config import LossConfig, ModelConfig
 from blendsign.losses import total_loss
-from blendsign.model import BACKBONES, BlendSignNet, build_model, weights_file
+from blendsign.model import BACKBONES, STAT_STAGES, BlendSignNet, build_model, weights_file
 from blendsign.targets import encode_targets
 
 STRIDES = {"resnet18": 32, "resnet50": 32, "vgg16": 16, "inception_v3": 32}
@@ -52,6 +52,17 @@ def test_output_shapes_stride_and_feature_size(net: BlendSignNet) -> None:
     assert encode_targets(torch.zeros(0, 4), input_size=64, stride=net.stride)["heatmap"].shape == (1, h, h)
     with torch.no_grad():  # a size that is no multiple of the stride
         assert net(torch.rand(1, 3, 100, 100))["det"].shape[-1] == net.feature_size(100)
+
+    assert "stage_stats" not in out
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        out, stats = net(x), net(x, stage_stats=True)
+    torch.testing.assert_close(out["logits"], stats["logits"])
+    assert len(stats["stage_stats"]) == len(STAT_STAGES[name])
+    assert all(s.shape[0] == 2 and s.shape[1] % 2 == 0 for s in stats["stage_stats"])
+    features = stats["features"].flatten(2)  # the last stage's statistics are those of the feature map
+    last = stats["stage_stats"][-1]
+    torch.testing.assert_close(last, torch.cat([features.mean(2), features.std(2)], 1))
 
 
 def test_inception_grid_matches_resnet() -> None:

@@ -154,23 +154,23 @@ def predict(
     channels_last: bool = False,
     desc: str = "predict",
     progress: bool = True,
-) -> dict[str, np.ndarray]:
-    """Logits ``[n, 3]``, labels ``[n]``, dataset indices ``[n]`` and the pooled last-block features ``[n, C]``
-    (the classification branch's GAP output; :mod:`blendsign.ood`) over ``loader`` (eval mode)."""
+) -> dict[str, Any]:
+    """Logits ``[n, 3]``, labels ``[n]`` and dataset indices ``[n]`` over ``loader`` (eval mode), and ``stats``:
+    per trunk stage the network's ``stage_stats`` ``[n, D_l]`` (:mod:`blendsign.ood`)."""
     model.eval()
-    logits, labels, index, pooled = [], [], [], []
+    logits, labels, index, stats = [], [], [], []
     for batch in progress_bar(loader, desc=desc, unit="batch", enabled=progress, leave=False):
         with torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp):
-            out = model(_inputs(batch, device, channels_last))
+            out = model(_inputs(batch, device, channels_last), stage_stats=True)
         logits.append(out["logits"].float().cpu())
-        pooled.append(out["features"].float().mean(dim=(2, 3)).cpu())
+        stats.append([s.float().cpu() for s in out["stage_stats"]])
         labels.append(batch["label"].cpu())
         index.append(batch["index"])
     return {
         "logits": torch.cat(logits).numpy() if logits else np.zeros((0, 3), np.float32),
         "labels": torch.cat(labels).numpy() if labels else np.zeros(0, np.int64),
         "index": torch.cat(index).numpy() if index else np.zeros(0, np.int64),
-        "features": torch.cat(pooled).numpy() if pooled else np.zeros((0, 0), np.float32),
+        "stats": [torch.cat(stage).numpy() for stage in zip(*stats, strict=True)],
     }
 
 

@@ -203,7 +203,8 @@ def evaluate(
         probs, labels = softmax(pred["logits"][order]), pred["labels"][order]
         per_fold[k] = per_class_metrics(probs, labels)
         if ood_state is not None:
-            ood_flagged[k] = float((ood.score(ood_state, torch.from_numpy(pred["features"])) > 1.0).float().mean())
+            flags = ood.score(ood_state, [torch.from_numpy(s) for s in pred["stats"]]) > 1.0
+            ood_flagged[k] = float(flags.float().mean())
         for name, base in fold_baselines(np.array([feature[key] for key in train_index.instance_key]),
                                          train_index.label, np.array([feature[key] for key in val.instance_key])
                                          ).items():
@@ -280,7 +281,7 @@ def evaluate(
               "Scan level (most suspicious slice per scan): "
               + ", ".join(f"{k} {v:.3f}" for k, v in scan.items()), "",
               "Expected calibration error: " + ", ".join(f"{c} {cal[c]['ece']:.3f}" for c in CLASSES), "",
-              *([f"Out-of-distribution flag (Mahalanobis distance of the features; threshold: the "
+              *([f"Out-of-distribution flag (Mahalanobis distances of every stage's feature statistics; threshold: the "
                  f"{ood.QUANTILE:g} quantile of held-out training slices): held-out slices flagged per fold "
                  + ", ".join(f"{k} {v:.1%}" for k, v in ood_flagged.items()) + ".", ""] if ood_flagged else []),
               *[f"![{p.stem}]({p.name})" for p in figures], ""]

@@ -34,7 +34,7 @@ from torchvision.models import (
     WeightsEnum,
 )
 
-from blendsign import checkpoint
+from blendsign import checkpoint, ood
 from blendsign.checkpoint import read_state_dict
 from blendsign.config import Config, ModelConfig
 from blendsign.errors import ConfigError, InputError
@@ -66,6 +66,14 @@ _NORM: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] 
 
 # Nominal stride (input pixels per feature cell) of each backbone's last convolutional block.
 _STRIDE = {"resnet18": 32, "resnet50": 32, "vgg16": 16, "inception_v3": 32}
+# The trunk's stages whose statistics the out-of-distribution score reads (blendsign.ood): each ResNet stage, three
+# Inception stages; VGG16's trunk is one Sequential, so only its last block.
+STAT_STAGES: dict[str, tuple[str, ...]] = {
+    "resnet18": ("layer1", "layer2", "layer3", "layer4"),
+    "resnet50": ("layer1", "layer2", "layer3", "layer4"),
+    "vgg16": ("features",),
+    "inception_v3": ("Mixed_5d", "Mixed_6e", "Mixed_7c"),
+}
 
 # Inception v3 uses unpadded ("valid") convolutions: an N-px input gives a ((N − 75) // 32 + 1)-cell map whose
 # cell j is centered on input pixel 32·j + 37.5. Padding the input by 21 px before and 22 px after (value 0 =
@@ -157,16 +165,19 @@ class BlendSignNet(nn.Module):
             size = (size + 2 * padding - kernel) // stride + 1
         return size
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
+    def forward(self, x: Tensor, *, stage_stats: bool = False) -> dict[str, Any]:
         """Run both branches.
 
         Args:
             x: window-encoded slices, ``[N, 3, H, W]`` in [0, 1] (H, W ≥ ``stride``).
+            stage_stats: also return ``stage_stats``, for :mod:`blendsign.ood`.
 
         Returns:
             ``logits`` ``[N, num_classes]``; ``det`` ``[N, 5, h, w]`` (channel 0: center logit; 1–4: left, right,
             top, bottom distances in stride units, ≥ 0 via softplus); ``features`` ``[N, C, h, w]``, the last
-            block's feature map (Grad-CAM).
+            block's feature map (Grad-CAM); with ``stage_stats``, a list with, per stage of :data:`STAT_STAGES`,
+            the channels' spatial mean and standard deviation ``[N, 2·C_stage]`` (Lee et al. 2018's
+            feature ensemble: early stages see texture and noise, the last one content).
         """
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"expected input of shape [N, 3, H, W], got {list(x.shape)}")
@@ -184,11 +195,19 @@ class BlendSignNet(nn.Module):
             before, after = _INCEPTION_PAD
             x = F.pad(x, (before, after, before, after), value=0.0)  # [N, 3, H + 43, W + 43]
         x = (x - self.mean) / self.std  # [N, 3, H, W]
-        features = self.backbone(x)  # [N, C, h, w]
+        stats: list[Tensor] = []
+        for name, stage in self.backbone.named_children():
+            x = stage(x)
+            if stage_stats and name in STAT_STAGES[self.backbone_name]:
+                stats.append(torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1).float())  # [N, 2·C_stage]
+        features = x  # [N, C, h, w]
         logits = self.cls_head(features)  # [N, num_classes]
         det = self.det_head(features)  # [N, 5, h, w]
         det = torch.cat([det[:, :1], F.softplus(det[:, 1:])], dim=1)  # distances ≥ 0, smooth gradient everywhere
-        return {"logits": logits, "det": det, "features": features}
+        out: dict[str, Any] = {"logits": logits, "det": det, "features": features}
+        if stage_stats:
+            out["stage_stats"] = stats
+        return out
 
 
 def build_model(cfg: ModelConfig) -> BlendSignNet:
@@ -240,13 +259,14 @@ def build_model(cfg: ModelConfig) -> BlendSignNet:
 def load_trained(path: str | Path, device: torch.device) -> tuple[BlendSignNet, Config, dict[str, Any] | None]:
     """A trained model from a checkpoint (:mod:`blendsign.checkpoint`): in eval mode on ``device`` with its
     parameters frozen (Grad-CAM still reaches the features through the input), its config (the preprocessing it
-    was trained with) and its out-of-distribution statistics (None in a checkpoint from before they existed)."""
+    was trained with) and its out-of-distribution statistics (None in a checkpoint from before they existed or of
+    an older version, :func:`blendsign.ood.usable`)."""
     state = checkpoint.load(path)
     cfg = checkpoint.config_of(state)
     model = BlendSignNet(cfg.model.backbone, num_classes=cfg.model.num_classes, det_channels=cfg.model.det_channels)
     model.load_state_dict(state["model"])  # the trained weights: no backbone initialisation first
     model.to(device).eval().requires_grad_(False)
-    return model, cfg, state.get("ood")
+    return model, cfg, ood.usable(state.get("ood"), str(path))
 
 
 def _check_backbone(backbone: str) -> None:

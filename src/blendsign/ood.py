@@ -1,21 +1,32 @@
 """Out-of-distribution flag: how far a slice's features lie from the training slices'.
 
-The score is the Mahalanobis distance of the slice's pooled last-block features (the classification branch's
-GAP input, ``[C]``) to the nearest training class mean under one shared covariance (Lee et al., NeurIPS 2018),
-the covariance shrunk by Ledoit–Wolf (``C`` is 512–2048, the training slices a few thousand). A slice is
-flagged when its score exceeds the conformal ``quantile`` (0.99) of held-out training slices' scores
-(:func:`conformal_quantile`): the training scans are split in two halves, each half scored by the statistics of
-the other, so that the threshold is what unseen slices of the training distribution reach, not the smaller
-in-sample distances; the stored means and covariance are then fitted on all training slices. The state travels
-in the checkpoint (``ood``) and so with the registered model.
+Per stage of the trunk (:data:`blendsign.model.STAT_STAGES`), the slice's channel means and standard deviations
+(``[2·C]``, the network's ``stage_stats``) are compared with the training slices' by the Mahalanobis distance to
+the nearest class mean under one shared covariance, shrunk by Ledoit–Wolf (Lee et al., NeurIPS 2018, who also
+combine the stages: early ones see texture, noise and contrast, where a real scan differs from a synthetic one
+long before the last block's content features do). Each stage's distance is divided by its own threshold, the
+split-conformal quantile ``1 − (1 − q)/L`` of held-out training slices' distances (:func:`conformal_quantile`;
+Bonferroni over the ``L`` stages, so that the maximum over stages exceeds 1 for at most ``1 − q`` of unseen
+in-distribution slices): the training scans are split in two halves, each half scored by the statistics of the
+other, so that the threshold is what unseen slices of the training distribution reach, not the smaller
+in-sample distances; the stored means and covariances are then fitted on all training slices. The score is the
+largest ratio; a slice is flagged when it exceeds 1. The state travels in the checkpoint (``ood``) and so with
+the registered model.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
+
+from blendsign.errors import InputError
+
+log = logging.getLogger(__name__)
 
 QUANTILE = 0.99  # share of unseen in-distribution slices left unflagged
 
@@ -38,14 +49,24 @@ def _distances(features: torch.Tensor, means: torch.Tensor, precision: torch.Ten
     return d2.min(dim=1).values.clamp_min(0).sqrt()
 
 
-def fit(features: np.ndarray, labels: np.ndarray, groups: np.ndarray, *, quantile: float = QUANTILE
-        ) -> dict[str, torch.Tensor | float]:
-    """The OOD state from the training slices' pooled ``features [n, C]``, class ``labels [n]`` and scan
-    ``groups [n]``: ``mean [K', C]``, ``precision [C, C]`` (float32 tensors), ``threshold``, ``quantile``."""
-    features = np.asarray(features, dtype=np.float64)
+VERSION = 2  # 2: every stage's statistics; 1 (before 2026-12-03): the last block's pooled features only
+
+
+def fit(stats: Sequence[np.ndarray], labels: np.ndarray, groups: np.ndarray, *, quantile: float = QUANTILE
+        ) -> dict[str, Any]:
+    """The OOD state from the training slices' ``stats`` (per stage ``[n, D_l]``), class ``labels [n]`` and scan
+    ``groups [n]``: per stage ``mean [K', D_l]``, ``precision [D_l, D_l]`` (float32 tensors) and ``threshold``;
+    the overall ``quantile`` and :data:`VERSION`."""
     labels, groups = np.asarray(labels), np.asarray(groups)
+    per_stage = 1 - (1 - quantile) / len(stats)
+    return {"version": VERSION, "quantile": float(quantile),
+            "stages": [_fit_stage(np.asarray(f, dtype=np.float64), labels, groups, per_stage) for f in stats]}
+
+
+def _fit_stage(features: np.ndarray, labels: np.ndarray, groups: np.ndarray, quantile: float) -> dict[str, Any]:
     scans = np.unique(groups)
     half = np.isin(groups, scans[::2])
+
     def distances(rows: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
         return _distances(*map(torch.from_numpy, (features[rows], means, precision))).numpy()
 
@@ -58,7 +79,17 @@ def fit(features: np.ndarray, labels: np.ndarray, groups: np.ndarray, *, quantil
     scores = np.concatenate(held_out) if held_out else distances(np.ones(len(features), bool), means, precision)
     return {"mean": torch.from_numpy(means.astype(np.float32)),
             "precision": torch.from_numpy(precision.astype(np.float32)),
-            "threshold": conformal_quantile(scores, quantile), "quantile": float(quantile)}
+            "threshold": conformal_quantile(scores, quantile)}
+
+
+def usable(state: dict[str, Any] | None, where: str) -> dict[str, Any] | None:
+    """``state`` if this version scores it, else None with a warning naming ``where`` (a checkpoint trained
+    before :data:`VERSION`: retraining gives it the flag)."""
+    if state is not None and state.get("version") != VERSION:
+        log.warning("%s: out-of-distribution statistics of an older blendsign (version %s, this one reads %d): "
+                    "no ood_score until the model is trained again", where, state.get("version", 1), VERSION)
+        return None
+    return state
 
 
 def conformal_quantile(scores: np.ndarray, quantile: float) -> float:
@@ -70,9 +101,14 @@ def conformal_quantile(scores: np.ndarray, quantile: float) -> float:
     return float(ordered[min(k, len(ordered)) - 1])
 
 
-def score(state: dict[str, torch.Tensor | float], features: torch.Tensor) -> torch.Tensor:
-    """``[N]`` scores of pooled ``features [N, C]`` relative to the threshold: > 1 means out of distribution."""
-    means, precision = state["mean"], state["precision"]
-    assert isinstance(means, torch.Tensor) and isinstance(precision, torch.Tensor)
-    f = features.float()
-    return _distances(f, means.to(f.device), precision.to(f.device)) / float(state["threshold"])
+def score(state: dict[str, Any], stats: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[N]`` scores of per-stage ``stats`` (``[N, D_l]`` each, the network's ``stage_stats``) relative to the
+    thresholds: the largest stage's distance / threshold; > 1 means out of distribution."""
+    if len(stats) != len(state["stages"]):
+        raise InputError(f"{len(stats)} stages of statistics for an OOD state of {len(state['stages'])}")
+    ratios = []
+    for f, stage in zip(stats, state["stages"], strict=True):
+        f = f.float()
+        d = _distances(f, stage["mean"].to(f.device), stage["precision"].to(f.device))  # [N]
+        ratios.append(d / float(stage["threshold"]))
+    return torch.stack(ratios).amax(dim=0)

@@ -150,9 +150,10 @@ def model_card(*, name: str, version: str, mode: str, preset: str, metrics: dict
         "- Labels are a majority vote of readers who disagree most on the blend sign (κ above); the model "
         "inherits that uncertainty, which self-knowledge distillation only partly absorbs.",
         "- Grad-CAM and the detection boxes are coarse localisations, not segmentations.",
-        "- Every scored slice carries `ood_score` and `out_of_distribution`: the Mahalanobis distance of its "
-        "features to the training slices', relative to the 0.99 quantile of held-out training slices (> 1: "
-        "flagged). A flagged slice is unlike anything the model was trained on; its probabilities say little."
+        "- Every scored slice carries `ood_score` and `out_of_distribution`: the Mahalanobis distances of its "
+        "feature statistics at every stage of the network to the training slices', each relative to its "
+        "threshold, together the 0.99 quantile of held-out training slices (> 1: flagged). A flagged slice is "
+        "unlike anything the model was trained on; its probabilities say little."
         + (f" Held-out slices flagged in cross-validation: "
            f"{sum(metrics['ood_flagged'].values()) / len(metrics['ood_flagged']):.1%}."
            if metrics.get("ood_flagged") else ""),

@@ -240,11 +240,11 @@ class _Ensemble:
         when a member has no OOD state), on the CPU."""
         probs, heat, dist, ood_scores = [], [], [], []
         for model, state in zip(self.models, self.ood, strict=True):
-            out = model(x)
+            out = model(x, stage_stats=state is not None)
             probs.append(out["logits"].float().softmax(dim=1))
             heat.append(out["det"][:, :1].float())
             dist.append(out["det"][:, 1:].float())
-            ood_scores.append(ood.score(state, out["features"].float().mean(dim=(2, 3))) if state is not None
+            ood_scores.append(ood.score(state, out["stage_stats"]) if state is not None
                               else torch.full((len(x),), math.nan, device=x.device))
         score = torch.stack(ood_scores).mean(dim=0).cpu()
         if len(self.models) == 1:

@@ -235,9 +235,9 @@ def _fit_ood(model: torch.nn.Module, index: SliceIndex, cfg: Config, device: tor
                                         device=device),
                    device=device, desc="out-of-distribution statistics", progress=progress)
     groups = np.asarray(index.scan_id)[pred["index"]]
-    state = ood.fit(pred["features"], pred["labels"], groups)
-    log.info("out-of-distribution threshold %.3g (the %g quantile of held-out training slices' distances)",
-             state["threshold"], state["quantile"])
+    state = ood.fit(pred["stats"], pred["labels"], groups)
+    log.info("out-of-distribution thresholds %s per stage (together the %g quantile of held-out training slices)",
+             ", ".join(f"{stage['threshold']:.3g}" for stage in state["stages"]), state["quantile"])
     return state
 
 
