@@ -106,6 +106,23 @@ def test_read_header_reasons(tmp_path) -> None:
         read_header(tmp_path / "text.dcm")
 
 
+@pytest.mark.parametrize("filler", [b"\x00", b"\xe0\x7f\x10\x00"])  # the second: Pixel Data tags inside the prefix
+def test_a_header_longer_than_the_prefix_is_read_from_the_file(tmp_path: Path, filler: bytes) -> None:
+    from blendsign.dicom import HEADER_PREFIX, read_hu
+    from tests.conftest import write_ct
+
+    hu = np.arange(48, dtype=np.int16).reshape(8, 6)
+    path = tmp_path / "x.dcm"
+    write_ct(path, hu, study="1.2", series="1.2.1")
+    ds = pydicom.dcmread(path)
+    ds.add_new(0x00091010, "OB", filler * (2 * HEADER_PREFIX // len(filler)))  # a private block before the pixels
+    ds.save_as(path, enforce_file_format=True)
+    h = read_header(path)
+    assert h.pixels.offset is not None and h.pixels.offset > HEADER_PREFIX and h.sop_uid == ds.SOPInstanceUID
+    np.testing.assert_array_equal(read_hu(path, h.pixels), hu)
+    assert read_header(path) == h
+
+
 # --- the direct read of uncompressed pixels must equal pydicom's decode ------------------------------
 
 
@@ -144,6 +161,53 @@ def test_read_hu_handles_unused_high_bits_like_pydicom(tmp_path, pixel_represent
     fmt = read_header(path).pixels
     assert fmt.direct
     np.testing.assert_array_equal(read_hu(path, fmt), _pydicom_hu(path))
+
+
+@pytest.mark.filterwarnings("ignore:End of file reached before delimiter")  # the slice cut short
+@pytest.mark.parametrize(("pixel_representation", "bits_stored", "intercept"), [(0, 12, -1024), (1, 12, 0), (1, 16, 0)])
+def test_an_rle_slice_is_decoded_from_its_offset_like_pydicom(tmp_path, monkeypatch, pixel_representation,
+                                                              bits_stored, intercept) -> None:
+    """A grey RLE Lossless slice is decoded from the Pixel Data offset the header pass found, without a second
+    parse of the file, to what pydicom's full read gives (unused high bits included)."""
+    from pydicom.uid import RLELossless
+
+    from blendsign import dicom
+    from tests.conftest import write_ct
+
+    rng = np.random.default_rng(2)
+    raw = rng.integers(0, 65536, size=(16, 12)).astype(np.uint16)
+    path = tmp_path / "x.dcm"
+    write_ct(path, np.zeros((16, 12), np.int16), study="1.2", series="1.2.1", BitsStored=bits_stored,
+             HighBit=bits_stored - 1, PixelRepresentation=pixel_representation, RescaleIntercept=intercept,
+             PixelData=raw.tobytes())
+    ds = pydicom.dcmread(path)
+    ds.compress(RLELossless, generate_instance_uid=False)
+    ds.save_as(path, enforce_file_format=True)
+    expected = _pydicom_hu(path)
+    fmt = read_header(path).pixels
+    assert not fmt.direct and fmt.photometric == "MONOCHROME2" and fmt.offset is not None
+
+    def no_full_read(*args: object, **kwargs: object) -> object:
+        raise AssertionError("the whole file was parsed again")
+
+    monkeypatch.setattr(dicom.pydicom, "dcmread", no_full_read)
+    np.testing.assert_array_equal(dicom.read_hu(path, fmt), expected)
+    monkeypatch.undo()
+    data = path.read_bytes()
+    with pytest.raises(UnusableFileError, match=r"cut short \(RLE Lossless\)"):  # the full read says why
+        dicom.read_hu(data[: (fmt.offset + len(data)) // 2], fmt)
+
+
+def test_real_rle_files_decode_like_pydicom_and_others_take_the_full_read() -> None:
+    from blendsign.dicom import _rle, read_hu
+
+    fast = real_file("MR_small_RLE.dcm")  # 16-bit signed grey, one frame
+    fmt = read_header(fast).pixels
+    assert _rle(fast.read_bytes(), fmt) is not None
+    np.testing.assert_array_equal(read_hu(fast, fmt), _pydicom_hu(fast))
+    for name in ("SC_rgb_rle.dcm", "emri_small_RLE.dcm"):  # colour; ten frames
+        path = real_file(name)
+        assert _rle(path.read_bytes(), read_header(path).pixels) is None
 
 
 def _pydicom_value(ds: pydicom.Dataset, name: str) -> object:

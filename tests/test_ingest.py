@@ -494,8 +494,8 @@ def test_sources_are_fingerprinted_by_content_not_by_names_or_mtimes(tmp_path: P
 
 def test_an_output_digested_with_another_algorithm_is_rewritten_once_and_reuse_decodes_nothing(
         tmp_path: Path, ct_writer: Callable[..., str], monkeypatch: pytest.MonkeyPatch) -> None:
-    """An output of an ingest before issue 16.3 (BLAKE2b file digests) is rewritten, not wrongly reused; then its
-    scans are reused by their files' bytes alone, without decoding a pixel."""
+    """An output whose files were digested with another algorithm (SHA-256 on 2026-12-03, BLAKE2b before) is
+    rewritten, not wrongly reused; then its scans are reused by their files' bytes alone, without decoding a pixel."""
     from blendsign import ingest as ingest_module
 
     monkeypatch.setenv(KEY_ENV, "one-key-for-both-outputs")
@@ -503,7 +503,7 @@ def test_an_output_digested_with_another_algorithm_is_rewritten_once_and_reuse_d
     make_study(tmp_path / "src" / "s2", ct_writer, study="1.2.3.2", patient_id="P2")
     cfg, out = replace(CFG, workers=1), tmp_path / "out"
     with monkeypatch.context() as m:
-        m.setattr(ingest_module, "CONTENT_DIGEST", "blake2b")
+        m.setattr(ingest_module, "CONTENT_DIGEST", "sha256")
         old = ingest(tmp_path / "src", out, cfg, progress=False).report
     fresh = ingest(tmp_path / "src", tmp_path / "fresh", cfg, progress=False).report
     again = ingest(tmp_path / "src", out, cfg, progress=False).report

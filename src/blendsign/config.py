@@ -102,7 +102,10 @@ class IngestConfig:
     require_non_contrast: bool = True  # paper §Data collection: non-contrast head CT only
     max_axial_tilt_deg: float = 30.0  # slice normal within this angle of the z axis counts as axial (gantry tilt)
     compression: str = "zstd"  # Parquet codec of the slice dataset's hu column (the few bytes of the others stay plain)
-    compression_level: int = 1  # zstd level: fast writes; HU images compress ~2× at any level
+    # zstd level of hu. -1 since 2026-12-03 (issue 16.3; benchmarks/README.md, Ingest), against level 1 on 306 slices
+    # of 512×512: zstd 0.07 against 0.13 s of a 1-worker ingest's writes, reads (data.read_slice_hu) 0.53 against
+    # 0.75 ms a slice, but 1.9× against 2.6× smaller than raw (84 against 62 MB). Level 1 for a smaller dataset.
+    compression_level: int = -1
     rows_per_row_group: int = 1  # one slice per row group: the data loader reads single slices
     workers: int = 1
     head: HeadRules = field(default_factory=HeadRules)  # head CT only (paper §Data collection)

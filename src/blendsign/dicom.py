@@ -6,6 +6,7 @@ turns into pseudonyms.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import math
@@ -43,7 +44,7 @@ HEADER_TAGS = [
     "NumberOfFrames", "ContrastBolusAgent", "PatientAge", "PatientBirthDate", "StudyDate", "SeriesNumber",
     "InstanceNumber", "BitsAllocated", "BitsStored", "PixelRepresentation", "SamplesPerPixel",
     "RescaleSlope", "RescaleIntercept", "SOPClassUID", "BodyPartExamined", "SeriesDescription", "ProtocolName",
-    "StudyDescription",
+    "StudyDescription", "PhotometricInterpretation",
 ]  # fmt: skip
 # Enhanced CT: per-frame geometry, rescale and frame type live in the functional groups (PS3.3 C.7.6.16)
 FUNCTIONAL_GROUP_TAGS = ["SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
@@ -69,6 +70,7 @@ class PixelFormat:
     intercept: float
     offset: int | None
     frames: int = 1  # NumberOfFrames of the object
+    photometric: str = ""  # PhotometricInterpretation
 
     @property
     def direct(self) -> bool:
@@ -133,23 +135,46 @@ def read_header(path: str | Path) -> SliceHeader:
     return _read_header(path)[0]
 
 
+HEADER_PREFIX = 16384  # bytes read at once for the header pass: most CT headers end before (the rest: from the file)
+
+
 def _read_header(path: str | Path) -> tuple[SliceHeader, Dataset]:
     path = str(path)
     try:
         with open(path, "rb") as fp:
-            try:
-                ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=_READ_TAGS)
-            except InvalidDicomError:
+            head = fp.read(HEADER_PREFIX)
+            parsed = None
+            if len(head) < HEADER_PREFIX:  # the whole file
+                parsed = _parse_header(io.BytesIO(head), path)
+            elif any(t in head for t in PIXEL_DATA_TAGS):
+                # pydicom parses from memory faster than from a file (0.22 against 0.25 ms a header here); kept only
+                # when it stopped at the Pixel Data tag inside the prefix, so nothing it read was cut short
+                with contextlib.suppress(Exception):
+                    parsed = _parse_header(io.BytesIO(head), path)
+                if parsed is not None and parsed[1] is None:
+                    parsed = None
+            if parsed is None:
                 fp.seek(0)
-                ds = _read_forced(fp, path)
-            offset = fp.tell() if fp.read(4) in PIXEL_DATA_TAGS else None
+                parsed = _parse_header(fp, path)
     except UnusableFileError:
         raise
     except OSError as exc:
         raise UnusableFileError(f"cannot read file ({exc.strerror})") from None
     except Exception as exc:  # pydicom raises many types on truncated/corrupt input
         raise UnusableFileError(f"unreadable DICOM header ({type(exc).__name__}: {exc})") from None
-    return header_from_dataset(ds, path, None if offset is None else offset - 4), ds
+    ds, offset = parsed
+    return header_from_dataset(ds, path, offset), ds
+
+
+def _parse_header(fp: BinaryIO, path: str) -> tuple[Dataset, int | None]:
+    """The header tags of the file in ``fp`` (at its start) and the offset of its Pixel Data element, if that
+    follows."""
+    try:
+        ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=_READ_TAGS)
+    except InvalidDicomError:
+        fp.seek(0)
+        ds = _read_forced(fp, path)
+    return ds, fp.tell() - 4 if fp.read(4) in PIXEL_DATA_TAGS else None
 
 
 def frame_headers(ds: Dataset, header: SliceHeader) -> list[SliceHeader]:
@@ -269,6 +294,7 @@ def header_from_dataset(ds: Dataset, path: str, pixel_offset: int | None = None)
             raise UnusableFileError(f"missing required tag(s) {', '.join(missing)} (truncated or incomplete header?)")
         ts = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
         rows, cols = int(v.get("Rows", 0) or 0), int(v.get("Columns", 0) or 0)
+        frames = int(v.get("NumberOfFrames", 1) or 1)
         return SliceHeader(
             path=path,
             study_uid=str(v.get("StudyInstanceUID")),
@@ -283,7 +309,7 @@ def header_from_dataset(ds: Dataset, path: str, pixel_offset: int | None = None)
             slice_thickness=_float_or_none(v.get("SliceThickness")),
             rows=rows,
             cols=cols,
-            frames=int(v.get("NumberOfFrames", 1) or 1),
+            frames=frames,
             contrast=bool(str(v.get("ContrastBolusAgent", "") or "").strip()),
             age_years=age_in_years(
                 str(v.get("PatientAge", "") or ""),
@@ -304,6 +330,8 @@ def header_from_dataset(ds: Dataset, path: str, pixel_offset: int | None = None)
                 slope=_rescale(v.get("RescaleSlope"), 1.0),
                 intercept=_rescale(v.get("RescaleIntercept"), 0.0),
                 offset=pixel_offset,
+                frames=frames,
+                photometric=_text(v.get("PhotometricInterpretation")),
             ),
             sop_class_uid=_text(v.get("SOPClassUID")),
             body_part=_text(v.get("BodyPartExamined")),
@@ -532,13 +560,16 @@ def read_hu(source: str | Path | bytes, fmt: PixelFormat | None = None, frame: i
     single-frame file, or ``frame`` of a multi-frame one (rescaled with ``fmt``'s per-frame slope and intercept).
 
     Uncompressed little-endian data (``fmt.direct``) is taken straight from its offset, with pydicom's unused-bit
-    correction; everything else goes through pydicom's decoders.
+    correction; a grey RLE Lossless slice is decoded by pydicom's decoder from its offset (:func:`_rle`); everything
+    else, and an RLE slice that fails there, goes through a full read by pydicom.
     """
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
     if frame is not None:
         return _read_frame_hu(data, fmt, frame)
     if fmt is not None and fmt.direct:
         return to_hu(_native(data, fmt), fmt.slope, fmt.intercept)
+    if fmt is not None and (stored := _rle(data, fmt)) is not None:
+        return to_hu(stored, fmt.slope, fmt.intercept)
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
     except Exception as exc:
@@ -599,6 +630,37 @@ def _native(data: bytes, fmt: PixelFormat) -> np.ndarray:
     if shift:  # pydicom's correct_unused_bits: mask (unsigned) or sign-extend (signed) above BitsStored
         arr = np.right_shift(np.left_shift(arr, shift), shift)
     return arr
+
+
+_UNDEFINED_LENGTH = b"\x00\x00\xff\xff\xff\xff"  # explicit VR OB (or OW): 2 reserved bytes, then the length
+
+
+def _rle(data: bytes, fmt: PixelFormat) -> np.ndarray | None:
+    """Stored values ``[rows, cols]`` of a single-frame grey RLE Lossless slice, decoded by pydicom's RLE decoder
+    straight from the Pixel Data offset the header pass found, with the header's Image Pixel values: what
+    ``dcmread(...).pixel_array`` gives, without parsing the whole file again (0.76 against 1.46 ms per 512×512
+    slice). None when this is not such a slice or the decoder refuses it: the caller then reads it the slow way,
+    which names what is wrong."""
+    if fmt.offset is None or fmt.transfer_syntax_uid != RLELossless:
+        return None
+    head = data[fmt.offset : fmt.offset + 12]
+    if (fmt.frames != 1 or fmt.samples != 1 or fmt.photometric not in ("MONOCHROME1", "MONOCHROME2")
+            or head[:4] != PIXEL_DATA_TAG or head[4:6] not in (b"OB", b"OW") or head[6:] != _UNDEFINED_LENGTH):
+        return None
+    from pydicom.pixels import get_decoder
+
+    f = io.BytesIO(data)
+    f.seek(fmt.offset + 12)  # the first item (the Basic Offset Table)
+    options: dict[str, Any] = {  # pydicom's decoding options (what it takes from the dataset otherwise)
+        "rows": fmt.rows, "columns": fmt.cols, "samples_per_pixel": 1, "bits_allocated": fmt.bits_allocated,
+        "bits_stored": fmt.bits_stored, "pixel_representation": fmt.pixel_representation,
+        "photometric_interpretation": fmt.photometric, "number_of_frames": 1, "transfer_syntax_uid": RLELossless,
+        "pixel_keyword": "PixelData"}
+    try:
+        stored = get_decoder(RLELossless).as_array(f, **options)[0]
+    except Exception:  # truncated or corrupt: the full read reports it
+        return None
+    return stored if stored.shape == (fmt.rows, fmt.cols) else None
 
 
 def hu_from_dataset(ds: Dataset, pixel_tag_seen: bool = False) -> np.ndarray:
