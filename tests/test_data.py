@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from blendsign.config import load_preset
-from blendsign.data import AIR_HU, EpochSampler, Prepare, SliceDataset, collate, load_index, make_loader, read_slice_hu
+from blendsign.data import EpochSampler, Prepare, SliceDataset, collate, load_index, make_loader, read_slice_hu
 from blendsign.errors import ConfigError, InputError
 from blendsign.ingest import FORMAT_VERSION, MANIFEST
 from blendsign.targets import encode_targets
-from blendsign.transforms import IDENTITY, augment_boxes, augment_images, preprocess
+from blendsign.transforms import AIR_HU, IDENTITY, augment_boxes, augment_images, preprocess
 
 CFG = load_preset("ci")
 

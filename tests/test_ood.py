@@ -125,7 +125,7 @@ def test_a_registered_model_flags_real_ct_and_not_unseen_synthetic_slices(cohort
         assert index is not None
         ds = SliceDataset(index, cfg.data, stride=net.stride, min_overlap=0.7, augment=False)
         pred = predict(net, make_loader(ds, batch_size=16, shuffle=False, workers=0, device=torch.device("cpu")),
-                       device=torch.device("cpu"), progress=False)
+                       device=torch.device("cpu"), progress=False, stats=True)
         scores.append(ood.score(state, [torch.from_numpy(s) for s in pred["stats"]]))
     flagged = (torch.cat(scores) > 1).float()
     assert flagged.mean() <= 0.05, f"{int(flagged.sum())} of {len(flagged)} unseen synthetic slices flagged"

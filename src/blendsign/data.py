@@ -31,6 +31,7 @@ from blendsign.ingest import check_format, data_fingerprint, decode_hu, scan_fil
 from blendsign.labels import LABELS_FILE
 from blendsign.targets import encode_targets_batch
 from blendsign.transforms import (
+    AIR_HU,
     IDENTITY,
     augment_boxes,
     augment_images,
@@ -41,7 +42,6 @@ from blendsign.transforms import (
 )
 
 CLASS_INDEX = {name: i for i, name in enumerate(CLASSES)}
-AIR_HU = -1024  # what pads a batch's smaller slices
 
 
 @dataclass(frozen=True)

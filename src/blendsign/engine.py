@@ -154,24 +154,28 @@ def predict(
     channels_last: bool = False,
     desc: str = "predict",
     progress: bool = True,
+    stats: bool = False,
 ) -> dict[str, Any]:
-    """Logits ``[n, 3]``, labels ``[n]`` and dataset indices ``[n]`` over ``loader`` (eval mode), and ``stats``:
-    per trunk stage the network's ``stage_stats`` ``[n, D_l]`` (:mod:`blendsign.ood`)."""
+    """Logits ``[n, 3]``, labels ``[n]`` and dataset indices ``[n]`` over ``loader`` (eval mode); with ``stats``
+    also ``stats``: per trunk stage the network's ``stage_stats`` ``[n, D_l]`` (:mod:`blendsign.ood`)."""
     model.eval()
-    logits, labels, index, stats = [], [], [], []
+    logits, labels, index, stages = [], [], [], []
     for batch in progress_bar(loader, desc=desc, unit="batch", enabled=progress, leave=False):
         with torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp):
-            out = model(_inputs(batch, device, channels_last), stage_stats=True)
+            out = model(_inputs(batch, device, channels_last), stage_stats=stats)
         logits.append(out["logits"].float().cpu())
-        stats.append([s.float().cpu() for s in out["stage_stats"]])
+        if stats:
+            stages.append([s.float().cpu() for s in out["stage_stats"]])
         labels.append(batch["label"].cpu())
         index.append(batch["index"])
-    return {
+    result: dict[str, Any] = {
         "logits": torch.cat(logits).numpy() if logits else np.zeros((0, 3), np.float32),
         "labels": torch.cat(labels).numpy() if labels else np.zeros(0, np.int64),
         "index": torch.cat(index).numpy() if index else np.zeros(0, np.int64),
-        "stats": [torch.cat(stage).numpy() for stage in zip(*stats, strict=True)],
     }
+    if stats:
+        result["stats"] = [torch.cat(stage).numpy() for stage in zip(*stages, strict=True)]
+    return result
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:

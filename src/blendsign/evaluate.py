@@ -198,7 +198,8 @@ def evaluate(
                           augment=False)
         loader = make_loader(ds, batch_size=cfg.train.batch_size, shuffle=False, workers=cfg.data.workers,
                              device=device)
-        pred = predict(model, loader, device=device, desc=f"evaluate fold {k}", progress=progress)
+        pred = predict(model, loader, device=device, desc=f"evaluate fold {k}", progress=progress,
+                       stats=ood_state is not None)
         order = np.argsort(pred["index"])
         probs, labels = softmax(pred["logits"][order]), pred["labels"][order]
         per_fold[k] = per_class_metrics(probs, labels)

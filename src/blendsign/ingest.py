@@ -486,18 +486,13 @@ def _file_digest(data: bytes) -> str:
     return hashlib.new(CONTENT_DIGEST, data).hexdigest()
 
 
-def _read_source(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
 def _contents(task: ScanTask) -> list[str]:
     """Each slice's file digest, reading each file once (frames of a multi-frame file share it)."""
     digests: dict[str, str] = {}
     for s in task.slices:
         if s.path not in digests:
             try:
-                digests[s.path] = _file_digest(_read_source(s.path))
+                digests[s.path] = _file_digest(Path(s.path).read_bytes())
             except OSError:
                 digests[s.path] = "unreadable"
     return [digests[s.path] for s in task.slices]
@@ -519,7 +514,7 @@ def write_scan(task: ScanTask) -> ScanOutcome:
     for s in task.slices:
         try:
             if s.path != path:  # the frames of a multi-frame file come from one read
-                data = _read_source(s.path)
+                data = Path(s.path).read_bytes()
                 path, digest = s.path, _file_digest(data)
             contents.append(digest)
             hu = read_hu(data, s.pixels, s.frame)

@@ -233,7 +233,7 @@ def _fit_ood(model: torch.nn.Module, index: SliceIndex, cfg: Config, device: tor
     ds = SliceDataset(index, cfg.data, stride=stride, min_overlap=cfg.loss.gaussian_min_overlap, augment=False)
     pred = predict(model, make_loader(ds, batch_size=cfg.train.batch_size, shuffle=False, workers=cfg.data.workers,
                                         device=device),
-                   device=device, desc="out-of-distribution statistics", progress=progress)
+                   device=device, desc="out-of-distribution statistics", progress=progress, stats=True)
     groups = np.asarray(index.scan_id)[pred["index"]]
     state = ood.fit(pred["stats"], pred["labels"], groups)
     log.info("out-of-distribution thresholds %s per stage (together the %g quantile of held-out training slices)",

@@ -43,6 +43,7 @@ def _window_bounds(windows: tuple[tuple[float, float], ...], device: torch.devic
 
 
 Crop = tuple[int, int, int]  # (top, left, side) of a square in native pixels
+AIR_HU = -1024  # what fills the square beyond the slice (and pads a batch's smaller slices, data.collate)
 
 
 def head_crop(hu: Tensor, cfg: DataConfig) -> Crop | None:
@@ -82,7 +83,7 @@ def preprocess(hu: Tensor, cfg: DataConfig, crop: Crop | None = None) -> Tensor:
     crop = crop if crop is not None else head_crop(hu, cfg)
     if crop is not None:
         side = crop[2]
-        canvas = torch.full((side, side), -1024, dtype=hu.dtype, device=hu.device)  # air beyond the slice
+        canvas = torch.full((side, side), AIR_HU, dtype=hu.dtype, device=hu.device)  # air beyond the slice
         in_slice, in_square = crop_overlap(crop, *hu.shape)
         canvas[in_square] = hu[in_slice]
         hu = canvas
@@ -140,8 +141,7 @@ def affine_matrices(params: Tensor, size: int) -> Tensor:
 
     Input-pixel coordinates as torchvision's boxes: x right, y down, the image spans [0, size], pixel (i, j)
     is centred at (j + 0.5, i + 0.5). The map is torchvision's flip-then-affine composite: the LR flip x → size − x,
-    then
-    about the centre c = (size/2, size/2) p → c + t + scale·R(angle)·(p − c), R = [[cos, −sin], [sin, cos]]
+    then about the centre c = (size/2, size/2) p → c + t + scale·R(angle)·(p − c), R = [[cos, −sin], [sin, cos]]
     (torchvision's sign: positive angles turn clockwise on screen, y pointing down).
     """
     flip, angle, tx, ty, scale = params.unbind(-1)  # [B] each
