@@ -148,3 +148,36 @@ def test_an_export_replaces_the_teachers(tmp_path: Path) -> None:
     target = export_final(student, tmp_path / "models")
     assert sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()) == [
         "distill.json", "round2/model.pt"]  # no earlier round, no optimiser state
+
+
+def test_a_student_starts_from_its_teacher_when_asked(cohort: dict[str, Path], tmp_path: Path) -> None:
+    import torch
+
+    from blendsign import checkpoint
+    from blendsign.model import build_model
+    from blendsign.storage import file_sha256
+    from blendsign.train import train
+
+    dirs = {"ingest_dir": cohort["ingest"], "labels_dir": cohort["labels"], "folds_dir": cohort["folds"]}
+    # with a learning rate of 0 a model keeps the weights it starts from: the given checkpoint's, not the init's
+    still = override(CFG, train={"lr": 0.0})
+    start = tmp_path / "start.pt"
+    torch.manual_seed(1)
+    checkpoint.save({"model": build_model(still.model).state_dict()}, start)
+    for init, out in ((start, "from-start"), (None, "fresh")):
+        train(still, **dirs, fold=0, out_dir=tmp_path / out, init_from=init, progress=False)
+    weights = {out: checkpoint.load(tmp_path / out / "model.pt")["model"] for out in ("from-start", "fresh")}
+    given = checkpoint.read_state_dict(start)
+    conv = "backbone.layer1.0.conv1.weight"
+    assert torch.equal(weights["from-start"][conv], given[conv])
+    assert not torch.equal(weights["fresh"][conv], given[conv])
+    assert checkpoint.trained_on(tmp_path / "from-start" / "model.pt")["init"] == file_sha256(start)
+    assert "init" not in checkpoint.trained_on(tmp_path / "fresh" / "model.pt")
+    # distill: the student of round 1 starts from round 0's final model
+    warm = override(CFG, distill={"student_init": "teacher"})
+    distill(warm, **dirs, fold=0, out_dir=tmp_path / "models", progress=False)
+    fold_dir = tmp_path / "models" / "fold0"
+    teacher = fold_dir / "round0" / "model.pt"
+    assert checkpoint.trained_on(fold_dir / "round1" / "model.pt")["init"] == file_sha256(teacher)
+    with pytest.raises(ValueError, match=r"distill\.student_init must be one of \['backbone', 'teacher'\]"):
+        override(CFG, distill={"student_init": "scratch"})

@@ -62,7 +62,8 @@ def config_of(state: Mapping[str, Any]) -> Config:
 
 
 def trained_on(path: str | Path) -> dict[str, str | None]:
-    """What a checkpoint's model was trained on: ``{"data": digest, "teacher": digest or None}``."""
+    """What a checkpoint's model was trained on: ``{"data": digest, "teacher": digest or None}``, with ``"init"``
+    (the sha256 of the checkpoint it started from) when it did not start from its config's weights."""
     return load(path, mmap=True).get("trained_on") or {}
 
 

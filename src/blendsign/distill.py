@@ -1,8 +1,9 @@
 """Repeated self-knowledge distillation on one fold (paper §Self-knowledge distillation, Figure 5).
 
-Round 0 trains the teacher. In round r ≥ 1 the previous round's best model predicts soft labels
+Round 0 trains the teacher. In round r ≥ 1 the previous round's final model predicts soft labels
 (softmax at temperature T) for every training slice with evaluation preprocessing, and a student is
-trained on L_cls + λ1·L_det + λ2·KL(teacher ‖ student); the student teaches the next round.
+trained on L_cls + λ1·L_det + λ2·KL(teacher ‖ student), from the backbone's weights as the teacher was or from
+the teacher's (``distill.student_init``); the student teaches the next round.
 
 Layout: ``OUT/fold<k>/round<r>/`` (a ``train`` output folder each), ``round<r>/soft_labels.parquet`` and
 ``round<r>/review.md|csv`` (slices where the teacher most disagrees with the training label: what a
@@ -174,11 +175,12 @@ def distill(
                 flipped = sum(r_["noise_injected"] for r_ in review)
                 log.info("%s round %d: teacher disagrees most with %d slices (%d of them injected noise); see %s",
                          name, r, len(review), flipped, folder / "review.md")
+        init = results[-1].checkpoint if r > 0 and cfg.distill.student_init == "teacher" else None
         # resume=True: a round killed half-way (a pre-empted pipeline task) continues where it stopped
         result = train(cfg, ingest_dir=ingest_dir, labels_dir=labels_dir, folds_dir=folds_dir, fold=fold,
                        out_dir=folder, resume=True, tracker=tracker, teacher=teacher, run_name=f"{name}-round{r}",
                        parent_run_id=fold_run_id, tags={"round": str(r)}, progress=progress,
-                       on_checkpoint=on_checkpoint)
+                       on_checkpoint=on_checkpoint, init_from=init)
         if tracker is not None and r > 0 and result.run_id:
             for artifact in (SOFT_LABELS, "review.md", "review.csv"):
                 tracker.client.log_artifact(result.run_id, str(folder / artifact), "distillation")

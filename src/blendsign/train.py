@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from blendsign import checkpoint
-from blendsign.checkpoint import LAST, MODEL
+from blendsign.checkpoint import LAST, MODEL, read_state_dict
 from blendsign.config import Config
 from blendsign.data import SliceDataset, SliceIndex, check_data, make_loader, training_data
 from blendsign.engine import amp_dtype, predict, resolve_device, softmax, train_one_epoch
@@ -31,7 +31,7 @@ from blendsign.errors import ConfigError, InputError
 from blendsign.folds import fold_name
 from blendsign.metrics import per_class_metrics
 from blendsign.model import build_model
-from blendsign.storage import remove_stale_temporaries, write_json_atomic
+from blendsign.storage import file_sha256, remove_stale_temporaries, write_json_atomic
 from blendsign.tracking import Tracker, finite
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ def train(
     tags: dict[str, str] | None = None,
     progress: bool = True,
     on_checkpoint: Callable[[], None] | None = None,
+    init_from: str | Path | None = None,
 ) -> TrainResult:
     """Train on every fold but ``fold`` and validate on ``fold`` (``fold=None``: train on all, no validation).
 
@@ -99,6 +100,9 @@ def train(
     Re-running a finished run returns it; an unfinished one continues with ``resume=True``. ``teacher``:
     ``[n_train, 3]`` soft labels for self-knowledge distillation. ``on_checkpoint`` is called after each epoch's
     files are written (the Kubeflow steps copy them to the run's work prefix, so a retried pod resumes there).
+    ``init_from``: a checkpoint whose weights the model starts from instead of ``cfg.model.weights`` (a student
+    starting from its teacher, ``distill.student_init = "teacher"``); its content is part of what the model was
+    trained on.
     """
     out_dir = Path(out_dir)
     rank, world, local_rank = _distributed()
@@ -116,6 +120,8 @@ def train(
         log.info("%s: removed %d temporaries a killed run left (.last.pt.<pid>.tmp, …)", out_dir, removed)
     train_index, val_index, data_digest = training_data(cfg, ingest_dir, labels_dir, folds_dir, fold)
     source = {"data": data_digest, "teacher": teacher_digest(teacher)}
+    if init_from is not None:
+        source["init"] = file_sha256(init_from)
     state = _load_existing(out_dir, cfg, resume, source)
     if state is not None and state["epoch"] >= cfg.train.epochs:
         log.info("%s already holds a finished run with this config: nothing to do", out_dir)
@@ -125,7 +131,11 @@ def train(
 
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
-    model = build_model(cfg.model).to(device)
+    model = build_model(cfg.model)
+    if init_from is not None:
+        model.load_state_dict(read_state_dict(init_from))
+        log.info("%s: starting from the weights of %s", out_dir, init_from)
+    model = model.to(device)
     if cuda and cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     stride = model.stride
@@ -251,6 +261,8 @@ RUNTIME_ONLY = {"data": ("workers",), "train": ("device", "amp", "channels_last"
 
 
 def _training_part(config: dict[str, Any]) -> str:
+    """The fields that make the model, as JSON; fields added since a checkpoint was written read as their defaults."""
+    config = Config.from_dict(config).to_dict()
     part = {k: dict(config.get(k) or {}) for k in TRAINING_SECTIONS}
     for section, keys in RUNTIME_ONLY.items():
         for key in keys:
