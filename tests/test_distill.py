@@ -181,3 +181,20 @@ def test_a_student_starts_from_its_teacher_when_asked(cohort: dict[str, Path], t
     assert checkpoint.trained_on(fold_dir / "round1" / "model.pt")["init"] == file_sha256(teacher)
     with pytest.raises(ValueError, match=r"distill\.student_init must be one of \['backbone', 'teacher'\]"):
         override(CFG, distill={"student_init": "scratch"})
+
+
+def test_only_the_last_round_fits_the_out_of_distribution_statistics(cohort: dict[str, Path], tmp_path: Path) -> None:
+    from blendsign import checkpoint
+
+    dirs = {"ingest_dir": cohort["ingest"], "labels_dir": cohort["labels"], "folds_dir": cohort["folds"]}
+    fold_dir = tmp_path / "models" / "fold0"
+    distill(CFG, **dirs, fold=0, out_dir=tmp_path / "models", rounds=0, progress=False)  # the pipeline's teacher step
+    assert checkpoint.ood_state(fold_dir / "round0" / "model.pt") is None  # a teacher on its way to a student
+    distill(CFG, **dirs, fold=0, out_dir=tmp_path / "models", progress=False)
+    assert checkpoint.ood_state(fold_dir / "round0" / "model.pt") is None
+    assert checkpoint.ood_state(fold_dir / "round1" / "model.pt") is not None
+    # the same teacher as a run's final model (no students): its statistics are fitted then, nothing retrained
+    teacher_only = override(CFG, distill={"rounds": 0})
+    result = distill(teacher_only, **dirs, fold=0, out_dir=tmp_path / "models", progress=False)
+    assert checkpoint.ood_state(fold_dir / "round0" / "model.pt") is not None
+    assert result.final.checkpoint == fold_dir / "round0" / "model.pt" and len(result.rounds) == 1

@@ -176,11 +176,13 @@ def distill(
                 log.info("%s round %d: teacher disagrees most with %d slices (%d of them injected noise); see %s",
                          name, r, len(review), flipped, folder / "review.md")
         init = results[-1].checkpoint if r > 0 and cfg.distill.student_init == "teacher" else None
+        # the model evaluated and registered, not a teacher on its way (the pipeline's teacher step: rounds=0)
+        last = r == rounds and rounds >= cfg.distill.rounds
         # resume=True: a round killed half-way (a pre-empted pipeline task) continues where it stopped
         result = train(cfg, ingest_dir=ingest_dir, labels_dir=labels_dir, folds_dir=folds_dir, fold=fold,
                        out_dir=folder, resume=True, tracker=tracker, teacher=teacher, run_name=f"{name}-round{r}",
                        parent_run_id=fold_run_id, tags={"round": str(r)}, progress=progress,
-                       on_checkpoint=on_checkpoint, init_from=init)
+                       on_checkpoint=on_checkpoint, init_from=init, fit_ood=last)
         if tracker is not None and r > 0 and result.run_id:
             for artifact in (SOFT_LABELS, "review.md", "review.csv"):
                 tracker.client.log_artifact(result.run_id, str(folder / artifact), "distillation")

@@ -91,6 +91,7 @@ def train(
     progress: bool = True,
     on_checkpoint: Callable[[], None] | None = None,
     init_from: str | Path | None = None,
+    fit_ood: bool = True,
 ) -> TrainResult:
     """Train on every fold but ``fold`` and validate on ``fold`` (``fold=None``: train on all, no validation).
 
@@ -102,7 +103,9 @@ def train(
     files are written (the Kubeflow steps copy them to the run's work prefix, so a retried pod resumes there).
     ``init_from``: a checkpoint whose weights the model starts from instead of ``cfg.model.weights`` (a student
     starting from its teacher, ``distill.student_init = "teacher"``); its content is part of what the model was
-    trained on.
+    trained on. ``fit_ood``: fit the out-of-distribution statistics of ``model.pt`` (:mod:`blendsign.ood`); a
+    distillation asks for them only in its last round, the model that is evaluated and registered (a finished
+    run without them gets them when asked).
     """
     out_dir = Path(out_dir)
     rank, world, local_rank = _distributed()
@@ -124,7 +127,16 @@ def train(
         source["init"] = file_sha256(init_from)
     state = _load_existing(out_dir, cfg, resume, source)
     if state is not None and state["epoch"] >= cfg.train.epochs:
-        log.info("%s already holds a finished run with this config: nothing to do", out_dir)
+        if fit_ood and rank == 0 and checkpoint.ood_state(out_dir / MODEL) is None:  # a teacher, now the last round
+            model = build_model(cfg.model)
+            model.load_state_dict(state["model"])
+            final = checkpoint.model_only(state)
+            final["ood"] = _fit_ood(model.to(device), train_index, cfg, device, model.stride, progress)
+            checkpoint.save(final, out_dir / MODEL)
+            if on_checkpoint is not None:
+                on_checkpoint()
+        else:
+            log.info("%s already holds a finished run with this config: nothing to do", out_dir)
         return TrainResult(out_dir, fold, state["epoch"], state["run_id"], state["history"])
 
     check_data(train_index, val_index, fold)
@@ -205,7 +217,7 @@ def train(
                         "history": history, "config": cfg.to_dict(), "run_id": run_id, "fold": fold,
                         "trained_on": source}
                 if epoch + 1 == cfg.train.epochs:  # before last.pt says "finished"
-                    ood_state = _fit_ood(model, train_index, cfg, device, stride, progress)
+                    ood_state = _fit_ood(model, train_index, cfg, device, stride, progress) if fit_ood else None
                     checkpoint.save({**checkpoint.model_only(ckpt), "ood": ood_state}, out_dir / MODEL)
                 checkpoint.save(ckpt, out_dir / LAST)
                 write_json_atomic(out_dir / HISTORY_FILE, history)
