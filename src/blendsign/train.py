@@ -13,7 +13,7 @@ import logging
 import os
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +23,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from blendsign import checkpoint
-from blendsign.checkpoint import LAST, MODEL, read_state_dict
+from blendsign.checkpoint import LAST, MODEL
 from blendsign.config import Config
 from blendsign.data import SliceDataset, SliceIndex, check_data, make_loader, training_data
 from blendsign.engine import amp_dtype, predict, resolve_device, softmax, train_one_epoch
 from blendsign.errors import ConfigError, InputError
 from blendsign.folds import fold_name
 from blendsign.metrics import per_class_metrics
-from blendsign.model import build_model
+from blendsign.model import build_model, load_trained
 from blendsign.storage import file_sha256, remove_stale_temporaries, write_json_atomic
 from blendsign.tracking import Tracker, finite
 
@@ -128,10 +128,9 @@ def train(
     state = _load_existing(out_dir, cfg, resume, source)
     if state is not None and state["epoch"] >= cfg.train.epochs:
         if fit_ood and rank == 0 and checkpoint.ood_state(out_dir / MODEL) is None:  # a teacher, now the last round
-            model = build_model(cfg.model)
-            model.load_state_dict(state["model"])
+            model, _, _ = load_trained(out_dir / MODEL, device)
             final = checkpoint.model_only(state)
-            final["ood"] = _fit_ood(model.to(device), train_index, cfg, device, model.stride, progress)
+            final["ood"] = _fit_ood(model, train_index, cfg, device, model.stride, progress)
             checkpoint.save(final, out_dir / MODEL)
             if on_checkpoint is not None:
                 on_checkpoint()
@@ -143,11 +142,8 @@ def train(
 
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
-    model = build_model(cfg.model)
-    if init_from is not None:
-        model.load_state_dict(read_state_dict(init_from))
-        log.info("%s: starting from the weights of %s", out_dir, init_from)
-    model = model.to(device)
+    # a student from its teacher: build_model loads that whole checkpoint (strict), not cfg.model.weights first
+    model = build_model(replace(cfg.model, weights=str(init_from)) if init_from is not None else cfg.model).to(device)
     if cuda and cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     stride = model.stride
